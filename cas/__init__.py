@@ -1,0 +1,1 @@
+"""Storage: content-addressed blobs and the action cache."""

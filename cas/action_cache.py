@@ -1,0 +1,168 @@
+"""The action cache: action digest -> ActionResult, and its completeness check.
+
+Stores keep the serialized ActionResult as bytes; `ActionCache` on top parses,
+checks that every blob the result points to is still in the CAS (an entry whose
+outputs are gone is a miss, never a lie), and inlines small outputs on request.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+
+from cas.store import BlobStore
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import NotFound
+from reapi.protos import remote_execution_pb2 as re_pb2
+
+# Inlined stdout, stderr and output files together stay under this many bytes,
+# so a result always fits in one gRPC message.
+MAX_INLINE_BYTES = 1024 * 1024
+
+
+class ActionResultStore(Protocol):
+    async def get(self, action: Digest) -> bytes | None:
+        """The stored serialized ActionResult, or None."""
+        ...
+
+    async def put(self, action: Digest, result: bytes) -> None:
+        """Store (or replace) the entry for `action`."""
+        ...
+
+
+class MemoryActionResultStore:
+    def __init__(self) -> None:
+        self._entries: dict[Digest, bytes] = {}
+
+    async def get(self, action: Digest) -> bytes | None:
+        return self._entries.get(action)
+
+    async def put(self, action: Digest, result: bytes) -> None:
+        self._entries[action] = result
+
+
+class DiskActionResultStore:
+    """Entries as files DIR/ac/{function}/{hash[:2]}/{hash}-{size}, replaced atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = Path(root) / "ac"
+        self._tmp = Path(root) / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._counter = 0
+
+    def _path(self, action: Digest) -> Path:
+        hash_ = action.hash
+        return self._root / action.function.path_name / hash_[:2] / f"{hash_}-{action.size}"
+
+    async def get(self, action: Digest) -> bytes | None:
+        path = self._path(action)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        os.utime(path)
+        return data
+
+    async def put(self, action: Digest, result: bytes) -> None:
+        path = self._path(action)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._counter += 1
+        tmp = self._tmp / f"{os.getpid()}-ac{self._counter}-{time.monotonic_ns()}"
+        try:
+            tmp.write_bytes(result)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class ActionCache:
+    """Action results backed by `results`, checked against the blobs in `cas`."""
+
+    def __init__(self, results: ActionResultStore, cas: BlobStore) -> None:
+        self._results = results
+        self._cas = cas
+
+    async def get(
+        self,
+        action: Digest,
+        inline_stdout: bool = False,
+        inline_stderr: bool = False,
+        inline_files: Iterable[str] = (),
+    ) -> re_pb2.ActionResult:
+        """The complete result for `action`. Raises NotFound when there is no
+        entry, or when any blob it references is gone from the CAS."""
+        data = await self._results.get(action)
+        if data is None:
+            raise NotFound(f"no action result for {action}")
+        result = re_pb2.ActionResult()
+        try:
+            result.ParseFromString(data)
+        except DecodeError:
+            raise NotFound(f"action result for {action} is unreadable") from None
+        referenced = await self._referenced_blobs(action.function, result)
+        missing = await self._cas.find_missing(referenced)
+        if missing:
+            raise NotFound(
+                f"action result for {action} references {len(missing)} blob(s) no longer "
+                f"in the CAS, e.g. {missing[0]}"
+            )
+        await self._inline(action.function, result, inline_stdout, inline_stderr, inline_files)
+        return result
+
+    async def put(self, action: Digest, result: re_pb2.ActionResult) -> re_pb2.ActionResult:
+        """Store `result` without inlined bytes (they live in the CAS)."""
+        stored = re_pb2.ActionResult()
+        stored.CopyFrom(result)
+        stored.ClearField("stdout_raw")
+        stored.ClearField("stderr_raw")
+        for output in stored.output_files:
+            output.ClearField("contents")
+        await self._results.put(action, stored.SerializeToString(deterministic=True))
+        return stored
+
+    async def _referenced_blobs(
+        self, function: DigestFunction, result: re_pb2.ActionResult
+    ) -> list[Digest]:
+        digests = [Digest.from_proto(function, f.digest) for f in result.output_files]
+        for field in ("stdout_digest", "stderr_digest"):
+            if result.HasField(field):
+                digests.append(Digest.from_proto(function, getattr(result, field)))
+        for directory in result.output_directories:
+            tree_digest = Digest.from_proto(function, directory.tree_digest)
+            digests.append(tree_digest)
+            try:
+                tree = re_pb2.Tree.FromString(await self._cas.get(tree_digest))
+            except (NotFound, DecodeError):
+                continue  # reported missing (or found unreadable) by the caller's check
+            for node_dir in [tree.root, *tree.children]:
+                digests.extend(Digest.from_proto(function, f.digest) for f in node_dir.files)
+        return digests
+
+    async def _inline(
+        self,
+        function: DigestFunction,
+        result: re_pb2.ActionResult,
+        inline_stdout: bool,
+        inline_stderr: bool,
+        inline_files: Iterable[str],
+    ) -> None:
+        budget = MAX_INLINE_BYTES
+        wanted: list[tuple[re_pb2.Digest, str, re_pb2.OutputFile | None]] = []
+        if inline_stdout and result.HasField("stdout_digest"):
+            wanted.append((result.stdout_digest, "stdout_raw", None))
+        if inline_stderr and result.HasField("stderr_digest"):
+            wanted.append((result.stderr_digest, "stderr_raw", None))
+        paths = set(inline_files)
+        wanted.extend((f.digest, "contents", f) for f in result.output_files if f.path in paths)
+        for proto, field, output in wanted:
+            if proto.size_bytes > budget:
+                continue  # the spec lets a server skip inlining what does not fit
+            budget -= proto.size_bytes
+            data = await self._cas.get(Digest.from_proto(function, proto))
+            setattr(output if output is not None else result, field, data)

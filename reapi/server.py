@@ -1,0 +1,134 @@
+"""Assembling the server: storage, services, security, and the run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cas.action_cache import ActionCache, DiskActionResultStore
+from cas.disk import DiskStore
+from reapi.protos import bytestream_pb2_grpc as bs_grpc
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from reapi.security import (
+    BearerTokenInterceptor,
+    ConfigError,
+    TlsFiles,
+    check_exposure,
+    load_tokens,
+    split_address,
+)
+from reapi.services.action_cache import ActionCacheService
+from reapi.services.bytestream import ByteStreamService
+from reapi.services.capabilities import CapabilitiesService
+from reapi.services.cas import CasService
+
+log = logging.getLogger("reapi.server")
+
+MAX_BATCH_TOTAL_SIZE = 4 * 1024 * 1024
+# Room for a full batch plus its digests and framing.
+MAX_MESSAGE = MAX_BATCH_TOTAL_SIZE + 4 * 1024 * 1024
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def reapi_home() -> Path:
+    """Where the server and the shim keep state: $REAPI_HOME, default ~/.cache/reapi."""
+    return Path(os.environ.get("REAPI_HOME") or Path.home() / ".cache" / "reapi")
+
+
+def default_storage() -> Path:
+    return reapi_home() / "storage"
+
+
+@dataclass
+class ServerConfig:
+    listen: str = "127.0.0.1:8980"
+    storage: Path = field(default_factory=default_storage)
+    tls: TlsFiles | None = None
+    auth_tokens: Path | None = None
+    insecure: bool = False
+    max_batch_total_size: int = MAX_BATCH_TOTAL_SIZE
+
+
+class Server:
+    """The gRPC server with every service wired to one storage directory."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        host, _port = split_address(config.listen)
+        tokens = load_tokens(config.auth_tokens) if config.auth_tokens else None
+        check_exposure(host, config.tls, tokens, config.insecure)
+        self._credentials = config.tls.credentials() if config.tls else None
+        try:
+            store = DiskStore(config.storage)
+            results = DiskActionResultStore(config.storage)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot use storage directory {config.storage}: {error.strerror or error}"
+            ) from None
+        self.config = config
+        self.bytestream = ByteStreamService(store)
+        self.health = health.aio.HealthServicer()
+        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+        self._grpc = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        re_grpc.add_CapabilitiesServicer_to_server(
+            CapabilitiesService(config.max_batch_total_size), self._grpc
+        )
+        re_grpc.add_ContentAddressableStorageServicer_to_server(
+            CasService(store, config.max_batch_total_size), self._grpc
+        )
+        re_grpc.add_ActionCacheServicer_to_server(
+            ActionCacheService(ActionCache(results, store)), self._grpc
+        )
+        bs_grpc.add_ByteStreamServicer_to_server(self.bytestream, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0)."""
+        try:
+            if self._credentials is not None:
+                self.port = self._grpc.add_secure_port(self.config.listen, self._credentials)
+            else:
+                self.port = self._grpc.add_insecure_port(self.config.listen)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            raise ConfigError(f"cannot listen on {self.config.listen}: address in use or invalid")
+        await self._grpc.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop taking calls, let running ones finish for `grace` seconds, then
+        discard unfinished uploads."""
+        await self.health.enter_graceful_shutdown()
+        await self._grpc.stop(grace)
+        await self.bytestream.close()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    server = Server(config)
+    port = await server.start()
+    host, _ = split_address(config.listen)
+    log.info("serving on %s:%d, storage %s", host, port, config.storage)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("stopping")
+    await server.stop()

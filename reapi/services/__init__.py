@@ -1,0 +1,1 @@
+"""gRPC servicers: thin adapters that validate requests and call into cas/ and executor/."""

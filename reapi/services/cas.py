@@ -1,0 +1,136 @@
+"""ContentAddressableStorage: FindMissingBlobs, batch reads and writes, GetTree."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import zstandard
+
+from cas.store import BlobStore
+from cas.tree import walk_tree
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import InvalidArgument, ReapiError
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from reapi.services.status import grpc_errors, status_of
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# GetTree pages hold at most this many directories, whatever the client asks.
+MAX_TREE_PAGE = 1000
+
+
+class CasService(re_grpc.ContentAddressableStorageServicer):
+    def __init__(self, store: BlobStore, max_batch_total_size: int) -> None:
+        self._store = store
+        self._max_batch = max_batch_total_size
+
+    @grpc_errors
+    async def FindMissingBlobs(
+        self, request: re_pb2.FindMissingBlobsRequest, context: Context
+    ) -> re_pb2.FindMissingBlobsResponse:
+        function = DigestFunction.from_wire(request.digest_function)
+        parse = Digest.parse
+        digests = [parse(function, d.hash, d.size_bytes) for d in request.blob_digests]
+        missing = await self._store.find_missing(digests)
+        response = re_pb2.FindMissingBlobsResponse()
+        add = response.missing_blob_digests.add
+        for digest in missing:
+            add(hash=digest.hash, size_bytes=digest.size)
+        return response
+
+    @grpc_errors
+    async def BatchUpdateBlobs(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: Context
+    ) -> re_pb2.BatchUpdateBlobsResponse:
+        function = DigestFunction.from_wire(request.digest_function)
+        total = sum(len(blob.data) for blob in request.requests)
+        self._check_batch_size(total, "upload")
+        response = re_pb2.BatchUpdateBlobsResponse()
+        for blob in request.requests:
+            error: ReapiError | None = None
+            try:
+                digest = Digest.from_proto(function, blob.digest)
+                await self._store.put(digest, _decompressed(blob, digest))
+            except ReapiError as failure:
+                error = failure
+            response.responses.add(digest=blob.digest, status=status_of(error))
+        return response
+
+    @grpc_errors
+    async def BatchReadBlobs(
+        self, request: re_pb2.BatchReadBlobsRequest, context: Context
+    ) -> re_pb2.BatchReadBlobsResponse:
+        function = DigestFunction.from_wire(request.digest_function)
+        digests = [Digest.from_proto(function, d) for d in request.digests]
+        self._check_batch_size(sum(d.size for d in digests), "read")
+        response = re_pb2.BatchReadBlobsResponse()
+        for proto, digest in zip(request.digests, digests, strict=True):
+            try:
+                data = await self._store.get(digest)
+            except ReapiError as error:
+                response.responses.add(digest=proto, status=status_of(error))
+            else:
+                response.responses.add(digest=proto, data=data, status=status_of(None))
+        return response
+
+    @grpc_errors
+    async def GetTree(
+        self, request: re_pb2.GetTreeRequest, context: Context
+    ) -> AsyncIterator[re_pb2.GetTreeResponse]:
+        function = DigestFunction.from_wire(request.digest_function)
+        root = Digest.from_proto(function, request.root_digest)
+        page_size = request.page_size if 0 < request.page_size <= MAX_TREE_PAGE else MAX_TREE_PAGE
+        skip = _page_offset(request.page_token)
+        page: list[re_pb2.Directory] = []
+        position = 0
+        async for directory in walk_tree(self._store, root):
+            position += 1
+            if position <= skip:
+                continue
+            if len(page) == page_size:
+                yield re_pb2.GetTreeResponse(directories=page, next_page_token=str(position - 1))
+                page = []
+            page.append(directory)
+        if position < skip:
+            raise InvalidArgument(f"page_token {request.page_token!r} is past the end of the tree")
+        yield re_pb2.GetTreeResponse(directories=page)
+
+    def _check_batch_size(self, total: int, what: str) -> None:
+        if self._max_batch and total > self._max_batch:
+            raise InvalidArgument(
+                f"batch {what} of {total} bytes exceeds max_batch_total_size_bytes "
+                f"({self._max_batch}); split it or use ByteStream"
+            )
+
+
+def _page_offset(token: str) -> int:
+    """Page tokens are the count of directories already sent, as text."""
+    if not token:
+        return 0
+    if not token.isdigit():
+        raise InvalidArgument(f"page_token {token!r} was not issued by this server")
+    return int(token)
+
+
+def _decompressed(blob: re_pb2.BatchUpdateBlobsRequest.Request, digest: Digest) -> bytes:
+    if blob.compressor == re_pb2.Compressor.IDENTITY:
+        return blob.data
+    if blob.compressor != re_pb2.Compressor.ZSTD:
+        raise InvalidArgument(
+            f"blob {digest}: compressor {blob.compressor} is not supported; use IDENTITY or ZSTD"
+        )
+    try:
+        declared = zstandard.frame_content_size(blob.data)
+        if declared not in (-1, digest.size):
+            raise InvalidArgument(
+                f"blob {digest}: zstd frame declares {declared} bytes, digest says {digest.size}"
+            )
+        # max_output_size bounds memory for frames that do not state their size.
+        return zstandard.ZstdDecompressor().decompress(
+            blob.data, max_output_size=max(digest.size, 1)
+        )
+    except zstandard.ZstdError as error:
+        raise InvalidArgument(f"blob {digest}: invalid zstd data: {error}") from None
