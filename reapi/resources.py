@@ -53,7 +53,7 @@ def parse_read_name(name: str) -> BlobResource:
 def parse_write_name(name: str) -> BlobResource:
     segments = name.split("/")
     start = _first_of(segments, ("uploads",), name)
-    if len(segments) < start + 2 or not segments[start + 1]:
+    if len(segments) < start + 2 or segments[start + 1] in ("", "blobs", "compressed-blobs"):
         raise InvalidArgument(f"resource name {name!r}: missing upload id after 'uploads/'")
     upload_id = segments[start + 1]
     resource, _metadata = _parse_blob_part(name, segments[:start], segments[start + 2 :], upload_id)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,7 @@ class Server:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
+        _check_bindable(self.config.listen)
         try:
             if self._credentials is not None:
                 self.port = self._grpc.add_secure_port(self.config.listen, self._credentials)
@@ -119,16 +121,34 @@ class Server:
         await self.bytestream.close()
 
 
+def _check_bindable(listen: str) -> None:
+    """Fail with one clear line before gRPC would log its own multi-line bind error."""
+    host, port = split_address(listen)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot listen on {listen}: {error.strerror}") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(f"cannot listen on {listen}: {error.strerror}") from None
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
-    server = Server(config)
-    port = await server.start()
-    host, _ = split_address(config.listen)
-    log.info("serving on %s:%d, storage %s", host, port, config.storage)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    server = Server(config)
+    port = await server.start()
+    host, _ = split_address(config.listen)
+    log.info("serving on %s:%d, storage %s", host, port, config.storage)
     await stopping.wait()
     log.info("stopping")
     await server.stop()

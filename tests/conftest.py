@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from reapi.server import Server, ServerConfig
+from tests.helpers import ServerProcess
+
+
+@pytest.fixture(autouse=True)
+def reapi_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test touches ~/.cache/reapi."""
+    home = tmp_path / "reapi-home"
+    monkeypatch.setenv("REAPI_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def reapi_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """The real server as a separate process on a free loopback port."""
+    server = ServerProcess(tmp_path / "storage")
+    yield server
+    status = server.stop()
+    assert status == 0, server.log()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    """The real server in this process (same event loop as the test)."""
+    instance = Server(ServerConfig(listen="127.0.0.1:0", storage=tmp_path / "storage"))
+    await instance.start()
+    yield instance
+    await instance.stop(grace=1)
+
+
+@pytest.fixture
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        yield chan

@@ -1,0 +1,190 @@
+"""The contract every BlobStore implementation keeps (see cas/store.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cas.disk import DiskStore
+from cas.memory import MemoryStore
+from cas.store import BlobStore
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import InvalidArgument, NotFound, OutOfRange
+
+SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
+
+STORES: dict[str, Callable[[Path], BlobStore]] = {
+    "memory": lambda tmp: MemoryStore(),
+    "disk": lambda tmp: DiskStore(tmp / "store"),
+}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    return STORES[request.param](tmp_path)
+
+
+async def read_all(store: BlobStore, digest: Digest, offset: int = 0, limit: int = 0) -> bytes:
+    return b"".join([chunk async for chunk in store.read(digest, offset, limit)])
+
+
+async def test_put_then_get(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"hello")
+    assert await store.find_missing([digest]) == [digest]
+    await store.put(digest, b"hello")
+    assert await store.find_missing([digest]) == []
+    assert await store.get(digest) == b"hello"
+
+
+@pytest.mark.parametrize("function", list(DigestFunction))
+async def test_empty_blob_always_present(store: BlobStore, function: DigestFunction) -> None:
+    empty = function.empty()
+    assert await store.find_missing([empty]) == []
+    assert await store.get(empty) == b""
+    assert await read_all(store, empty) == b""
+
+
+async def test_find_missing_keeps_request_order(store: BlobStore) -> None:
+    present = SHA256.digest_of(b"present")
+    await store.put(present, b"present")
+    absent = [SHA256.digest_of(bytes([n])) for n in range(5)]
+    assert await store.find_missing([absent[3], present, absent[1], absent[4]]) == [
+        absent[3],
+        absent[1],
+        absent[4],
+    ]
+
+
+async def test_wrong_size_is_missing(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"sized")
+    await store.put(digest, b"sized")
+    wrong = Digest(SHA256, digest.hash, digest.size + 1)
+    assert await store.find_missing([wrong]) == [wrong]
+    with pytest.raises(NotFound):
+        await store.get(wrong)
+
+
+async def test_functions_are_kept_apart(store: BlobStore) -> None:
+    sha, blake = SHA256.digest_of(b"same bytes"), BLAKE3.digest_of(b"same bytes")
+    await store.put(blake, b"same bytes")
+    assert await store.find_missing([sha, blake]) == [sha]
+    # A BLAKE3 hash looked up as SHA256 (same length) is a different blob.
+    alias = Digest(SHA256, blake.hash, blake.size)
+    assert await store.find_missing([alias]) == [alias]
+
+
+@pytest.mark.parametrize(
+    ("data", "claimed"),
+    [(b"evil", b"good"), (b"short", b"shorter"), (b"longer", b"long")],
+)
+async def test_put_rejects_mismatch_and_keeps_nothing(
+    store: BlobStore, data: bytes, claimed: bytes
+) -> None:
+    digest = SHA256.digest_of(claimed)
+    with pytest.raises(InvalidArgument):
+        await store.put(digest, data)
+    assert await store.find_missing([digest]) == [digest]
+    assert [info async for info in store.iter_blobs()] == []
+
+
+async def test_streamed_write(store: BlobStore) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    digest = BLAKE3.digest_of(data)
+    writer = store.begin_write(digest)
+    for start in range(0, len(data), 100_000):
+        await writer.write(data[start : start + 100_000])
+    assert writer.committed_size == len(data)
+    assert await store.find_missing([digest]) == [digest], "readable before commit"
+    await writer.commit()
+    assert await read_all(store, digest) == data
+
+
+async def test_streamed_write_mismatch_leaves_nothing(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"a" * 1000)
+    writer = store.begin_write(digest)
+    await writer.write(b"b" * 1000)
+    with pytest.raises(InvalidArgument, match="hashes to"):
+        await writer.commit()
+    assert await store.find_missing([digest]) == [digest]
+    assert [info async for info in store.iter_blobs()] == []
+
+
+async def test_streamed_write_past_size_is_refused(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"abc")
+    writer = store.begin_write(digest)
+    with pytest.raises(InvalidArgument, match="more data"):
+        await writer.write(b"abcd")
+    assert await store.find_missing([digest]) == [digest]
+
+
+async def test_short_upload_is_refused(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"abcdef")
+    writer = store.begin_write(digest)
+    await writer.write(b"abc")
+    with pytest.raises(InvalidArgument, match="ended after 3 of 6"):
+        await writer.commit()
+
+
+async def test_abort_leaves_nothing(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"x" * 200_000)
+    writer = store.begin_write(digest)
+    await writer.write(b"x" * 100_000)
+    await writer.abort()
+    await writer.abort()
+    assert await store.find_missing([digest]) == [digest]
+    assert [info async for info in store.iter_blobs()] == []
+
+
+async def test_concurrent_writers_of_one_blob(store: BlobStore) -> None:
+    data = os.urandom(500_000)
+    digest = SHA256.digest_of(data)
+
+    async def upload() -> None:
+        writer = store.begin_write(digest)
+        for start in range(0, len(data), 70_000):
+            await writer.write(data[start : start + 70_000])
+            await asyncio.sleep(0)
+        await writer.commit()
+
+    await asyncio.gather(*(upload() for _ in range(8)))
+    assert await store.get(digest) == data
+    assert [info.digest async for info in store.iter_blobs()] == [digest]
+
+
+@pytest.mark.parametrize(
+    ("offset", "limit"), [(0, 0), (1, 0), (10, 5), (0, 1), (99, 0), (100, 0), (50, 1000)]
+)
+async def test_read_ranges(store: BlobStore, offset: int, limit: int) -> None:
+    data = bytes(range(100))
+    digest = SHA256.digest_of(data)
+    await store.put(digest, data)
+    end = len(data) if limit == 0 else offset + limit
+    assert await read_all(store, digest, offset, limit) == data[offset:end]
+
+
+async def test_read_past_end_is_out_of_range(store: BlobStore) -> None:
+    digest = SHA256.digest_of(b"12345")
+    await store.put(digest, b"12345")
+    with pytest.raises(OutOfRange):
+        await read_all(store, digest, 6)
+
+
+async def test_read_missing_is_not_found(store: BlobStore) -> None:
+    with pytest.raises(NotFound):
+        await read_all(store, SHA256.digest_of(b"nope"))
+
+
+async def test_delete_and_iterate(store: BlobStore) -> None:
+    blobs = {SHA256.digest_of(bytes([n]) * 10): bytes([n]) * 10 for n in range(20)}
+    for digest, data in blobs.items():
+        await store.put(digest, data)
+    listed = {info.digest async for info in store.iter_blobs()}
+    assert listed == set(blobs)
+    first = next(iter(blobs))
+    assert await store.delete(first) is True
+    assert await store.delete(first) is False
+    assert await store.find_missing([first]) == [first]

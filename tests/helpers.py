@@ -1,0 +1,82 @@
+"""Shared test helpers: a real `reapi serve` process, and digest shortcuts."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from reapi.digests import Digest, DigestFunction
+from reapi.protos import remote_execution_pb2 as re_pb2
+
+REPO = Path(__file__).resolve().parent.parent
+_SERVING = re.compile(r"serving on (\S+):(\d+)")
+
+
+def sha256(data: bytes) -> Digest:
+    return DigestFunction.SHA256.digest_of(data)
+
+
+def proto(digest: Digest) -> re_pb2.Digest:
+    return digest.to_proto()
+
+
+class ServerProcess:
+    """`python -m reapi serve` as a child process, listening on a free loopback port."""
+
+    def __init__(self, storage: Path, *extra: str, home: Path | None = None) -> None:
+        self.storage = storage
+        self.log_path = storage.parent / f"{storage.name}-server.log"
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        env = dict(os.environ, REAPI_HOME=str(home or storage.parent / "home"))
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        args = ["--listen", "127.0.0.1:0", "--storage", str(storage), *extra]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "reapi", "serve", *args],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.port = self._wait_for_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _wait_for_port(self, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = _SERVING.search(self.log())
+            if match:
+                return int(match.group(2))
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            time.sleep(0.05)
+        self.process.kill()
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def kill(self) -> None:
+        """kill -9: no chance to clean up."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self._log.close()
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def log(self) -> str:
+        """What this process has logged (the file may hold earlier runs before it)."""
+        with open(self.log_path, "rb") as file:
+            file.seek(self._log_start)
+            return file.read().decode(errors="replace")

@@ -1,0 +1,124 @@
+"""Real Bazel 4 against a real reapi server: after `bazel clean`, the rebuild comes from the cache.
+
+Needs Debian's Bazel 4 (see bazel_helpers.INSTALL_HINT); without it the test fails, it
+never skips.
+"""
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.bazel_helpers import (
+    Bazel,
+    copy_workspace,
+    offline_flags,
+    process_summary,
+    require_bazel,
+    sha256_files,
+)
+
+TARGETS = "//examples/..."
+TEST_TARGET = "//examples:textutil_test"
+
+# Outputs under bazel-bin that must be byte-identical between the cold and the cached build.
+OUTPUTS = [
+    "examples/fnvsum",  # cc_binary
+    "examples/libtextutil.a",  # cc_library archive
+    "examples/usage.h",  # genrule output
+    "examples/textutil_test",  # cc_test binary
+]
+
+CACHE_HIT = "remote cache hit"
+# "internal" processes (symlink trees, template expansion, ...) never go to any cache.
+NOT_EXECUTED = {CACHE_HIT, "internal"}
+
+
+@pytest.mark.bazel
+def test_rebuild_after_clean_is_served_from_remote_cache(reapi_server: Any, tmp_path: Path) -> None:
+    bazel = Bazel(
+        executable=require_bazel(),
+        workspace=copy_workspace(tmp_path / "workspace"),
+        output_user_root=tmp_path / "bazel_root",
+    )
+    flags = [
+        *offline_flags(repository_cache=tmp_path / "repository_cache"),
+        f"--remote_cache=grpc://{reapi_server.address}",
+    ]
+    bazel_bin = bazel.workspace / "bazel-bin"
+    try:
+        # `bazel test` builds every target in the pattern, then runs the cc_test.
+        cold = bazel.run("test", *flags, TARGETS)
+        cold_outputs = sha256_files(bazel_bin, OUTPUTS)
+        bazel.run("clean")
+        warm = bazel.run("test", *flags, TARGETS)
+        warm_outputs = sha256_files(bazel_bin, OUTPUTS)
+    finally:
+        bazel.shutdown()
+
+    cold_counts = process_summary(cold)
+    executed_cold = {kind: n for kind, n in cold_counts.items() if kind not in NOT_EXECUTED}
+    assert CACHE_HIT not in cold_counts, f"the server was empty, yet: {cold_counts}"
+    assert executed_cold, f"the cold build executed nothing: {cold_counts}"
+    assert re.search(rf"^{TEST_TARGET} +PASSED", cold, re.MULTILINE), cold
+    assert any(path.is_file() for path in reapi_server.storage.rglob("*")), (
+        f"the cold build stored nothing under {reapi_server.storage}"
+    )
+
+    warm_counts = process_summary(warm)
+    executed_warm = {kind: n for kind, n in warm_counts.items() if kind not in NOT_EXECUTED}
+    assert executed_warm == {}, f"the cached build executed processes locally:\n{warm}"
+    assert warm_counts.get(CACHE_HIT, 0) == sum(executed_cold.values()), (
+        f"cold build {cold_counts}, cached build {warm_counts}"
+    )
+    # The test result itself came from the cache too.
+    assert re.search(rf"^{TEST_TARGET} +\(cached\) PASSED", warm, re.MULTILINE), warm
+
+    assert warm_outputs == cold_outputs
+    # The binary came back from the cache and still runs (its executable bit survived).
+    fnvsum = subprocess.run(
+        [bazel_bin / "examples" / "fnvsum", "a"], capture_output=True, text=True, check=True
+    )
+    assert fnvsum.stdout == "af63dc4c8601ec8c  a\n"
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (
+            "INFO: 19 processes: 10 internal, 9 linux-sandbox.\n",
+            {"internal": 10, "linux-sandbox": 9},
+        ),
+        (
+            "INFO: 20 processes: 11 remote cache hit, 9 internal.\n",
+            {"remote cache hit": 11, "internal": 9},
+        ),
+        (
+            "INFO: 19 processes: 5 remote cache hit, 10 internal, 4 processwrapper-sandbox.\n",
+            {"remote cache hit": 5, "internal": 10, "processwrapper-sandbox": 4},
+        ),
+        ("INFO: 1 process: 1 internal.\n", {"internal": 1}),
+        ("INFO: 0 processes.\n", {}),
+        (
+            # Only the last summary counts.
+            "INFO: 2 processes: 2 local.\nINFO: Elapsed time: 1.0s\nINFO: 1 process: 1 internal.\n",
+            {"internal": 1},
+        ),
+    ],
+)
+def test_process_summary_parses_bazel_4_output(output: str, expected: dict[str, int]) -> None:
+    assert process_summary(output) == expected
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "INFO: Build completed successfully, 19 total actions\n",
+        "INFO: 3 processes: 1 internal, 1 linux-sandbox.\n",
+    ],
+)
+def test_process_summary_rejects_missing_or_inconsistent_summaries(output: str) -> None:
+    with pytest.raises(ValueError):
+        process_summary(output)
