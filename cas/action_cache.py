@@ -15,7 +15,7 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
-from cas.store import BlobStore
+from cas.store import BlobStore, get_blob
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -137,7 +137,7 @@ class ActionCache:
             tree_digest = Digest.from_proto(function, directory.tree_digest)
             digests.append(tree_digest)
             try:
-                tree = re_pb2.Tree.FromString(await self._cas.get(tree_digest))
+                tree = re_pb2.Tree.FromString(await get_blob(self._cas, tree_digest))
             except (NotFound, DecodeError):
                 continue  # reported missing (or found unreadable) by the caller's check
             for node_dir in [tree.root, *tree.children]:
@@ -164,5 +164,5 @@ class ActionCache:
             if proto.size_bytes > budget:
                 continue  # the spec lets a server skip inlining what does not fit
             budget -= proto.size_bytes
-            data = await self._cas.get(Digest.from_proto(function, proto))
+            data = await get_blob(self._cas, Digest.from_proto(function, proto))
             setattr(output if output is not None else result, field, data)

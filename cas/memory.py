@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 
-from cas.store import BlobInfo, check_final, check_offset, check_room, verify
+from cas.store import READ_CHUNK, BlobInfo, BufferedWriter, check_offset, verified
 from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound
+from reapi.errors import NotFound, ReapiError
 
 _Key = tuple[DigestFunction, str]
 
@@ -33,22 +33,29 @@ class MemoryStore:
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         return [digest for digest in digests if self._lookup(digest) is None]
 
-    async def get(self, digest: Digest) -> bytes:
+    async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        found = {}
+        for digest in digests:
+            data = self._lookup(digest)
+            if data is not None:
+                found[digest] = data
+        return found
+
+    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
         data = self._lookup(digest)
         if data is None:
             raise NotFound(f"blob {digest} not found")
-        return data
-
-    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        data = await self.get(digest)
         check_offset(digest, offset, limit)
         end = digest.size if limit == 0 else min(digest.size, offset + limit)
-        for start in range(offset, end, 1024 * 1024):
-            yield data[start : min(end, start + 1024 * 1024)]
+        for start in range(offset, end, READ_CHUNK):
+            yield data[start : min(end, start + READ_CHUNK)]
 
-    async def put(self, digest: Digest, data: bytes) -> None:
-        verify(digest, data)
-        self._store(digest, data)
+    async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+        errors = verified(blobs)
+        for (digest, data), error in zip(blobs, errors, strict=True):
+            if error is None:
+                self._store(digest, data)
+        return errors
 
     def _store(self, digest: Digest, data: bytes) -> None:
         if not digest.is_empty:
@@ -56,8 +63,11 @@ class MemoryStore:
             self._blobs[key] = data
             self._access[key] = time.time()
 
-    def begin_write(self, digest: Digest) -> _MemoryWriter:
-        return _MemoryWriter(self, digest)
+    def begin_write(self, digest: Digest) -> BufferedWriter:
+        return BufferedWriter(digest, self._save)
+
+    async def _save(self, digest: Digest, data: bytes) -> None:
+        self._store(digest, data)
 
     async def delete(self, digest: Digest) -> bool:
         key = (digest.function, digest.hash)
@@ -68,40 +78,3 @@ class MemoryStore:
         for (function, hash_), data in list(self._blobs.items()):
             last = self._access.get((function, hash_), 0.0)
             yield BlobInfo(Digest(function, hash_, len(data)), last)
-
-
-class _MemoryWriter:
-    def __init__(self, store: MemoryStore, digest: Digest) -> None:
-        self._store = store
-        self._digest = digest
-        self._hasher = digest.function.hasher()
-        self._chunks: list[bytes] = []
-        self._received = 0
-
-    @property
-    def committed_size(self) -> int:
-        return self._received
-
-    async def write(self, data: bytes) -> None:
-        try:
-            check_room(self._digest, self._received, len(data))
-        except Exception:
-            await self.abort()
-            raise
-        self._hasher.update(data)
-        self._chunks.append(data)
-        self._received += len(data)
-
-    async def commit(self) -> None:
-        try:
-            check_final(self._digest, self._received, self._hasher)
-        except Exception:
-            await self.abort()
-            raise
-        self._store._store(self._digest, b"".join(self._chunks))
-        self._chunks = []
-
-    async def abort(self) -> None:
-        self._chunks = []
-        self._received = 0
-        self._hasher = self._digest.function.hasher()

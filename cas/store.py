@@ -12,12 +12,12 @@ Contract shared by all implementations (checked by `tests/contract/`):
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from reapi.digests import Digest, Hasher
-from reapi.errors import InvalidArgument, OutOfRange
+from reapi.errors import InvalidArgument, NotFound, OutOfRange, ReapiError
 
 # Reads are streamed in chunks of this size (and gRPC messages stay well under 4 MiB).
 READ_CHUNK = 1024 * 1024
@@ -64,8 +64,9 @@ class BlobStore(Protocol):
         the ones that are present."""
         ...
 
-    async def get(self, digest: Digest) -> bytes:
-        """The whole blob, for small blobs. Raises NotFound."""
+    async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        """The blobs that are present, whole (meant for small blobs, as in
+        BatchReadBlobs). Absent ones are simply not in the result."""
         ...
 
     def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
@@ -74,9 +75,10 @@ class BlobStore(Protocol):
         the first chunk."""
         ...
 
-    async def put(self, digest: Digest, data: bytes) -> None:
-        """Store a small blob whole. Raises InvalidArgument if `data` does not
-        match `digest`."""
+    async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+        """Store blobs given whole; one result per blob, in order: None when
+        stored, else the error (InvalidArgument when the data does not match
+        its digest). Blobs that fail leave no trace; the others are stored."""
         ...
 
     def begin_write(self, digest: Digest) -> BlobWriter:
@@ -90,6 +92,34 @@ class BlobStore(Protocol):
     def iter_blobs(self) -> AsyncIterator[BlobInfo]:
         """Every stored blob (not the implicit empty ones), in no particular order."""
         ...
+
+
+async def get_blob(store: BlobStore, digest: Digest) -> bytes:
+    """One whole blob; raises NotFound."""
+    found = await store.get_many([digest])
+    if digest not in found:
+        raise NotFound(f"blob {digest} not found")
+    return found[digest]
+
+
+async def put_blob(store: BlobStore, digest: Digest, data: bytes) -> None:
+    """Store one blob; raises what `put_many` reports for it."""
+    (error,) = await store.put_many([(digest, data)])
+    if error is not None:
+        raise error
+
+
+def verified(blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+    """`verify` for each blob, collecting the errors instead of raising."""
+    errors: list[ReapiError | None] = []
+    for digest, data in blobs:
+        try:
+            verify(digest, data)
+        except ReapiError as error:
+            errors.append(error)
+        else:
+            errors.append(None)
+    return errors
 
 
 def verify(digest: Digest, data: bytes) -> None:
@@ -130,3 +160,43 @@ def check_offset(digest: Digest, offset: int, limit: int) -> None:
         raise OutOfRange(
             f"blob {digest}: read offset {offset} is past the end ({digest.size} bytes)"
         )
+
+
+class BufferedWriter:
+    """A BlobWriter that keeps the upload in memory and hands it, verified, to
+    `save` on commit. For small blobs, and for stores that live in memory."""
+
+    def __init__(self, digest: Digest, save: Callable[[Digest, bytes], Awaitable[None]]) -> None:
+        self._digest = digest
+        self._save = save
+        self._hasher = digest.function.hasher()
+        self._chunks: list[bytes] = []
+        self._received = 0
+
+    @property
+    def committed_size(self) -> int:
+        return self._received
+
+    async def write(self, data: bytes) -> None:
+        try:
+            check_room(self._digest, self._received, len(data))
+        except ReapiError:
+            await self.abort()
+            raise
+        self._hasher.update(data)
+        self._chunks.append(data)
+        self._received += len(data)
+
+    async def commit(self) -> None:
+        try:
+            check_final(self._digest, self._received, self._hasher)
+        except ReapiError:
+            await self.abort()
+            raise
+        data, self._chunks = b"".join(self._chunks), []
+        await self._save(self._digest, data)
+
+    async def abort(self) -> None:
+        self._chunks = []
+        self._received = 0
+        self._hasher = self._digest.function.hasher()

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import zstandard
+from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from cas.tree import walk_tree
@@ -17,6 +18,9 @@ from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.services.status import grpc_errors, status_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+_OK = status_of(None)
+_NOT_FOUND = status_pb2.Status(code=code_pb2.NOT_FOUND, message="blob not found")
 
 # GetTree pages hold at most this many directories, whatever the client asks.
 MAX_TREE_PAGE = 1000
@@ -48,15 +52,21 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         function = DigestFunction.from_wire(request.digest_function)
         total = sum(len(blob.data) for blob in request.requests)
         self._check_batch_size(total, "upload")
-        response = re_pb2.BatchUpdateBlobsResponse()
+        # Blobs that cannot even be decoded fail alone; the rest go to the store together.
+        errors: list[ReapiError | None] = []
+        decoded: list[tuple[Digest, bytes]] = []
         for blob in request.requests:
-            error: ReapiError | None = None
             try:
                 digest = Digest.from_proto(function, blob.digest)
-                await self._store.put(digest, _decompressed(blob, digest))
+                decoded.append((digest, _decompressed(blob, digest)))
+                errors.append(None)
             except ReapiError as failure:
-                error = failure
-            response.responses.add(digest=blob.digest, status=status_of(error))
+                errors.append(failure)
+        stored = iter(await self._store.put_many(decoded))
+        response = re_pb2.BatchUpdateBlobsResponse()
+        for blob, error in zip(request.requests, errors, strict=True):
+            outcome = error if error is not None else next(stored)
+            response.responses.add(digest=blob.digest, status=status_of(outcome))
         return response
 
     @grpc_errors
@@ -66,14 +76,15 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         function = DigestFunction.from_wire(request.digest_function)
         digests = [Digest.from_proto(function, d) for d in request.digests]
         self._check_batch_size(sum(d.size for d in digests), "read")
+        found = await self._store.get_many(digests)
         response = re_pb2.BatchReadBlobsResponse()
+        add = response.responses.add
         for proto, digest in zip(request.digests, digests, strict=True):
-            try:
-                data = await self._store.get(digest)
-            except ReapiError as error:
-                response.responses.add(digest=proto, status=status_of(error))
+            data = found.get(digest)
+            if data is None:
+                add(digest=proto, status=_NOT_FOUND)
             else:
-                response.responses.add(digest=proto, data=data, status=status_of(None))
+                add(digest=proto, data=data, status=_OK)
         return response
 
     @grpc_errors

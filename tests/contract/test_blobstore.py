@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cas.disk import DiskStore
+from cas.disk import SMALL_BLOB, DiskStore
 from cas.memory import MemoryStore
-from cas.store import BlobStore
+from cas.store import BlobStore, get_blob, put_blob
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import InvalidArgument, NotFound, OutOfRange
 
@@ -35,22 +35,22 @@ async def read_all(store: BlobStore, digest: Digest, offset: int = 0, limit: int
 async def test_put_then_get(store: BlobStore) -> None:
     digest = SHA256.digest_of(b"hello")
     assert await store.find_missing([digest]) == [digest]
-    await store.put(digest, b"hello")
+    await put_blob(store, digest, b"hello")
     assert await store.find_missing([digest]) == []
-    assert await store.get(digest) == b"hello"
+    assert await get_blob(store, digest) == b"hello"
 
 
 @pytest.mark.parametrize("function", list(DigestFunction))
 async def test_empty_blob_always_present(store: BlobStore, function: DigestFunction) -> None:
     empty = function.empty()
     assert await store.find_missing([empty]) == []
-    assert await store.get(empty) == b""
+    assert await get_blob(store, empty) == b""
     assert await read_all(store, empty) == b""
 
 
 async def test_find_missing_keeps_request_order(store: BlobStore) -> None:
     present = SHA256.digest_of(b"present")
-    await store.put(present, b"present")
+    await put_blob(store, present, b"present")
     absent = [SHA256.digest_of(bytes([n])) for n in range(5)]
     assert await store.find_missing([absent[3], present, absent[1], absent[4]]) == [
         absent[3],
@@ -61,16 +61,16 @@ async def test_find_missing_keeps_request_order(store: BlobStore) -> None:
 
 async def test_wrong_size_is_missing(store: BlobStore) -> None:
     digest = SHA256.digest_of(b"sized")
-    await store.put(digest, b"sized")
+    await put_blob(store, digest, b"sized")
     wrong = Digest(SHA256, digest.hash, digest.size + 1)
     assert await store.find_missing([wrong]) == [wrong]
     with pytest.raises(NotFound):
-        await store.get(wrong)
+        await get_blob(store, wrong)
 
 
 async def test_functions_are_kept_apart(store: BlobStore) -> None:
     sha, blake = SHA256.digest_of(b"same bytes"), BLAKE3.digest_of(b"same bytes")
-    await store.put(blake, b"same bytes")
+    await put_blob(store, blake, b"same bytes")
     assert await store.find_missing([sha, blake]) == [sha]
     # A BLAKE3 hash looked up as SHA256 (same length) is a different blob.
     alias = Digest(SHA256, blake.hash, blake.size)
@@ -86,7 +86,7 @@ async def test_put_rejects_mismatch_and_keeps_nothing(
 ) -> None:
     digest = SHA256.digest_of(claimed)
     with pytest.raises(InvalidArgument):
-        await store.put(digest, data)
+        await put_blob(store, digest, data)
     assert await store.find_missing([digest]) == [digest]
     assert [info async for info in store.iter_blobs()] == []
 
@@ -151,7 +151,7 @@ async def test_concurrent_writers_of_one_blob(store: BlobStore) -> None:
         await writer.commit()
 
     await asyncio.gather(*(upload() for _ in range(8)))
-    assert await store.get(digest) == data
+    assert await get_blob(store, digest) == data
     assert [info.digest async for info in store.iter_blobs()] == [digest]
 
 
@@ -161,14 +161,14 @@ async def test_concurrent_writers_of_one_blob(store: BlobStore) -> None:
 async def test_read_ranges(store: BlobStore, offset: int, limit: int) -> None:
     data = bytes(range(100))
     digest = SHA256.digest_of(data)
-    await store.put(digest, data)
+    await put_blob(store, digest, data)
     end = len(data) if limit == 0 else offset + limit
     assert await read_all(store, digest, offset, limit) == data[offset:end]
 
 
 async def test_read_past_end_is_out_of_range(store: BlobStore) -> None:
     digest = SHA256.digest_of(b"12345")
-    await store.put(digest, b"12345")
+    await put_blob(store, digest, b"12345")
     with pytest.raises(OutOfRange):
         await read_all(store, digest, 6)
 
@@ -181,10 +181,59 @@ async def test_read_missing_is_not_found(store: BlobStore) -> None:
 async def test_delete_and_iterate(store: BlobStore) -> None:
     blobs = {SHA256.digest_of(bytes([n]) * 10): bytes([n]) * 10 for n in range(20)}
     for digest, data in blobs.items():
-        await store.put(digest, data)
+        await put_blob(store, digest, data)
     listed = {info.digest async for info in store.iter_blobs()}
     assert listed == set(blobs)
     first = next(iter(blobs))
     assert await store.delete(first) is True
     assert await store.delete(first) is False
     assert await store.find_missing([first]) == [first]
+
+
+async def test_put_many_reports_each_blob(store: BlobStore) -> None:
+    good, other = b"good blob", os.urandom(SMALL_BLOB + 10)
+    claimed = SHA256.digest_of(b"claimed")
+    blobs = [
+        (SHA256.digest_of(good), good),
+        (claimed, b"something else"),
+        (BLAKE3.digest_of(other), other),
+        (SHA256.empty(), b""),
+    ]
+    errors = await store.put_many(blobs)
+    assert [type(e) for e in errors] == [type(None), InvalidArgument, type(None), type(None)]
+    assert await store.find_missing([d for d, _ in blobs]) == [claimed]
+
+
+async def test_get_many_returns_what_is_present(store: BlobStore) -> None:
+    small, large = b"s" * 10, os.urandom(SMALL_BLOB * 2)
+    stored = [SHA256.digest_of(small), SHA256.digest_of(large)]
+    await store.put_many(list(zip(stored, [small, large], strict=True)))
+    absent = [SHA256.digest_of(b"absent"), SHA256.digest_of(b"x" * (SMALL_BLOB + 1))]
+    found = await store.get_many([*stored, *absent, SHA256.empty()])
+    assert found == {stored[0]: small, stored[1]: large, SHA256.empty(): b""}
+
+
+@pytest.mark.parametrize("size", [1, SMALL_BLOB - 1, SMALL_BLOB, SMALL_BLOB + 1])
+async def test_sizes_around_the_small_blob_limit(store: BlobStore, size: int) -> None:
+    data = os.urandom(size)
+    digest = SHA256.digest_of(data)
+    writer = store.begin_write(digest)
+    await writer.write(data[: size // 2])
+    await writer.write(data[size // 2 :])
+    await writer.commit()
+    assert await get_blob(store, digest) == data
+    assert await read_all(store, digest, size // 3) == data[size // 3 :]
+    assert await store.delete(digest)
+    assert await store.find_missing([digest]) == [digest]
+
+
+async def test_disk_store_survives_reopening(tmp_path: Path) -> None:
+    small, large = b"small" * 10, os.urandom(SMALL_BLOB * 3)
+    digests = [SHA256.digest_of(small), BLAKE3.digest_of(large)]
+    first = DiskStore(tmp_path / "store")
+    await first.put_many(list(zip(digests, [small, large], strict=True)))
+    first.close()
+    second = DiskStore(tmp_path / "store")
+    assert await second.find_missing(digests) == []
+    assert await second.get_many(digests) == {digests[0]: small, digests[1]: large}
+    second.close()

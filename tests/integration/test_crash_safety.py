@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import grpc
 import pytest
 import zstandard
 
+from cas.disk import SMALL_DB, DiskStore
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
@@ -49,7 +51,7 @@ async def stream_uploads(
     stub = bs_grpc.ByteStreamStub(channel)
     kind = "compressed-blobs/zstd" if compressed else "blobs"
     while True:
-        data = rng.randbytes(rng.randint(100_000, 2_000_000))
+        data = rng.randbytes(rng.randint(1_000, 2_000_000))
         digest = function.digest_of(data)
         name = f"uploads/{uuid.uuid4()}/{kind}/{digest.resource_path()}"
         wire = zstandard.compress(data) if compressed else data
@@ -89,7 +91,13 @@ async def load_then_kill(server: ServerProcess, rng: random.Random, delay: float
 
 
 def check_every_file(storage: Path) -> int:
+    """Hash every stored blob, reading the files and the SQLite rows directly."""
     count = 0
+    db = sqlite3.connect(storage / SMALL_DB)
+    for value, hash_, size, data in db.execute("SELECT function, hash, size, data FROM blobs"):
+        assert DigestFunction(value).digest_of(data) == Digest(DigestFunction(value), hash_, size)
+        count += 1
+    db.close()
     for function in DigestFunction:
         for path in (storage / "cas" / function.path_name).glob("*/*"):
             data = path.read_bytes()
@@ -99,11 +107,9 @@ def check_every_file(storage: Path) -> int:
 
 
 async def read_back(server: ServerProcess, storage: Path, acknowledged: list[Digest]) -> None:
-    stored = [
-        Digest(function, path.name, path.stat().st_size)
-        for function in DigestFunction
-        for path in (storage / "cas" / function.path_name).glob("*/*")
-    ]
+    store = DiskStore(storage)
+    stored = [info.digest async for info in store.iter_blobs()]
+    store.close()
     async with grpc.aio.insecure_channel(server.address) as channel:
         cas = re_grpc.ContentAddressableStorageStub(channel)
         bytestream = bs_grpc.ByteStreamStub(channel)
