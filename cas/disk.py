@@ -74,6 +74,9 @@ def open_small_db(root: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA busy_timeout = 10000")  # other processes may hold the lock briefly
+    # Takes effect when the file is created. Large pages hold a few small blobs each
+    # without overflow chains; measured ~2x faster batch inserts than 4 KiB pages.
+    db.execute("PRAGMA page_size = 32768")
     db.execute("PRAGMA journal_mode = WAL")
     # NORMAL: a commit survives the process being killed; only an OS crash may lose it.
     db.execute("PRAGMA synchronous = NORMAL")

@@ -128,11 +128,9 @@ def verify(digest: Digest, data: bytes) -> None:
         raise InvalidArgument(
             f"blob {digest}: digest says {digest.size} bytes but {len(data)} were sent"
         )
-    actual = digest.function.digest_of(data)
-    if actual.hash != digest.hash:
-        raise InvalidArgument(
-            f"blob {digest}: data hashes to {actual.hash}, not to the digest's hash"
-        )
+    actual = digest.function.hex_of(data)
+    if actual != digest.hash:
+        raise InvalidArgument(f"blob {digest}: data hashes to {actual}, not to the digest's hash")
 
 
 def check_final(digest: Digest, received: int, hasher: Hasher) -> None:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import blake3
 
@@ -43,10 +42,13 @@ class DigestFunction(enum.Enum):
             return hashlib.sha256()
         return blake3.blake3()
 
-    def digest_of(self, data: bytes) -> Digest:
+    def hex_of(self, data: bytes) -> str:
         hasher = self.hasher()
         hasher.update(data)
-        return Digest(self, hasher.hexdigest(), len(data))
+        return hasher.hexdigest()
+
+    def digest_of(self, data: bytes) -> Digest:
+        return Digest(self, self.hex_of(data), len(data))
 
     def empty(self) -> Digest:
         return _EMPTY[self]
@@ -87,9 +89,11 @@ WIRE_FUNCTION_NAMES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Digest:
-    """A validated blob name: digest function, lowercase hex hash, size in bytes."""
+class Digest(NamedTuple):
+    """A validated blob name: digest function, lowercase hex hash, size in bytes.
+
+    A NamedTuple rather than a frozen dataclass: just as immutable and hashable,
+    and several times cheaper to build, which FindMissingBlobs does per digest."""
 
     function: DigestFunction
     hash: str

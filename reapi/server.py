@@ -15,7 +15,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cas.action_cache import ActionCache, DiskActionResultStore
 from cas.disk import DiskStore
-from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.security import (
     BearerTokenInterceptor,
@@ -26,7 +25,7 @@ from reapi.security import (
     split_address,
 )
 from reapi.services.action_cache import ActionCacheService
-from reapi.services.bytestream import ByteStreamService
+from reapi.services.bytestream import ByteStreamService, add_bytestream_to_server
 from reapi.services.capabilities import CapabilitiesService
 from reapi.services.cas import CasService
 
@@ -93,7 +92,7 @@ class Server:
         re_grpc.add_ActionCacheServicer_to_server(
             ActionCacheService(ActionCache(results, store)), self._grpc
         )
-        bs_grpc.add_ByteStreamServicer_to_server(self.bytestream, self._grpc)
+        add_bytestream_to_server(self.bytestream, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self.port = 0
 

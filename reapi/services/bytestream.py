@@ -17,7 +17,7 @@ import grpc
 import zstandard
 
 from cas.store import BlobStore, BlobWriter
-from reapi.errors import InvalidArgument, OutOfRange, ReapiError, Unavailable
+from reapi.errors import InvalidArgument, OutOfRange, Unavailable
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.resources import BlobResource, parse_read_name, parse_write_name
@@ -80,22 +80,63 @@ class _Upload:
         self.last_used = time.monotonic()
 
 
+def _read_response(data: bytes) -> bytes:
+    """A ReadResponse, encoded by hand: field 10 (`data`), length-delimited.
+
+    Building a ReadResponse message around a 1 MiB chunk and serializing it
+    costs about 1 ms in the protobuf runtime; this costs one 20 us copy, and
+    the bytes on the wire are the same (a test decodes them as ReadResponse).
+    """
+    size = len(data)
+    if size == 0:
+        return b""  # proto3 leaves an empty field out
+    header = bytearray(b"\x52")
+    while size >= 0x80:
+        header.append((size & 0x7F) | 0x80)
+        size >>= 7
+    header.append(size)
+    return b"".join((header, data))
+
+
+def add_bytestream_to_server(service: ByteStreamService, server: grpc.aio.Server) -> None:
+    """Register `service`; like the generated function, except that Read yields
+    responses already encoded by `_read_response`."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Read": grpc.unary_stream_rpc_method_handler(
+            service.Read,
+            request_deserializer=bs_pb2.ReadRequest.FromString,
+            response_serializer=bytes,
+        ),
+        "Write": grpc.stream_unary_rpc_method_handler(
+            service.Write,
+            request_deserializer=bs_pb2.WriteRequest.FromString,
+            response_serializer=bs_pb2.WriteResponse.SerializeToString,
+        ),
+        "QueryWriteStatus": grpc.unary_unary_rpc_method_handler(
+            service.QueryWriteStatus,
+            request_deserializer=bs_pb2.QueryWriteStatusRequest.FromString,
+            response_serializer=bs_pb2.QueryWriteStatusResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("google.bytestream.ByteStream", handlers),)
+    )
+
+
 class ByteStreamService(bs_grpc.ByteStreamServicer):
     def __init__(self, store: BlobStore) -> None:
         self._store = store
         self._uploads: dict[str, _Upload] = {}
 
     @grpc_errors
-    async def Read(
-        self, request: bs_pb2.ReadRequest, context: Context
-    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+    async def Read(self, request: bs_pb2.ReadRequest, context: Context) -> AsyncIterator[bytes]:
         resource = parse_read_name(request.resource_name)
         if request.read_offset < 0 or request.read_limit < 0:
             raise OutOfRange("read_offset and read_limit must not be negative")
         chunks = self._store.read(resource.digest, request.read_offset, request.read_limit)
         if resource.compressor is None:
             async for chunk in chunks:
-                yield bs_pb2.ReadResponse(data=chunk)
+                yield _read_response(chunk)
             return
         if request.read_limit:
             raise InvalidArgument("read_limit must be 0 when reading compressed-blobs")
@@ -106,8 +147,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             else:
                 data = compressor.compress(chunk)
             if data:
-                yield bs_pb2.ReadResponse(data=data)
-        yield bs_pb2.ReadResponse(data=compressor.flush())
+                yield _read_response(data)
+        yield _read_response(compressor.flush())
 
     @grpc_errors
     async def Write(
@@ -132,7 +173,13 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                         f"write_offset {request.write_offset} does not continue the upload, "
                         f"which has {upload.wire_offset} bytes; ask QueryWriteStatus"
                     )
-                await upload.append(request.data)
+                try:
+                    await upload.append(request.data)
+                except BaseException:
+                    # Failed or cancelled mid-chunk: what the writer holds is unknown,
+                    # so the upload cannot be resumed.
+                    await self._discard(upload)
+                    raise
                 if request.finish_write:
                     self._uploads.pop(upload.name, None)
                     await upload.writer.commit()
@@ -141,7 +188,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 raise InvalidArgument("write stream had no requests")
             # The client closed without finish_write: the upload stays resumable.
             return bs_pb2.WriteResponse(committed_size=upload.wire_offset)
-        except ReapiError:
+        except Exception:
+            # A refused request or a failed commit ends the upload. A cancellation
+            # between chunks (the client went away) keeps it, for QueryWriteStatus.
             if upload is not None:
                 await self._discard(upload)
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -16,6 +17,7 @@ from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.server import Server
+from reapi.services.bytestream import _read_response
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 
@@ -268,3 +270,39 @@ async def test_bad_compressed_write(server: Server, channel: grpc.aio.Channel) -
     )
     assert await missing(channel, digest)
     assert list((server.config.storage / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 1 << 20, (1 << 21) + 3])
+def test_hand_encoded_read_response_is_a_read_response(size: int) -> None:
+    data = os.urandom(size)
+    encoded = _read_response(data)
+    assert encoded == bs_pb2.ReadResponse(data=data).SerializeToString()
+    assert bs_pb2.ReadResponse.FromString(encoded).data == data
+
+
+async def test_resume_after_client_disconnects(channel: grpc.aio.Channel) -> None:
+    data = os.urandom(400_000)
+    digest = SHA256.digest_of(data)
+    name = upload_name(digest)
+    hang = asyncio.Event()
+
+    async def three_chunks_then_hang() -> AsyncIterator[bs_pb2.WriteRequest]:
+        for item in requests(name, data[:300_000], chunk=100_000, finish=False):
+            yield item
+        await hang.wait()
+
+    call = stub(channel).Write(three_chunks_then_hang())
+    query = bs_pb2.QueryWriteStatusRequest(resource_name=name)
+    for _ in range(200):
+        if (await stub(channel).QueryWriteStatus(query)).committed_size == 300_000:
+            break
+        await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await asyncio.sleep(0.1)  # the server notices the cancellation
+    assert (await stub(channel).QueryWriteStatus(query)).committed_size == 300_000
+    rest = requests(name, data[300_000:], offset=300_000)
+    rest[0].resource_name = name
+    assert (await stub(channel).Write(stream(rest))).committed_size == len(data)
+    assert await read(channel, f"blobs/{digest.resource_path()}") == data
