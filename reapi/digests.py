@@ -32,6 +32,10 @@ class DigestFunction(enum.Enum):
     SHA256 = re_pb2.DigestFunction.SHA256
     BLAKE3 = re_pb2.DigestFunction.BLAKE3
 
+    # Members are singletons compared by identity, so identity hashing is exact;
+    # Enum's own __hash__ runs Python code, and digests are hashed on hot paths.
+    __hash__ = object.__hash__
+
     @property
     def path_name(self) -> str:
         """Lowercase name used in resource names and on disk."""
