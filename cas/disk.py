@@ -51,8 +51,8 @@ SMALL_BLOB = 64 * 1024
 SMALL_DB = Path("cas") / "small.db"
 # Refresh a blob's last use when a lookup finds it older than this (seconds).
 TOUCH_AFTER = 300.0
-# File chunks at least this large are hashed and written off the event loop.
-THREAD_CHUNK = 64 * 1024
+# Streamed uploads are hashed and written in a worker thread this many bytes at a time.
+FLUSH_BYTES = 1024 * 1024
 # Digests per SQL statement, well under SQLite's limit on bound parameters.
 SQL_CHUNK = 900
 
@@ -319,8 +319,11 @@ class DiskStore:
 
 
 class _FileWriter:
-    """A streamed upload of a large blob into a temp file; hashing and writing
-    of big chunks run together in a worker thread (both release the GIL)."""
+    """A streamed upload of a large blob into a temp file.
+
+    Chunks are collected up to FLUSH_BYTES and then hashed and written together
+    in a worker thread (hashing and writing both release the GIL), so a stream
+    of small chunks costs one thread hop per megabyte, not one per chunk."""
 
     def __init__(self, digest: Digest, tmp: str, final: str) -> None:
         self._digest = digest
@@ -329,31 +332,39 @@ class _FileWriter:
         self._hasher = digest.function.hasher()
         self._fd: int | None = None
         self._received = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     @property
     def committed_size(self) -> int:
         return self._received
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, chunks: list[bytes]) -> None:
         if self._fd is None:
             self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._hasher.update(data)
-        _write_all(self._fd, data)
+        for chunk in chunks:
+            self._hasher.update(chunk)
+            _write_all(self._fd, chunk)
+
+    async def _flush(self) -> None:
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        await asyncio.to_thread(self._append, chunks)
 
     async def write(self, data: bytes) -> None:
         try:
             check_room(self._digest, self._received, len(data))
-            if len(data) >= THREAD_CHUNK:
-                await asyncio.to_thread(self._append, data)
-            else:
-                self._append(data)
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            self._received += len(data)
+            if self._pending_bytes >= FLUSH_BYTES:
+                await self._flush()
         except BaseException:
             await self.abort()
             raise
-        self._received += len(data)
 
     async def commit(self) -> None:
         try:
+            await self._flush()
             check_final(self._digest, self._received, self._hasher)
             assert self._fd is not None  # a large blob has had data written
             os.close(self._fd)
@@ -364,6 +375,7 @@ class _FileWriter:
             raise
 
     async def abort(self) -> None:
+        self._pending, self._pending_bytes = [], 0
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -51,11 +51,16 @@ async def stream_uploads(
     stub = bs_grpc.ByteStreamStub(channel)
     kind = "compressed-blobs/zstd" if compressed else "blobs"
     while True:
-        data = rng.randbytes(rng.randint(1_000, 2_000_000))
+        # Small blobs (kept in SQLite), or large ones that reach disk in tmp/ within
+        # their first megabyte and stay there for most of their upload.
+        small = rng.random() < 0.3
+        data = rng.randbytes(
+            rng.randint(1_000, 60_000) if small else rng.randint(2_000_000, 6_000_000)
+        )
         digest = function.digest_of(data)
         name = f"uploads/{uuid.uuid4()}/{kind}/{digest.resource_path()}"
         wire = zstandard.compress(data) if compressed else data
-        await stub.Write(chunks(name, wire, 32 * 1024))
+        await stub.Write(chunks(name, wire, 128 * 1024))
         done.append(digest)
 
 

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cas.disk import FLUSH_BYTES
 from reapi.digests import DigestFunction
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
@@ -93,22 +94,25 @@ def test_insecure_flag_allows_any_address(insecure_everywhere: ServerProcess) ->
     assert check.status == health_pb2.HealthCheckResponse.SERVING
 
 
+# More than the server buffers before it writes a temp file, so the test can see
+# from tmp/ that both uploads have arrived.
+FIRST = FLUSH_BYTES + 100_000
+
+
 def test_health_and_graceful_stop(reapi_server: ServerProcess) -> None:
     """On SIGTERM, an upload that finishes within the grace period is kept; one
     left unfinished is discarded, leaving no partial file behind."""
-    finished_data, unfinished_data = os.urandom(2_000_000), os.urandom(2_000_000)
+    finished_data, unfinished_data = os.urandom(2 * FIRST), os.urandom(2 * FIRST)
     finished = DigestFunction.SHA256.digest_of(finished_data)
     unfinished = DigestFunction.SHA256.digest_of(unfinished_data)
 
     def slow_upload(data: bytes, finish: bool) -> Iterator[bs_pb2.WriteRequest]:
         digest = DigestFunction.SHA256.digest_of(data)
         name = f"uploads/{uuid.uuid4()}/blobs/{digest.resource_path()}"
-        yield bs_pb2.WriteRequest(resource_name=name, data=data[:1_000_000])
+        yield bs_pb2.WriteRequest(resource_name=name, data=data[:FIRST])
         time.sleep(2)  # the server receives SIGTERM meanwhile
         if finish:
-            yield bs_pb2.WriteRequest(
-                write_offset=1_000_000, data=data[1_000_000:], finish_write=True
-            )
+            yield bs_pb2.WriteRequest(write_offset=FIRST, data=data[FIRST:], finish_write=True)
 
     with grpc.insecure_channel(reapi_server.address) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
@@ -122,7 +126,7 @@ def test_health_and_graceful_stop(reapi_server: ServerProcess) -> None:
             time.sleep(0.05)
         assert reapi_server.stop() == 0
         assert done.result(timeout=30).committed_size == finished.size
-        assert left.result(timeout=30).committed_size == 1_000_000
+        assert left.result(timeout=30).committed_size == FIRST
     assert "stopping" in reapi_server.log()
     assert list((reapi_server.storage / "tmp").iterdir()) == [], "unfinished upload left behind"
     restarted = ServerProcess(reapi_server.storage)
