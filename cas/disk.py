@@ -1,7 +1,7 @@
 """DiskStore: the embedded default, under one storage directory.
 
 Layout (the `reapi cas` tools rely on it):
-    DIR/cas/small.db                       blobs up to SMALL_BLOB bytes, rows of one SQLite table
+    DIR/cas/small.db                       blobs up to SMALL_BLOB bytes (cas/small_blobs.py)
     DIR/cas/{function}/{hash[:2]}/{hash}   larger blobs, one file each, bytes verbatim
     DIR/tmp/{pid}-{n}                      large uploads in progress
 
@@ -9,11 +9,11 @@ Why two tiers: creating a file costs the kernel 100-800 us on the disks we run
 on, while a stat costs 2 us; a build's inputs are mostly small headers and
 sources, so one file per small blob would make every batch upload pay that
 price. SQLite in WAL mode appends small blobs to one log instead, and answers
-FindMissingBlobs for a thousand digests with one indexed query.
+FindMissingBlobs for a thousand digests with one query on a dense key table.
 
 Crash safety (kill -9 at any moment): nothing becomes visible before its bytes
-are verified against the digest. A small blob is one row, inserted in a
-transaction that either commits or vanishes. A large one is written to a fresh
+are verified against the digest. A small blob is inserted in a transaction
+that either commits or vanishes. A large one is written to a fresh
 file in tmp/ and renamed into place, which is atomic; what is left in tmp/ is
 swept on the next start. Concurrent writers of one blob each write their own
 temp file, and the last rename wins with identical bytes.
@@ -29,11 +29,11 @@ import asyncio
 import contextlib
 import itertools
 import os
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from cas.small_blobs import SMALL_BLOB, SmallBlobs
 from cas.store import (
     READ_CHUNK,
     BlobInfo,
@@ -46,45 +46,10 @@ from cas.store import (
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import NotFound, ReapiError
 
-# Blobs of at most this many bytes live in SQLite; larger ones in files.
-SMALL_BLOB = 64 * 1024
-SMALL_DB = Path("cas") / "small.db"
-# Refresh a blob's last use when a lookup finds it older than this (seconds).
+# Refresh a large blob's mtime when a lookup finds it older than this (seconds).
 TOUCH_AFTER = 300.0
 # Streamed uploads are hashed and written in a worker thread this many bytes at a time.
 FLUSH_BYTES = 1024 * 1024
-# Digests per SQL statement, well under SQLite's limit on bound parameters.
-SQL_CHUNK = 900
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS blobs (
-    function INTEGER NOT NULL,  -- DigestFunction value
-    hash TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    last_access REAL NOT NULL,  -- seconds since the epoch
-    data BLOB NOT NULL,
-    PRIMARY KEY (function, hash)
-);
--- Covers FindMissingBlobs: answered from the index without touching the rows
--- (measured 1.7x faster than going through the primary key).
-CREATE INDEX IF NOT EXISTS blobs_presence ON blobs (function, hash, size, last_access);
-"""
-
-
-def open_small_db(root: Path) -> sqlite3.Connection:
-    """The small-blob database under `root`, created if missing."""
-    path = root / SMALL_DB
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 10000")  # other processes may hold the lock briefly
-    # Takes effect when the file is created. Large pages hold a few small blobs each
-    # without overflow chains; measured ~2x faster batch inserts than 4 KiB pages.
-    db.execute("PRAGMA page_size = 32768")
-    db.execute("PRAGMA journal_mode = WAL")
-    # NORMAL: a commit survives the process being killed; only an OS crash may lose it.
-    db.execute("PRAGMA synchronous = NORMAL")
-    db.executescript(_SCHEMA)
-    return db
 
 
 class DiskStore:
@@ -100,12 +65,12 @@ class DiskStore:
             base = self._cas / function.path_name
             for prefix in range(256):
                 (base / f"{prefix:02x}").mkdir(parents=True, exist_ok=True)
-        self._db = open_small_db(self.root)
+        self._small = SmallBlobs(self.root)
         self._sweep_tmp()
         self._counter = itertools.count()
 
     def close(self) -> None:
-        self._db.close()
+        self._small.close()
 
     # ---------------------------------------------------------------- paths
 
@@ -125,62 +90,8 @@ class DiskStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
 
-    # ------------------------------------------------------------ small tier
-
-    def _small_rows(
-        self, function: DigestFunction, hashes: Sequence[str], columns: str
-    ) -> Iterator[tuple[object, ...]]:
-        for start in range(0, len(hashes), SQL_CHUNK):
-            chunk = hashes[start : start + SQL_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            yield from self._db.execute(
-                f"SELECT {columns} FROM blobs WHERE function = ? AND hash IN ({marks})",
-                (function.value, *chunk),
-            )
-
-    def _small_present(self, digests: list[Digest], now: float) -> set[Digest]:
-        present: set[Digest] = set()
-        for function in {digest.function for digest in digests}:
-            wanted = {d.hash: d for d in digests if d.function is function}
-            stale = []
-            for hash_, size, last_access in self._small_rows(
-                function, list(wanted), "hash, size, last_access"
-            ):
-                digest = wanted[hash_]  # type: ignore[index]
-                if size == digest.size:
-                    present.add(digest)
-                    if last_access < now - TOUCH_AFTER:  # type: ignore[operator]
-                        stale.append(hash_)
-            if stale:
-                self._db.executemany(
-                    "UPDATE blobs SET last_access = ? WHERE function = ? AND hash = ?",
-                    [(now, function.value, hash_) for hash_ in stale],
-                )
-        return present
-
-    def _small_get(self, digests: list[Digest]) -> dict[Digest, bytes]:
-        found = {}
-        for function in {digest.function for digest in digests}:
-            wanted = {d.hash: d for d in digests if d.function is function}
-            for hash_, data in self._small_rows(function, list(wanted), "hash, data"):
-                digest = wanted[hash_]  # type: ignore[index]
-                if len(data) == digest.size:  # type: ignore[arg-type]
-                    found[digest] = data
-        return found  # type: ignore[return-value]
-
-    def _small_put(self, blobs: Sequence[tuple[Digest, bytes]]) -> None:
-        now = time.time()
-        rows = [(d.function.value, d.hash, d.size, now, data) for d, data in blobs]
-        with self._db:  # one transaction: commits, or rolls back on error
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT INTO blobs VALUES (?, ?, ?, ?, ?) "
-                "ON CONFLICT (function, hash) DO UPDATE SET last_access = excluded.last_access",
-                rows,
-            )
-
     async def _save_small(self, digest: Digest, data: bytes) -> None:
-        self._small_put([(digest, data)])
+        self._small.put([(digest, data)])
 
     # ------------------------------------------------------------ large tier
 
@@ -224,7 +135,7 @@ class DiskStore:
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         now = time.time()
         small = [d for d in digests if 0 < d.size <= SMALL_BLOB]
-        present = self._small_present(small, now) if small else set()
+        present = self._small.present(small, now) if small else set()
         missing = []
         for digest in digests:
             if digest.size > SMALL_BLOB:
@@ -235,7 +146,7 @@ class DiskStore:
         return missing
 
     async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        found = self._small_get([d for d in digests if 0 < d.size <= SMALL_BLOB])
+        found = self._small.get([d for d in digests if 0 < d.size <= SMALL_BLOB])
         for digest in digests:
             if digest.is_empty:
                 found[digest] = b""
@@ -280,7 +191,7 @@ class DiskStore:
         good = [blob for blob, error in zip(blobs, errors, strict=True) if error is None]
         small = [(d, data) for d, data in good if 0 < d.size <= SMALL_BLOB]
         if small:
-            self._small_put(small)
+            self._small.put(small)
         for digest, data in good:
             if digest.size > SMALL_BLOB:
                 self._large_put(digest, data)
@@ -293,12 +204,7 @@ class DiskStore:
 
     async def delete(self, digest: Digest) -> bool:
         if digest.size <= SMALL_BLOB:
-            with self._db:
-                cursor = self._db.execute(
-                    "DELETE FROM blobs WHERE function = ? AND hash = ? AND size = ?",
-                    (digest.function.value, digest.hash, digest.size),
-                )
-            return cursor.rowcount > 0
+            return self._small.delete(digest)
         try:
             os.unlink(self._path(digest))
         except FileNotFoundError:
@@ -306,9 +212,8 @@ class DiskStore:
         return True
 
     async def iter_blobs(self) -> AsyncIterator[BlobInfo]:
-        rows = self._db.execute("SELECT function, hash, size, last_access FROM blobs").fetchall()
-        for function, hash_, size, last_access in rows:
-            yield BlobInfo(Digest(DigestFunction(function), hash_, size), last_access)
+        for info in self._small.infos():
+            yield info
         for function in DigestFunction:
             base = self._cas / function.path_name
             for prefix in range(256):

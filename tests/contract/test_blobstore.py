@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cas.disk import SMALL_BLOB, DiskStore
+from cas.disk import DiskStore
 from cas.memory import MemoryStore
+from cas.small_blobs import SMALL_BLOB
 from cas.store import BlobStore, get_blob, put_blob
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import InvalidArgument, NotFound, OutOfRange
@@ -237,3 +238,13 @@ async def test_disk_store_survives_reopening(tmp_path: Path) -> None:
     assert await second.find_missing(digests) == []
     assert await second.get_many(digests) == {digests[0]: small, digests[1]: large}
     second.close()
+
+
+async def test_duplicates_are_stored_once(store: BlobStore) -> None:
+    data = b"the same bytes"
+    digest = SHA256.digest_of(data)
+    assert await store.put_many([(digest, data), (digest, data)]) == [None, None]
+    assert await store.put_many([(digest, data)]) == [None]
+    assert [info.digest async for info in store.iter_blobs()] == [digest]
+    assert await store.delete(digest)
+    assert [info async for info in store.iter_blobs()] == []

@@ -19,7 +19,8 @@ import grpc
 import pytest
 import zstandard
 
-from cas.disk import SMALL_DB, DiskStore
+from cas.disk import DiskStore
+from cas.small_blobs import SMALL_DB
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
@@ -99,9 +100,18 @@ def check_every_file(storage: Path) -> int:
     """Hash every stored blob, reading the files and the SQLite rows directly."""
     count = 0
     db = sqlite3.connect(storage / SMALL_DB)
-    for value, hash_, size, data in db.execute("SELECT function, hash, size, data FROM blobs"):
-        assert DigestFunction(value).digest_of(data) == Digest(DigestFunction(value), hash_, size)
+    rows = db.execute(
+        "SELECT k.function, k.hash, k.size, d.data FROM blob_keys AS k "
+        "JOIN blob_data AS d ON d.id = k.data_id"
+    )
+    for value, key, size, data in rows:
+        function = DigestFunction(value)
+        assert function.digest_of(data) == Digest(function, key.hex(), size)
         count += 1
+    (orphans,) = db.execute(
+        "SELECT COUNT(*) FROM blob_data WHERE id NOT IN (SELECT data_id FROM blob_keys)"
+    ).fetchone()
+    assert orphans == 0
     db.close()
     for function in DigestFunction:
         for path in (storage / "cas" / function.path_name).glob("*/*"):
