@@ -61,6 +61,10 @@ def open_small_db(root: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode = WAL")
     # NORMAL: a commit survives the process being killed; only an OS crash may lose it.
     db.execute("PRAGMA synchronous = NORMAL")
+    # Checkpoint (copy the WAL into the database, and fsync) every 64 MiB of WAL rather
+    # than every 4 MiB: a checkpoint copies only the newest version of each page, and
+    # the key pages are rewritten constantly. Measured 1.5x faster batch uploads.
+    db.execute("PRAGMA wal_autocheckpoint = 16384")
     db.executescript(_SCHEMA)
     return db
 

@@ -7,10 +7,10 @@ never skips.
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.helpers import ServerProcess
 from tests.integration.bazel_helpers import (
     Bazel,
     copy_workspace,
@@ -37,7 +37,9 @@ NOT_EXECUTED = {CACHE_HIT, "internal"}
 
 
 @pytest.mark.bazel
-def test_rebuild_after_clean_is_served_from_remote_cache(reapi_server: Any, tmp_path: Path) -> None:
+def test_rebuild_after_clean_is_served_from_remote_cache(
+    reapi_server: ServerProcess, tmp_path: Path
+) -> None:
     bazel = Bazel(
         executable=require_bazel(),
         workspace=copy_workspace(tmp_path / "workspace"),
