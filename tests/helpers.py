@@ -8,13 +8,25 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+
+import grpc
+import pytest
 
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 _SERVING = re.compile(r"serving on (\S+):(\d+)")
+
+
+async def expect_status(call: Awaitable[object], code: grpc.StatusCode, text: str) -> None:
+    """`call` fails with `code`, and its message contains `text`."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == code, raised.value.details()
+    assert text in (raised.value.details() or ""), raised.value.details()
 
 
 def sha256(data: bytes) -> Digest:

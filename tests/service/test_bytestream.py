@@ -18,6 +18,7 @@ from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.server import Server
 from reapi.services.bytestream import _read_response
+from tests.helpers import expect_status
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 
@@ -149,13 +150,6 @@ async def test_compressed_write_and_read(
     assert await read(channel, f"blobs/{digest.resource_path()}") == data
 
 
-async def expect(call: object, code: grpc.StatusCode, text: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call  # type: ignore[misc]
-    assert raised.value.code() == code, raised.value.details()
-    assert text in (raised.value.details() or ""), raised.value.details()
-
-
 async def expect_read(
     channel: grpc.aio.Channel,
     name: str,
@@ -164,7 +158,7 @@ async def expect_read(
     offset: int = 0,
     limit: int = 0,
 ) -> None:
-    await expect(read(channel, name, offset, limit), code, text)
+    await expect_status(read(channel, name, offset, limit), code, text)
 
 
 HASH = "a" * 64
@@ -243,7 +237,7 @@ async def test_bad_writes_leave_nothing(
 ) -> None:
     digest = SHA256.digest_of(b"the real content")
     name = upload_name(digest)
-    await expect(
+    await expect_status(
         stub(channel).Write(stream(build(digest, name))),  # type: ignore[operator]
         grpc.StatusCode.INVALID_ARGUMENT,
         text,
@@ -257,13 +251,13 @@ async def test_bad_writes_leave_nothing(
 async def test_bad_compressed_write(server: Server, channel: grpc.aio.Channel) -> None:
     data = b"payload" * 100
     digest = SHA256.digest_of(data)
-    await expect(
+    await expect_status(
         stub(channel).Write(stream(requests(upload_name(digest, True), b"not zstd"))),
         grpc.StatusCode.INVALID_ARGUMENT,
         "invalid zstd data",
     )
     wrong = zstandard.compress(b"other" * 140)
-    await expect(
+    await expect_status(
         stub(channel).Write(stream(requests(upload_name(digest, True), wrong))),
         grpc.StatusCode.INVALID_ARGUMENT,
         "hashes to",

@@ -11,6 +11,7 @@ from reapi.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.server import MAX_BATCH_TOTAL_SIZE
+from tests.helpers import expect_status
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 BLAKE3_WIRE = re_pb2.DigestFunction.BLAKE3
@@ -129,13 +130,6 @@ async def test_batch_update_with_zstd(channel: grpc.aio.Channel) -> None:
     assert codes == [code_pb2.OK, code_pb2.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT]
     read = await cas(channel).BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[digest]))
     assert read.responses[0].data == data
-
-
-async def expect_status(call: object, code: grpc.StatusCode, text: str) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call  # type: ignore[misc]
-    assert raised.value.code() == code, raised.value.details()
-    assert text in (raised.value.details() or "")
 
 
 @pytest.mark.parametrize(
