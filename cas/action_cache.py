@@ -112,7 +112,7 @@ class ActionCache:
                 f"action result for {action} references {len(missing)} blob(s) no longer "
                 f"in the CAS, e.g. {missing[0]}"
             )
-        await self._inline(action.function, result, inline_stdout, inline_stderr, inline_files)
+        await self.inline(action.function, result, inline_stdout, inline_stderr, inline_files)
         return result
 
     async def put(self, action: Digest, result: re_pb2.ActionResult) -> re_pb2.ActionResult:
@@ -144,7 +144,7 @@ class ActionCache:
                 digests.extend(Digest.from_proto(function, f.digest) for f in node_dir.files)
         return digests
 
-    async def _inline(
+    async def inline(
         self,
         function: DigestFunction,
         result: re_pb2.ActionResult,
@@ -152,6 +152,8 @@ class ActionCache:
         inline_stderr: bool,
         inline_files: Iterable[str],
     ) -> None:
+        """Fill stdout_raw, stderr_raw and output file contents from the CAS, as
+        asked, while they fit in MAX_INLINE_BYTES together."""
         budget = MAX_INLINE_BYTES
         wanted: list[tuple[re_pb2.Digest, str, re_pb2.OutputFile | None]] = []
         if inline_stdout and result.HasField("stdout_digest"):

@@ -2,6 +2,10 @@
 
     reapi serve [--listen 127.0.0.1:8980] [--storage DIR] [--config FILE]
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
+                [--workers N] [--sandbox bwrap|none]
+    reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
+                 [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
+                 [--tls-ca PEM] [--auth-token-file FILE]
 
 A config file is TOML whose keys are the long option names (`listen = "..."`,
 `tls-cert = "..."`); options given on the command line win over the file.
@@ -13,14 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reapi.security import ConfigError, TlsFiles
-from reapi.server import ServerConfig, default_storage, serve
+from executor.worker import Worker, WorkerConfig
+from reapi.security import ConfigError, TlsFiles, load_tokens
+from reapi.server import ServerConfig, default_storage, reapi_home, serve
 
 SERVE_OPTIONS = (
     "listen",
@@ -30,6 +36,8 @@ SERVE_OPTIONS = (
     "tls-client-ca",
     "auth-tokens",
     "insecure",
+    "workers",
+    "sandbox",
 )
 
 
@@ -57,6 +65,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="allow a non-loopback address without TLS and tokens",
+    )
+    serve_cmd.add_argument(
+        "--workers", type=int, help="local worker processes to start (default: one per core)"
+    )
+    serve_cmd.add_argument(
+        "--sandbox", choices=("bwrap", "none"), help="sandbox of the local workers (default bwrap)"
+    )
+
+    worker_cmd = commands.add_parser("worker", help="run actions for a server")
+    worker_cmd.add_argument("--server", required=True, help="grpc://HOST:PORT or grpcs://...")
+    worker_cmd.add_argument("--slots", type=int, default=1, help="actions run at once")
+    worker_cmd.add_argument(
+        "--property",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="platform property this worker offers (repeatable)",
+    )
+    worker_cmd.add_argument("--sandbox", choices=("bwrap", "none"), default="bwrap")
+    worker_cmd.add_argument("--name", help="name in logs and results (default: host name)")
+    worker_cmd.add_argument(
+        "--workdir", type=Path, help="cache and action trees (default $REAPI_HOME/worker)"
+    )
+    worker_cmd.add_argument("--tls-ca", type=Path, help="CA to trust for a grpcs:// server")
+    worker_cmd.add_argument(
+        "--auth-token-file", type=Path, help="file whose first token is sent as a bearer token"
     )
     return parser
 
@@ -100,7 +134,52 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.listen = str(settings["listen"])
     if settings.get("storage"):
         config.storage = Path(settings["storage"])
+    if settings.get("workers") is not None:
+        config.workers = int(settings["workers"])
+    if settings.get("sandbox"):
+        config.sandbox = str(settings["sandbox"])
     return config
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    properties = []
+    for item in args.property:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--property {item!r}: expected KEY=VALUE")
+        properties.append((key, value))
+    config = WorkerConfig(
+        server=args.server,
+        workdir=args.workdir or reapi_home() / "worker",
+        slots=args.slots,
+        properties=properties,
+        sandbox=args.sandbox,
+    )
+    if args.name:
+        config.name = args.name
+    try:
+        if args.tls_ca:
+            config.tls_ca = args.tls_ca.read_bytes()
+        if args.auth_token_file:
+            config.token = sorted(load_tokens(args.auth_token_file))[0]
+    except OSError as error:
+        raise ConfigError(f"cannot read {error.filename}: {error.strerror}") from None
+    return config
+
+
+async def _work(config: WorkerConfig) -> None:
+    try:
+        worker = Worker(config)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    async with asyncio.TaskGroup() as group:
+        running = group.create_task(worker.run_forever())
+        await stopping.wait()
+        running.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             asyncio.run(serve(server_config(args)))
+        elif args.command == "worker":
+            asyncio.run(_work(worker_config(args)))
     except ConfigError as error:
         print(f"reapi: {error}", file=sys.stderr)
         return 2

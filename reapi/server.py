@@ -7,15 +7,19 @@ import logging
 import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cas.action_cache import ActionCache, DiskActionResultStore
 from cas.disk import DiskStore
+from executor.scheduler import Job, Scheduler
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from reapi.protos import worker_pb2_grpc as worker_grpc
 from reapi.security import (
     BearerTokenInterceptor,
     ConfigError,
@@ -28,6 +32,8 @@ from reapi.services.action_cache import ActionCacheService
 from reapi.services.bytestream import ByteStreamService, add_bytestream_to_server
 from reapi.services.capabilities import CapabilitiesService
 from reapi.services.cas import CasService
+from reapi.services.execution import ExecutionService, OperationsService
+from reapi.services.workers import HEARTBEAT_TIMEOUT, WorkersService
 
 log = logging.getLogger("reapi.server")
 
@@ -54,6 +60,10 @@ class ServerConfig:
     auth_tokens: Path | None = None
     insecure: bool = False
     max_batch_total_size: int = MAX_BATCH_TOTAL_SIZE
+    # Local worker processes `serve` starts, and their sandbox.
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    sandbox: str = "bwrap"
+    heartbeat_timeout: float = HEARTBEAT_TIMEOUT
 
 
 class Server:
@@ -89,8 +99,24 @@ class Server:
         re_grpc.add_ContentAddressableStorageServicer_to_server(
             CasService(store, config.max_batch_total_size), self._grpc
         )
-        re_grpc.add_ActionCacheServicer_to_server(
-            ActionCacheService(ActionCache(results, store)), self._grpc
+        cache = ActionCache(results, store)
+        re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(cache), self._grpc)
+
+        async def store_result(job: Job) -> None:
+            """Cache what ran to completion with exit code 0, unless told not to."""
+            assert job.response is not None
+            if job.cacheable and job.response.result.exit_code == 0:
+                await cache.put(job.action_digest, job.response.result)
+
+        self.scheduler = Scheduler(on_complete=store_result)
+        re_grpc.add_ExecutionServicer_to_server(
+            ExecutionService(store, cache, self.scheduler), self._grpc
+        )
+        operations_pb2_grpc.add_OperationsServicer_to_server(
+            OperationsService(self.scheduler), self._grpc
+        )
+        worker_grpc.add_WorkersServicer_to_server(
+            WorkersService(self.scheduler, config.heartbeat_timeout), self._grpc
         )
         add_bytestream_to_server(self.bytestream, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -148,6 +174,39 @@ async def serve(config: ServerConfig) -> None:
     port = await server.start()
     host, _ = split_address(config.listen)
     log.info("serving on %s:%d, storage %s", host, port, config.storage)
+    workers = [await _start_local_worker(config, port, n) for n in range(config.workers)]
+    if workers:
+        log.info("started %d local worker(s), sandbox %s", len(workers), config.sandbox)
     await stopping.wait()
     log.info("stopping")
+    for worker in workers:
+        if worker.returncode is None:
+            worker.terminate()
+    for worker in workers:
+        await worker.wait()
     await server.stop()
+
+
+async def _start_local_worker(
+    config: ServerConfig, port: int, number: int
+) -> asyncio.subprocess.Process:
+    """`reapi worker` on this machine, reaching the server like any other worker."""
+    scheme = "grpcs" if config.tls else "grpc"
+    host = "localhost" if config.tls else "127.0.0.1"
+    args = [
+        "--server",
+        f"{scheme}://{host}:{port}",
+        "--slots",
+        "1",
+        "--sandbox",
+        config.sandbox,
+        "--name",
+        f"{socket.gethostname()}-local-{number}",
+        "--workdir",
+        str(reapi_home() / "worker"),
+    ]
+    if config.tls:
+        args += ["--tls-ca", str(config.tls.cert)]
+    if config.auth_tokens:
+        args += ["--auth-token-file", str(config.auth_tokens)]
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "reapi", "worker", *args)

@@ -38,15 +38,26 @@ def proto(digest: Digest) -> re_pb2.Digest:
 
 
 class ServerProcess:
-    """`python -m reapi serve` as a child process, listening on a free loopback port."""
+    """`python -m reapi serve` as a child process, listening on a free loopback port,
+    with `workers` local workers (none unless asked: most tests need no execution)."""
 
-    def __init__(self, storage: Path, *extra: str, home: Path | None = None) -> None:
+    def __init__(
+        self, storage: Path, *extra: str, workers: int = 0, home: Path | None = None
+    ) -> None:
         self.storage = storage
         self.log_path = storage.parent / f"{storage.name}-server.log"
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = dict(os.environ, REAPI_HOME=str(home or storage.parent / "home"))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        args = ["--listen", "127.0.0.1:0", "--storage", str(storage), *extra]
+        args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--storage",
+            str(storage),
+            "--workers",
+            str(workers),
+            *extra,
+        ]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reapi", "serve", *args],
             cwd=REPO,

@@ -24,6 +24,7 @@ PROTOS = [
     "reapi/protos/semver.proto",
     "reapi/protos/bytestream.proto",
     "reapi/protos/remote_execution.proto",
+    "reapi/protos/worker.proto",
 ]
 
 

@@ -49,8 +49,11 @@ async def test_capabilities_are_honest(channel: grpc.aio.Channel) -> None:
     assert list(cache.supported_compressors) == [re_pb2.Compressor.ZSTD]
     assert (caps.low_api_version.major, caps.low_api_version.minor) == (2, 0)
     assert (caps.high_api_version.major, caps.high_api_version.minor) == (2, 3)
-    # This server does not execute (yet): it must not claim to.
-    assert not caps.HasField("execution_capabilities")
+    assert cache.symlink_absolute_path_strategy == re_pb2.SymlinkAbsolutePathStrategy.DISALLOWED
+    execution = caps.execution_capabilities
+    assert execution.exec_enabled
+    assert execution.digest_function == re_pb2.DigestFunction.SHA256
+    assert list(execution.digest_functions) == [re_pb2.DigestFunction.SHA256, BLAKE3_WIRE]
 
 
 async def test_find_missing_then_upload_then_read(channel: grpc.aio.Channel) -> None:

@@ -1,0 +1,210 @@
+"""RemoteStore: a BlobStore whose blobs live in a CAS reached over gRPC.
+
+Used by workers (and later the shim) to talk to the server's CAS. Small blobs
+travel in batches under the server's batch limit, large ones over ByteStream.
+Errors from the server come back as the matching ReapiError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from cas.store import READ_CHUNK, BlobInfo, BufferedWriter, verified
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import (
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ReapiError,
+    ResourceExhausted,
+    Unavailable,
+)
+from reapi.protos import bytestream_pb2 as bs_pb2
+from reapi.protos import bytestream_pb2_grpc as bs_grpc
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
+
+# Stay under the server's 4 MiB batch limit with room for the framing.
+BATCH_BYTES = 3 * 1024 * 1024
+FIND_MISSING_CHUNK = 10_000
+
+_ERRORS: dict[grpc.StatusCode, type[ReapiError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+}
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def as_reapi_error(error: grpc.aio.AioRpcError) -> ReapiError:
+    kind = _ERRORS.get(error.code(), Internal)
+    return kind(f"remote CAS: {error.code().name}: {error.details()}")
+
+
+class RemoteStore:
+    """The CAS at the other end of `channel`, for digests of any supported function."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        instance_name: str = "",
+    ) -> None:
+        """`metadata` goes with every call (e.g. an authorization header)."""
+        self._metadata = metadata
+        self._cas: Any = re_grpc.ContentAddressableStorageStub(channel)  # type: ignore[no-untyped-call]
+        self._bytestream: Any = bs_grpc.ByteStreamStub(channel)  # type: ignore[no-untyped-call]
+        self._instance = instance_name
+
+    def _resource(self, digest: Digest) -> str:
+        prefix = f"{self._instance}/" if self._instance else ""
+        return f"{prefix}blobs/{digest.resource_path()}"
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        missing: list[Digest] = []
+        for function, group in _by_function(digests).items():
+            for start in range(0, len(group), FIND_MISSING_CHUNK):
+                chunk = group[start : start + FIND_MISSING_CHUNK]
+                request = re_pb2.FindMissingBlobsRequest(
+                    instance_name=self._instance,
+                    blob_digests=[d.to_proto() for d in chunk],
+                    digest_function=function.value,
+                )
+                try:
+                    response = await self._cas.FindMissingBlobs(request, metadata=self._metadata)
+                except grpc.aio.AioRpcError as error:
+                    raise as_reapi_error(error) from None
+                absent = {(d.hash, d.size_bytes) for d in response.missing_blob_digests}
+                missing.extend(d for d in chunk if (d.hash, d.size) in absent)
+        return missing
+
+    async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        found: dict[Digest, bytes] = {d: b"" for d in digests if d.is_empty}
+        small = [d for d in set(digests) if d.size <= BATCH_BYTES]
+        for function, group in _by_function(small).items():
+            for batch in _batches(group):
+                request = re_pb2.BatchReadBlobsRequest(
+                    instance_name=self._instance,
+                    digests=[d.to_proto() for d in batch],
+                    digest_function=function.value,
+                )
+                try:
+                    response = await self._cas.BatchReadBlobs(request, metadata=self._metadata)
+                except grpc.aio.AioRpcError as error:
+                    raise as_reapi_error(error) from None
+                by_key = {(d.hash, d.size): d for d in batch}
+                for item in response.responses:
+                    digest = by_key.get((item.digest.hash, item.digest.size_bytes))
+                    if digest is not None and item.status.code == 0:
+                        found[digest] = item.data
+        for digest in {d for d in digests if d.size > BATCH_BYTES}:
+            with contextlib.suppress(NotFound):
+                found[digest] = b"".join([chunk async for chunk in self.read(digest)])
+        return found
+
+    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        request = bs_pb2.ReadRequest(
+            resource_name=self._resource(digest), read_offset=offset, read_limit=limit
+        )
+        try:
+            async for response in self._bytestream.Read(request, metadata=self._metadata):
+                yield response.data
+        except grpc.aio.AioRpcError as error:
+            raise as_reapi_error(error) from None
+
+    async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+        errors = verified(blobs)
+        good = [blob for blob, error in zip(blobs, errors, strict=True) if error is None]
+        small = [(d, data) for d, data in good if d.size <= BATCH_BYTES]
+        for function in {d.function for d, _ in small}:
+            group = [(d, data) for d, data in small if d.function is function]
+            for batch in _batches([d for d, _ in group]):
+                wanted = set(batch)
+                request = re_pb2.BatchUpdateBlobsRequest(
+                    instance_name=self._instance,
+                    requests=[
+                        re_pb2.BatchUpdateBlobsRequest.Request(digest=d.to_proto(), data=data)
+                        for d, data in group
+                        if d in wanted
+                    ],
+                    digest_function=function.value,
+                )
+                try:
+                    response = await self._cas.BatchUpdateBlobs(request, metadata=self._metadata)
+                except grpc.aio.AioRpcError as error:
+                    raise as_reapi_error(error) from None
+                failed = [r for r in response.responses if r.status.code != 0]
+                if failed:
+                    raise Internal(f"remote CAS refused a blob: {failed[0].status.message}")
+        for digest, data in good:
+            if digest.size > BATCH_BYTES:
+                await self._write(digest, data)
+        return errors
+
+    async def _write(self, digest: Digest, data: bytes) -> None:
+        prefix = f"{self._instance}/" if self._instance else ""
+        name = f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.resource_path()}"
+
+        async def requests() -> AsyncIterator[bs_pb2.WriteRequest]:
+            for start in range(0, max(len(data), 1), READ_CHUNK):
+                end = start + READ_CHUNK
+                yield bs_pb2.WriteRequest(
+                    resource_name=name if start == 0 else "",
+                    write_offset=start,
+                    data=data[start:end],
+                    finish_write=end >= len(data),
+                )
+
+        try:
+            await self._bytestream.Write(requests(), metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise as_reapi_error(error) from None
+
+    def begin_write(self, digest: Digest) -> BufferedWriter:
+        return BufferedWriter(digest, self._save)
+
+    async def _save(self, digest: Digest, data: bytes) -> None:
+        (error,) = await self.put_many([(digest, data)])
+        if error is not None:
+            raise error
+
+    async def delete(self, digest: Digest) -> bool:
+        raise FailedPrecondition("a remote CAS cannot delete blobs")
+
+    async def iter_blobs(self) -> AsyncIterator[BlobInfo]:
+        raise FailedPrecondition("a remote CAS cannot list its blobs")
+        yield  # pragma: no cover - makes this an async generator
+
+
+def _by_function(digests: Sequence[Digest]) -> dict[DigestFunction, list[Digest]]:
+    groups: dict[DigestFunction, list[Digest]] = {}
+    for digest in digests:
+        if not digest.is_empty:
+            groups.setdefault(digest.function, []).append(digest)
+    return groups
+
+
+def _batches(digests: Sequence[Digest]) -> list[list[Digest]]:
+    """Groups of digests whose sizes add up to at most BATCH_BYTES each."""
+    batches: list[list[Digest]] = []
+    current: list[Digest] = []
+    total = 0
+    for digest in digests:
+        if current and total + digest.size > BATCH_BYTES:
+            batches.append(current)
+            current, total = [], 0
+        current.append(digest)
+        total += digest.size
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,82 @@
+"""The worker-local cache of input files, which action trees hard-link to.
+
+Files live at CACHE/{function}/{hash[:2]}/{hash}-{r|x} (x: executable), each
+verified against its digest when fetched, then made read-only. When the worker
+runs as root they are also owned by `nobody`: actions run in a user namespace
+mapped to that root without its capabilities, so they can neither write nor
+chmod a cached file through their hard link. (Unlinking their own link is fine.)
+Only blobs the cache lacks are fetched from the server's CAS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from cas.store import BlobStore, verify
+from reapi.digests import Digest
+from reapi.errors import NotFound
+
+NOBODY = 65534
+# Fetch at most this many bytes from the CAS in one round.
+FETCH_BYTES = 64 * 1024 * 1024
+
+
+class LocalCache:
+    def __init__(self, root: Path, remote: BlobStore) -> None:
+        self.root = Path(root)
+        self._remote = remote
+        self._tmp = self.root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._protect = os.geteuid() == 0
+        self._counter = itertools.count()
+
+    def path(self, digest: Digest, executable: bool) -> Path:
+        kind = "x" if executable else "r"
+        return self.root / digest.function.path_name / digest.hash[:2] / f"{digest.hash}-{kind}"
+
+    async def ensure(self, files: Iterable[tuple[Digest, bool]]) -> None:
+        """Make every (digest, executable) file present; raises NotFound when
+        the CAS lacks one."""
+        wanted = {f for f in set(files) if not self.path(*f).exists()}
+        if not wanted:
+            return
+        digests = sorted({digest for digest, _ in wanted})
+        batch: list[Digest] = []
+        size = 0
+        for digest in digests:
+            batch.append(digest)
+            size += digest.size
+            if size >= FETCH_BYTES:
+                await self._fetch(batch, wanted)
+                batch, size = [], 0
+        if batch:
+            await self._fetch(batch, wanted)
+
+    async def _fetch(self, digests: list[Digest], wanted: set[tuple[Digest, bool]]) -> None:
+        found = await self._remote.get_many(digests)
+        for digest in digests:
+            if digest not in found:
+                raise NotFound(f"input blob {digest} is missing from the CAS")
+            data = found[digest]
+            verify(digest, data)
+            for executable in (False, True):
+                if (digest, executable) in wanted:
+                    self._store(digest, executable, data)
+
+    def _store(self, digest: Digest, executable: bool, data: bytes) -> None:
+        final = self.path(digest, executable)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp / f"{os.getpid()}-{next(self._counter)}"
+        try:
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o555 if executable else 0o444)
+            if self._protect:
+                os.chown(tmp, NOBODY, NOBODY)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

@@ -1,0 +1,167 @@
+"""Running one leased action on a worker: inputs, sandbox, outputs, metadata."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+
+from cas.store import BlobStore
+from executor.local_cache import LocalCache
+from executor.outputs import OutputCollector
+from executor.sandbox import Sandbox
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import worker_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 900.0
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _check_name(name: str) -> str:
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidArgument(f"input tree entry name {name!r} is not a single path component")
+    return name
+
+
+async def fetch_tree(store: BlobStore, root: Digest) -> dict[Digest, re_pb2.Directory]:
+    """Every Directory of the input tree; raises FailedPrecondition if one is missing."""
+    tree: dict[Digest, re_pb2.Directory] = {}
+    level = [root]
+    while level:
+        found = await store.get_many(level)
+        next_level: list[Digest] = []
+        for digest in level:
+            if digest not in found:
+                raise FailedPrecondition(f"input directory {digest} is missing from the CAS")
+            try:
+                directory = re_pb2.Directory.FromString(found[digest])
+            except DecodeError:
+                raise InvalidArgument(f"input directory {digest} is not a Directory") from None
+            tree[digest] = directory
+            for child in directory.directories:
+                child_digest = Digest.from_proto(root.function, child.digest)
+                if child_digest not in tree and child_digest not in next_level:
+                    next_level.append(child_digest)
+        level = next_level
+    return tree
+
+
+def _input_files(
+    tree: dict[Digest, re_pb2.Directory], function: DigestFunction
+) -> set[tuple[Digest, bool]]:
+    return {
+        (Digest.from_proto(function, node.digest), node.is_executable)
+        for directory in tree.values()
+        for node in directory.files
+    }
+
+
+def _materialize(
+    tree: dict[Digest, re_pb2.Directory], digest: Digest, path: Path, cache: LocalCache
+) -> None:
+    """Lay out the input tree under `path`: files as hard links into the cache."""
+    path.mkdir(exist_ok=True)
+    directory = tree[digest]
+    for node in directory.files:
+        file_digest = Digest.from_proto(digest.function, node.digest)
+        os.link(cache.path(file_digest, node.is_executable), path / _check_name(node.name))
+    for link in directory.symlinks:
+        if os.path.isabs(link.target):
+            raise InvalidArgument(f"input symlink {link.name} -> {link.target} is absolute")
+        os.symlink(link.target, path / _check_name(link.name))
+    for child in directory.directories:
+        child_digest = Digest.from_proto(digest.function, child.digest)
+        _materialize(tree, child_digest, path / _check_name(child.name), cache)
+
+
+class ActionRunner:
+    def __init__(
+        self, store: BlobStore, cache: LocalCache, sandbox: Sandbox, workdir: Path, worker_name: str
+    ) -> None:
+        self._store = store
+        self._cache = cache
+        self._sandbox = sandbox
+        self._workdir = Path(workdir)
+        self._name = worker_name
+
+    async def run(self, assign: worker_pb2.Assign) -> re_pb2.ExecuteResponse:
+        metadata = re_pb2.ExecutedActionMetadata(worker=self._name, worker_start_timestamp=_now())
+        result = re_pb2.ActionResult(execution_metadata=metadata)
+        status = status_pb2.Status(code=code_pb2.OK)
+        place = self._workdir / f"action-{uuid.uuid4().hex}"
+        try:
+            status = await self._run(assign, place, result)
+        except ReapiError as error:
+            status = status_pb2.Status(code=error.code, message=error.message)
+        except OSError as error:
+            status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"worker: {error}")
+        finally:
+            shutil.rmtree(place, ignore_errors=True)
+        metadata.worker_completed_timestamp.CopyFrom(_now())
+        return re_pb2.ExecuteResponse(result=result, status=status)
+
+    async def _run(
+        self, assign: worker_pb2.Assign, place: Path, result: re_pb2.ActionResult
+    ) -> status_pb2.Status:
+        function = DigestFunction.from_wire(assign.digest_function)
+        action, command = assign.action, assign.command
+        metadata = result.execution_metadata
+        root = place / "root"
+        place.mkdir(parents=True)
+
+        metadata.input_fetch_start_timestamp.CopyFrom(_now())
+        root_digest = Digest.from_proto(function, action.input_root_digest)
+        tree = await fetch_tree(self._store, root_digest)
+        try:
+            await self._cache.ensure(_input_files(tree, function))
+        except NotFound as missing:
+            raise FailedPrecondition(missing.message) from None
+        _materialize(tree, root_digest, root, self._cache)
+        workdir = command.working_directory
+        (root / workdir).mkdir(parents=True, exist_ok=True)
+        outputs = [*command.output_paths] or [*command.output_files, *command.output_directories]
+        for output in outputs:
+            (root / workdir / output).parent.mkdir(parents=True, exist_ok=True)
+        metadata.input_fetch_completed_timestamp.CopyFrom(_now())
+
+        timeout = DEFAULT_TIMEOUT
+        if action.HasField("timeout"):
+            timeout = action.timeout.ToTimedelta().total_seconds()
+        environment = {v.name: v.value for v in command.environment_variables}
+        stdout, stderr = place / "stdout", place / "stderr"
+        metadata.execution_start_timestamp.CopyFrom(_now())
+        outcome = await self._sandbox.run(
+            root, workdir, list(command.arguments), environment, stdout, stderr, timeout
+        )
+        metadata.execution_completed_timestamp.CopyFrom(_now())
+
+        metadata.output_upload_start_timestamp.CopyFrom(_now())
+        collector = OutputCollector(root, workdir, function)
+        result.exit_code = outcome.exit_code
+        result.stdout_digest.CopyFrom(collector.add_blob(stdout.read_bytes()).to_proto())
+        result.stderr_digest.CopyFrom(collector.add_blob(stderr.read_bytes()).to_proto())
+        if not outcome.timed_out:
+            collector.collect(command, result)
+        await collector.upload(self._store)
+        metadata.output_upload_completed_timestamp.CopyFrom(_now())
+        if outcome.timed_out:
+            return status_pb2.Status(
+                code=code_pb2.DEADLINE_EXCEEDED,
+                message=f"the action ran longer than its timeout of {timeout:g}s and was killed",
+            )
+        return status_pb2.Status(code=code_pb2.OK)

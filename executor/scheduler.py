@@ -1,0 +1,275 @@
+"""The scheduler: a priority queue of jobs, the operations clients watch, and
+the leases that hand jobs to workers.
+
+One Job is one execution of an action. Identical cacheable actions submitted
+while one is queued or running share its Job (and its operation name), so N
+clients cause one run and all N see it complete. A job goes QUEUED ->
+EXECUTING -> COMPLETED; it may go back to QUEUED when its worker is lost, a
+bounded number of times.
+
+Workers are matched by platform properties: an action runs only on a worker
+that advertised every property the action requires, with the same value.
+
+No I/O here and no grpc: the Execution and Workers services drive it, and the
+unit tests drive it with fake workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from google.rpc import code_pb2, status_pb2
+
+from reapi.digests import Digest
+from reapi.errors import FailedPrecondition, NotFound
+from reapi.protos import remote_execution_pb2 as re_pb2
+
+log = logging.getLogger(__name__)
+
+QUEUED = re_pb2.ExecutionStage.QUEUED
+EXECUTING = re_pb2.ExecutionStage.EXECUTING
+COMPLETED = re_pb2.ExecutionStage.COMPLETED
+
+# A job whose worker is lost this many times completes with an error.
+MAX_ATTEMPTS = 3
+# Completed jobs stay visible to GetOperation/WaitExecution this long (seconds).
+KEEP_COMPLETED = 600.0
+
+Properties = frozenset[tuple[str, str]]
+
+
+@dataclass(eq=False)
+class Job:
+    """One execution of an action, shared by every client that asked for it."""
+
+    name: str
+    action_digest: Digest
+    action: re_pb2.Action
+    command: re_pb2.Command
+    instance_name: str
+    requirements: Properties
+    priority: int
+    cacheable: bool
+    stage: int = QUEUED
+    response: re_pb2.ExecuteResponse | None = None
+    attempts: int = 0
+    queued_at: float = field(default_factory=time.time)
+    completed_at: float = 0.0
+    worker: str = ""
+    lease_id: str = ""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.stage == COMPLETED
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """A connected worker, as the scheduler sees it."""
+
+    name: str
+    properties: Properties
+    slots: int
+    leases: dict[str, Job] = field(default_factory=dict)
+    # Cancellations for the worker's Work stream to send.
+    cancels: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+
+    def matches(self, job: Job) -> bool:
+        return job.requirements <= self.properties
+
+
+OnComplete = Callable[[Job], Awaitable[None]]
+
+
+class Scheduler:
+    def __init__(self, on_complete: OnComplete | None = None) -> None:
+        """`on_complete` runs once for each job that finishes with a result
+        (e.g. to store it in the action cache), before watchers are told."""
+        self._on_complete = on_complete
+        self._jobs: dict[str, Job] = {}
+        self._in_flight: dict[tuple[Digest, str], Job] = {}
+        self._queue: list[tuple[int, int, Job]] = []
+        self._sequence = itertools.count()
+        self._workers: set[WorkerHandle] = set()
+        self._work_available = asyncio.Condition()
+
+    # ------------------------------------------------------------ clients
+
+    def check_placeable(self, requirements: Properties) -> None:
+        """Raise FailedPrecondition if no connected worker could ever run an
+        action with these requirements. With no worker connected at all (the
+        server just started), anything may still come."""
+        if not self._workers or any(requirements <= w.properties for w in self._workers):
+            return
+        known = sorted({name for w in self._workers for name, _ in w.properties})
+        wanted = ", ".join(f"{k}={v}" for k, v in sorted(requirements))
+        raise FailedPrecondition(
+            f"no worker matches platform properties {{{wanted}}}; workers offer the "
+            f"property names {known or '(none)'}"
+        )
+
+    async def submit(
+        self,
+        action_digest: Digest,
+        action: re_pb2.Action,
+        command: re_pb2.Command,
+        instance_name: str,
+        requirements: Properties,
+        priority: int = 0,
+    ) -> Job:
+        """The job that will run the action: an identical one already queued
+        or running, unless the action may not be cached (then always new)."""
+        self.check_placeable(requirements)
+        cacheable = not action.do_not_cache
+        key = (action_digest, instance_name)
+        if cacheable and (existing := self._in_flight.get(key)) is not None:
+            return existing
+        self._forget_old()
+        job = Job(
+            name=f"operations/{uuid.uuid4()}",
+            action_digest=action_digest,
+            action=action,
+            command=command,
+            instance_name=instance_name,
+            requirements=requirements,
+            priority=priority,
+            cacheable=cacheable,
+        )
+        self._jobs[job.name] = job
+        if cacheable:
+            self._in_flight[key] = job
+        await self._enqueue(job)
+        return job
+
+    def job(self, name: str) -> Job:
+        job = self._jobs.get(name)
+        if job is None:
+            raise NotFound(f"operation {name!r} not found; it may have expired")
+        return job
+
+    def jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    async def watch(self, job: Job) -> AsyncIterator[Job]:
+        """Yield `job` now and after each change, until it is done."""
+        while True:
+            changed = job.changed
+            yield job
+            if job.done:
+                return
+            await changed.wait()
+
+    async def cancel(self, name: str) -> None:
+        job = self.job(name)
+        if job.done:
+            return
+        for worker in self._workers:
+            if job.lease_id in worker.leases:
+                del worker.leases[job.lease_id]
+                worker.cancels.put_nowait(job.lease_id)
+        await self._complete(job, _error_response(code_pb2.CANCELLED, "cancelled by a client"))
+
+    # ------------------------------------------------------------ workers
+
+    async def connect(self, name: str, properties: Properties, slots: int) -> WorkerHandle:
+        worker = WorkerHandle(name, properties, max(1, slots))
+        self._workers.add(worker)
+        async with self._work_available:
+            self._work_available.notify_all()
+        log.info("worker %s connected (%d slots, %s)", name, worker.slots, sorted(properties))
+        return worker
+
+    async def next_job(self, worker: WorkerHandle) -> Job:
+        """Wait for a free slot and a queued job this worker matches; lease it."""
+        async with self._work_available:
+            while True:
+                if len(worker.leases) < worker.slots:
+                    job = self._take(worker)
+                    if job is not None:
+                        break
+                await self._work_available.wait()
+        job.attempts += 1
+        job.lease_id = str(uuid.uuid4())
+        job.worker = worker.name
+        worker.leases[job.lease_id] = job
+        self._set_stage(job, EXECUTING)
+        return job
+
+    async def finish(
+        self, worker: WorkerHandle, lease_id: str, response: re_pb2.ExecuteResponse
+    ) -> None:
+        job = worker.leases.pop(lease_id, None)
+        async with self._work_available:
+            self._work_available.notify_all()  # a slot is free
+        if job is None or job.done:
+            return  # cancelled or re-queued meanwhile
+        await self._complete(job, response)
+
+    async def disconnect(self, worker: WorkerHandle, reason: str) -> None:
+        """The worker is gone: put its unfinished jobs back in the queue."""
+        self._workers.discard(worker)
+        leases, worker.leases = list(worker.leases.values()), {}
+        log.warning("worker %s lost (%s); %d job(s) to re-run", worker.name, reason, len(leases))
+        for job in leases:
+            if job.done:
+                continue
+            if job.attempts >= MAX_ATTEMPTS:
+                message = f"worker lost {job.attempts} times while running this action ({reason})"
+                await self._complete(job, _error_response(code_pb2.UNAVAILABLE, message))
+            else:
+                job.lease_id = job.worker = ""
+                await self._enqueue(job)
+        async with self._work_available:
+            self._work_available.notify_all()
+
+    # ------------------------------------------------------------ inside
+
+    async def _enqueue(self, job: Job) -> None:
+        heapq.heappush(self._queue, (job.priority, next(self._sequence), job))
+        self._set_stage(job, QUEUED)
+        async with self._work_available:
+            self._work_available.notify_all()
+
+    def _take(self, worker: WorkerHandle) -> Job | None:
+        """The most urgent queued job the worker matches, removed from the queue."""
+        for entry in sorted(self._queue):  # (priority, arrival, job): lowest first
+            if worker.matches(entry[2]):
+                self._queue.remove(entry)
+                heapq.heapify(self._queue)
+                return entry[2]
+        return None
+
+    async def _complete(self, job: Job, response: re_pb2.ExecuteResponse) -> None:
+        self._in_flight.pop((job.action_digest, job.instance_name), None)
+        self._queue = [entry for entry in self._queue if entry[2] is not job]
+        heapq.heapify(self._queue)
+        job.response = response
+        job.completed_at = time.time()
+        if self._on_complete is not None and response.status.code == code_pb2.OK:
+            try:
+                await self._on_complete(job)
+            except Exception:
+                log.exception("storing the result of %s failed", job.action_digest)
+        self._set_stage(job, COMPLETED)
+
+    def _set_stage(self, job: Job, stage: int) -> None:
+        job.stage = stage
+        changed, job.changed = job.changed, asyncio.Event()
+        changed.set()
+
+    def _forget_old(self) -> None:
+        horizon = time.time() - KEEP_COMPLETED
+        for name in [n for n, j in self._jobs.items() if j.done and j.completed_at < horizon]:
+            del self._jobs[name]
+
+
+def _error_response(code: int, message: str) -> re_pb2.ExecuteResponse:
+    return re_pb2.ExecuteResponse(status=status_pb2.Status(code=code, message=message))

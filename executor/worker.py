@@ -1,0 +1,140 @@
+"""A worker process: takes leases from the server and runs them.
+
+`reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]`
+keeps one Work stream open to the server (reapi/protos/worker.proto), sends a
+heartbeat every HEARTBEAT_INTERVAL seconds, runs up to `slots` actions at once,
+and reconnects with backoff when the connection drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cas.remote import RemoteStore
+from executor.local_cache import LocalCache
+from executor.runner import ActionRunner
+from executor.sandbox import Sandbox
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import worker_pb2
+from reapi.protos import worker_pb2_grpc as worker_grpc
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 5.0
+MAX_BACKOFF = 10.0
+
+
+@dataclass
+class WorkerConfig:
+    server: str  # grpc://HOST:PORT or grpcs://HOST:PORT
+    workdir: Path
+    name: str = field(default_factory=socket.gethostname)
+    slots: int = 1
+    properties: Sequence[tuple[str, str]] = ()
+    sandbox: str = "bwrap"
+    tls_ca: bytes | None = None
+    token: str | None = None
+
+
+def channel_for(target: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
+    """A channel to `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS)."""
+    scheme, _, address = target.partition("://")
+    if not address or scheme not in ("grpc", "grpcs"):
+        raise ValueError(
+            f"server address {target!r}: expected grpc://HOST:PORT or grpcs://HOST:PORT"
+        )
+    if scheme == "grpcs":
+        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca))
+    return grpc.aio.insecure_channel(address)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._sandbox = Sandbox(config.sandbox)
+
+    async def run_forever(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await self._session()
+                backoff = 0.5
+            except (grpc.aio.AioRpcError, ConnectionError) as error:
+                log.warning("connection to %s lost: %s", self.config.server, error)
+            await asyncio.sleep(backoff)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+
+    async def _session(self) -> None:
+        config = self.config
+        metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
+        async with channel_for(config.server, config.tls_ca) as channel:
+            store = RemoteStore(channel, metadata)
+            cache = LocalCache(config.workdir / "cache", store)
+            runner = ActionRunner(
+                store, cache, self._sandbox, config.workdir / "actions", config.name
+            )
+            outgoing: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
+            hello = worker_pb2.Hello(
+                name=config.name,
+                slots=config.slots,
+                properties=[
+                    re_pb2.Platform.Property(name=k, value=v) for k, v in sorted(config.properties)
+                ],
+            )
+            outgoing.put_nowait(worker_pb2.WorkerMessage(hello=hello))
+
+            async def requests() -> AsyncIterator[worker_pb2.WorkerMessage]:
+                while True:
+                    yield await outgoing.get()
+
+            stub: Any = worker_grpc.WorkersStub(channel)  # type: ignore[no-untyped-call]
+            call = stub.Work(requests(), metadata=metadata)
+            running: dict[str, asyncio.Task[None]] = {}
+            async with asyncio.TaskGroup() as group:
+                heartbeat = group.create_task(self._heartbeat(outgoing))
+                log.info("worker %s connected to %s", config.name, config.server)
+                async for message in call:
+                    if message.WhichOneof("kind") == "assign":
+                        lease = message.assign.lease_id
+                        running[lease] = group.create_task(
+                            self._run(runner, message.assign, outgoing, running)
+                        )
+                    elif message.WhichOneof("kind") == "cancel":
+                        task = running.pop(message.cancel.lease_id, None)
+                        if task is not None:
+                            task.cancel()
+                heartbeat.cancel()
+                for task in running.values():
+                    task.cancel()
+            raise ConnectionError("the server closed the Work stream")
+
+    async def _heartbeat(self, outgoing: asyncio.Queue[worker_pb2.WorkerMessage]) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+            outgoing.put_nowait(worker_pb2.WorkerMessage(heartbeat=worker_pb2.Heartbeat()))
+
+    async def _run(
+        self,
+        runner: ActionRunner,
+        assign: worker_pb2.Assign,
+        outgoing: asyncio.Queue[worker_pb2.WorkerMessage],
+        running: dict[str, asyncio.Task[None]],
+    ) -> None:
+        log.info("running %s/%d", assign.action_digest.hash, assign.action_digest.size_bytes)
+        try:
+            response = await runner.run(assign)
+        except asyncio.CancelledError:
+            log.info("lease %s cancelled", assign.lease_id)
+            return
+        finally:
+            running.pop(assign.lease_id, None)
+        finished = worker_pb2.Finished(lease_id=assign.lease_id, response=response)
+        outgoing.put_nowait(worker_pb2.WorkerMessage(finished=finished))

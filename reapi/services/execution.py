@@ -1,0 +1,248 @@
+"""Execution (Execute, WaitExecution) and google.longrunning.Operations.
+
+Execute checks everything it can before an operation exists, and answers a
+gRPC status for what is wrong: an unknown digest function or a malformed
+action is INVALID_ARGUMENT; missing inputs are FAILED_PRECONDITION with a
+PreconditionFailure naming every missing blob. After that, everything that
+happens is reported in the operation's ExecuteResponse.status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
+
+from cas.action_cache import ActionCache
+from cas.store import BlobStore
+from executor.scheduler import COMPLETED, Job, Properties, Scheduler
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import FailedPrecondition, InvalidArgument, NotFound
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from reapi.services.status import grpc_errors
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# Action.timeout: the default when absent, and the most a client may ask (seconds).
+DEFAULT_TIMEOUT = 900.0
+MAX_TIMEOUT = 3600.0
+
+
+class ExecutionService(re_grpc.ExecutionServicer):
+    def __init__(self, store: BlobStore, cache: ActionCache, scheduler: Scheduler) -> None:
+        self._store = store
+        self._cache = cache
+        self._scheduler = scheduler
+
+    @grpc_errors
+    async def Execute(
+        self, request: re_pb2.ExecuteRequest, context: Context
+    ) -> AsyncIterator[operations_pb2.Operation]:
+        function = DigestFunction.from_wire(request.digest_function)
+        action_digest = Digest.from_proto(function, request.action_digest)
+        action, command = await self._load(action_digest)
+        if not request.skip_cache_lookup and not action.do_not_cache:
+            try:
+                cached = await self._cache.get(
+                    action_digest,
+                    inline_stdout=request.inline_stdout,
+                    inline_stderr=request.inline_stderr,
+                    inline_files=request.inline_output_files,
+                )
+            except NotFound:
+                pass
+            else:
+                response = re_pb2.ExecuteResponse(result=cached, cached_result=True)
+                yield _operation(
+                    f"operations/cached-{action_digest.hash}", action_digest, COMPLETED, response
+                )
+                return
+        job = await self._scheduler.submit(
+            action_digest,
+            action,
+            command,
+            request.instance_name,
+            platform_requirements(action, command),
+            request.execution_policy.priority,
+        )
+        async for snapshot in self._scheduler.watch(job):
+            yield await self._job_operation(snapshot, request)
+
+    @grpc_errors
+    async def WaitExecution(
+        self, request: re_pb2.WaitExecutionRequest, context: Context
+    ) -> AsyncIterator[operations_pb2.Operation]:
+        job = self._scheduler.job(request.name)
+        async for snapshot in self._scheduler.watch(job):
+            yield await self._job_operation(snapshot, None)
+
+    async def _job_operation(
+        self, job: Job, request: re_pb2.ExecuteRequest | None
+    ) -> operations_pb2.Operation:
+        response = job.response
+        wants_inline = request is not None and (
+            request.inline_stdout or request.inline_stderr or request.inline_output_files
+        )
+        if job.response is not None and wants_inline and job.response.HasField("result"):
+            assert request is not None
+            response = re_pb2.ExecuteResponse()
+            response.CopyFrom(job.response)
+            await self._cache.inline(
+                job.action_digest.function,
+                response.result,
+                request.inline_stdout,
+                request.inline_stderr,
+                request.inline_output_files,
+            )
+        return _operation(job.name, job.action_digest, job.stage, response)
+
+    async def _load(self, action_digest: Digest) -> tuple[re_pb2.Action, re_pb2.Command]:
+        """The Action and Command, checked; raises FailedPrecondition listing
+        every missing blob (action, command, directories, files)."""
+        found = await self._store.get_many([action_digest])
+        if action_digest not in found:
+            raise _missing([action_digest])
+        action = _parse(re_pb2.Action, found[action_digest], "Action")
+        function = action_digest.function
+        command_digest = Digest.from_proto(function, action.command_digest)
+        root_digest = Digest.from_proto(function, action.input_root_digest)
+        if action.HasField("timeout"):
+            timeout = action.timeout.ToTimedelta().total_seconds()
+            if timeout > MAX_TIMEOUT or timeout < 0:
+                raise InvalidArgument(
+                    f"Action.timeout {timeout:g}s is outside what this server allows "
+                    f"(0 to {MAX_TIMEOUT:g}s)"
+                )
+        missing = await missing_inputs(self._store, command_digest, root_digest)
+        if missing:
+            raise _missing(missing)
+        command_blob = await self._store.get_many([command_digest])
+        command = _parse(re_pb2.Command, command_blob[command_digest], "Command")
+        if not command.arguments:
+            raise InvalidArgument("Command.arguments is empty")
+        return action, command
+
+
+async def missing_inputs(store: BlobStore, command: Digest, root: Digest) -> list[Digest]:
+    """Every blob an action needs that the CAS lacks: the command, and the
+    input tree's directories and files (breadth first, each once)."""
+    missing: list[Digest] = []
+    files: set[Digest] = {command}
+    seen = {root}
+    level = [root]
+    while level:
+        found = await store.get_many(level)
+        next_level = []
+        for digest in level:
+            if digest not in found:
+                missing.append(digest)
+                continue
+            directory = _parse(re_pb2.Directory, found[digest], "Directory")
+            for node in directory.files:
+                files.add(Digest.from_proto(root.function, node.digest))
+            for child in directory.directories:
+                child_digest = Digest.from_proto(root.function, child.digest)
+                if child_digest not in seen:
+                    seen.add(child_digest)
+                    next_level.append(child_digest)
+        level = next_level
+    missing.extend(await store.find_missing(sorted(files)))
+    return missing
+
+
+def platform_requirements(action: re_pb2.Action, command: re_pb2.Command) -> Properties:
+    """Action.platform when set (REAPI v2.2), else the deprecated Command.platform."""
+    platform = action.platform if action.platform.properties else command.platform
+    return frozenset((p.name, p.value) for p in platform.properties)
+
+
+def _parse(kind: Any, data: bytes, what: str) -> Any:
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        raise InvalidArgument(f"the {what} blob is not a valid {what} message") from None
+
+
+def _missing(digests: list[Digest]) -> FailedPrecondition:
+    failure = error_details_pb2.PreconditionFailure(
+        violations=[
+            error_details_pb2.PreconditionFailure.Violation(
+                type="MISSING", subject=f"blobs/{digest.resource_path()}"
+            )
+            for digest in digests
+        ]
+    )
+    return FailedPrecondition(
+        f"{len(digests)} input blob(s) missing from the CAS, e.g. {digests[0]}",
+        details=(failure,),
+    )
+
+
+def _operation(
+    name: str, action_digest: Digest, stage: int, response: re_pb2.ExecuteResponse | None
+) -> operations_pb2.Operation:
+    metadata = re_pb2.ExecuteOperationMetadata(
+        stage=stage,  # type: ignore[arg-type]
+        action_digest=action_digest.to_proto(),
+        digest_function=action_digest.function.value,
+    )
+    operation = operations_pb2.Operation(name=name, done=stage == COMPLETED)
+    operation.metadata.Pack(metadata)
+    if stage == COMPLETED and response is not None:
+        operation.response.Pack(response)
+    return operation
+
+
+class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore[misc]
+    """Get, List, Cancel and Wait over the scheduler's jobs."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def _message(self, job: Job) -> operations_pb2.Operation:
+        return _operation(job.name, job.action_digest, job.stage, job.response)
+
+    @grpc_errors
+    async def GetOperation(
+        self, request: operations_pb2.GetOperationRequest, context: Context
+    ) -> operations_pb2.Operation:
+        return self._message(self._scheduler.job(request.name))
+
+    @grpc_errors
+    async def ListOperations(
+        self, request: operations_pb2.ListOperationsRequest, context: Context
+    ) -> operations_pb2.ListOperationsResponse:
+        jobs = sorted(self._scheduler.jobs(), key=lambda job: job.queued_at)
+        return operations_pb2.ListOperationsResponse(
+            operations=[self._message(job) for job in jobs]
+        )
+
+    @grpc_errors
+    async def CancelOperation(
+        self, request: operations_pb2.CancelOperationRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self._scheduler.cancel(request.name)
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def WaitOperation(
+        self, request: operations_pb2.WaitOperationRequest, context: Context
+    ) -> operations_pb2.Operation:
+        job = self._scheduler.job(request.name)
+        timeout = (
+            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                async for _ in self._scheduler.watch(job):
+                    pass
+        except TimeoutError:
+            pass
+        return self._message(job)

@@ -1,0 +1,94 @@
+"""The Workers service: the server's end of the lease protocol (reapi/protos/worker.proto)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from executor.scheduler import Scheduler, WorkerHandle
+from reapi.errors import InvalidArgument
+from reapi.protos import worker_pb2
+from reapi.protos import worker_pb2_grpc as worker_grpc
+from reapi.services.status import grpc_errors
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# A worker that sends nothing for this long is taken for dead (seconds).
+HEARTBEAT_TIMEOUT = 30.0
+
+
+class _WorkerGone(Exception):
+    """Ends a Work stream; the message says why."""
+
+
+class WorkersService(worker_grpc.WorkersServicer):
+    def __init__(self, scheduler: Scheduler, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self._scheduler = scheduler
+        self._heartbeat_timeout = heartbeat_timeout
+
+    @grpc_errors
+    async def Work(
+        self, request_iterator: AsyncIterator[worker_pb2.WorkerMessage], context: Context
+    ) -> None:
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("a Work stream starts with Hello")
+        hello = first.hello
+        properties = frozenset((p.name, p.value) for p in hello.properties)
+        worker = await self._scheduler.connect(
+            hello.name or context.peer(), properties, hello.slots
+        )
+        reason = "stream ended"
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._receive(messages, worker))
+                group.create_task(self._assign(context, worker))
+                group.create_task(self._cancel(context, worker))
+        except* _WorkerGone as gone:
+            reason = str(gone.exceptions[0])
+        except* Exception as failed:
+            reason = f"{type(failed.exceptions[0]).__name__}: {failed.exceptions[0]}"
+        finally:
+            await self._scheduler.disconnect(worker, reason)
+
+    async def _receive(
+        self, messages: AsyncIterator[worker_pb2.WorkerMessage], worker: WorkerHandle
+    ) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._heartbeat_timeout):
+                    message = await anext(messages, None)
+            except TimeoutError:
+                raise _WorkerGone(f"no heartbeat for {self._heartbeat_timeout:g}s") from None
+            if message is None:
+                raise _WorkerGone("stream ended")
+            if message.WhichOneof("kind") == "finished":
+                finished = message.finished
+                await self._scheduler.finish(worker, finished.lease_id, finished.response)
+
+    async def _assign(self, context: Context, worker: WorkerHandle) -> None:
+        while True:
+            job = await self._scheduler.next_job(worker)
+            assign = worker_pb2.Assign(
+                lease_id=job.lease_id,
+                action_digest=job.action_digest.to_proto(),
+                digest_function=job.action_digest.function.value,
+                action=job.action,
+                command=job.command,
+                instance_name=job.instance_name,
+            )
+            await context.write(worker_pb2.ServerMessage(assign=assign))
+
+    async def _cancel(self, context: Context, worker: WorkerHandle) -> None:
+        while True:
+            lease_id = await worker.cancels.get()
+            await context.write(
+                worker_pb2.ServerMessage(cancel=worker_pb2.Cancel(lease_id=lease_id))
+            )
