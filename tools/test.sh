@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the integration tests use (real Bazel 4, offline).
-packages=(bazel-bootstrap bazel-platforms bazel-rules-java)
+packages=(bazel-bootstrap bazel-platforms bazel-rules-java bubblewrap)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||

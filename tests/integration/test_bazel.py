@@ -6,11 +6,12 @@ never skips.
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ServerProcess
+from tests.helpers import REPO, ServerProcess
 from tests.integration.bazel_helpers import (
     Bazel,
     copy_workspace,
@@ -124,3 +125,70 @@ def test_process_summary_parses_bazel_4_output(output: str, expected: dict[str, 
 def test_process_summary_rejects_missing_or_inconsistent_summaries(output: str) -> None:
     with pytest.raises(ValueError):
         process_summary(output)
+
+
+@pytest.mark.bazel
+def test_remote_execution_matches_a_local_build(tmp_path: Path) -> None:
+    """Every action runs on a worker that is a separate process, reaching the server
+    over TCP as it would from another machine; the outputs are byte-identical to a
+    local build, and after `bazel clean` everything comes from the cache."""
+    server = ServerProcess(tmp_path / "storage")  # no local workers
+    worker_log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reapi",
+            "worker",
+            "--server",
+            f"grpc://{server.address}",
+            "--slots",
+            "2",
+            "--name",
+            "tcp-worker",
+            "--workdir",
+            str(tmp_path / "worker"),
+        ],
+        cwd=REPO,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
+    bazel = Bazel(
+        executable=require_bazel(),
+        workspace=copy_workspace(tmp_path / "workspace"),
+        output_user_root=tmp_path / "bazel_root",
+    )
+    offline = offline_flags(repository_cache=tmp_path / "repository_cache")
+    remote = [*offline, f"--remote_executor=grpc://{server.address}"]
+    bazel_bin = bazel.workspace / "bazel-bin"
+    try:
+        local = bazel.run("test", *offline, TARGETS)
+        local_outputs = sha256_files(bazel_bin, OUTPUTS)
+        bazel.run("clean")
+        executed = bazel.run("test", *remote, TARGETS)
+        remote_outputs = sha256_files(bazel_bin, OUTPUTS)
+        bazel.run("clean")
+        cached = bazel.run("test", *remote, TARGETS)
+        cached_outputs = sha256_files(bazel_bin, OUTPUTS)
+    finally:
+        bazel.shutdown()
+        worker.terminate()
+        worker.wait(30)
+        worker_log.close()
+        server.stop()
+
+    local_counts = process_summary(local)
+    ran_locally = sum(n for kind, n in local_counts.items() if kind not in NOT_EXECUTED)
+    executed_counts = process_summary(executed)
+    assert {k: n for k, n in executed_counts.items() if k not in ("remote", "internal")} == {}, (
+        f"not every action ran remotely:\n{executed}"
+    )
+    assert executed_counts["remote"] == ran_locally, (local_counts, executed_counts)
+    assert re.search(rf"^{TEST_TARGET} +PASSED", executed, re.MULTILINE), executed
+    assert remote_outputs == local_outputs
+    assert "running" in (tmp_path / "worker.log").read_text(), "the TCP worker ran nothing"
+
+    cached_counts = process_summary(cached)
+    assert {k: n for k, n in cached_counts.items() if k not in NOT_EXECUTED} == {}, cached
+    assert cached_counts.get(CACHE_HIT) == ran_locally
+    assert cached_outputs == local_outputs
