@@ -79,7 +79,10 @@ class Sandbox:
         ]
         for name, value in environment.items():
             argv += ["--setenv", name, value]
-        return [*argv, "--", *arguments]
+        # bwrap sets PWD after --chdir; put it back as the Command has it (or not).
+        pwd = environment.get("PWD")
+        fixup = ["/usr/bin/env", f"PWD={pwd}"] if pwd is not None else ["/usr/bin/env", "-u", "PWD"]
+        return [*argv, "--", *fixup, *arguments]
 
     async def run(
         self,

@@ -28,7 +28,7 @@ from reapi.protos import worker_pb2_grpc as worker_grpc
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 5.0
+HEARTBEAT_INTERVAL = 1.0
 MAX_BACKOFF = 10.0
 
 

@@ -38,6 +38,7 @@ SERVE_OPTIONS = (
     "insecure",
     "workers",
     "sandbox",
+    "heartbeat-timeout",
 )
 
 
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--sandbox", choices=("bwrap", "none"), help="sandbox of the local workers (default bwrap)"
+    )
+
+    serve_cmd.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds of silence after which a worker is taken for dead (default 30)",
     )
 
     worker_cmd = commands.add_parser("worker", help="run actions for a server")
@@ -138,6 +145,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.workers = int(settings["workers"])
     if settings.get("sandbox"):
         config.sandbox = str(settings["sandbox"])
+    if settings.get("heartbeat-timeout"):
+        config.heartbeat_timeout = float(settings["heartbeat-timeout"])
     return config
 
 

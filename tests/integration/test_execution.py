@@ -125,3 +125,102 @@ async def test_wait_execution_of_unknown_operation(channel: grpc.aio.Channel) ->
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         [op async for op in call]
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+PROBE = "import socket\ns = socket.create_connection(('{host}', {port}), timeout=2)\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "expect_in_stderr"),
+    [
+        # Reading outside the input root (the host's /root, /home, /work are not there).
+        ("cat /root/.bashrc /work/main/README.md /home/*/.profile", "No such file"),
+        # Writing outside the tree: system directories are read-only, the rest absent.
+        ("echo x > /usr/evil; echo x > /etc/evil", "Read-only file system"),
+        # The network: no interface but a loopback of its own.
+        (
+            "python3 -c \"import socket; socket.create_connection(('{server}', {port}), 2)\"",
+            "Error",
+        ),
+        # Other processes: a fresh PID namespace shows only the action's own.
+        ("test $(ls /proc | grep -c '^[0-9]') -lt 5 && exit 9", ""),
+    ],
+)
+async def test_adversarial_actions_are_contained(
+    channel: grpc.aio.Channel, exec_server: ServerProcess, script: str, expect_in_stderr: str
+) -> None:
+    host, port = exec_server.address.split(":")
+    command = script.format(server=host, port=port)
+    action = await upload_action(channel, ["/bin/sh", "-c", command])
+    _ops, response = await execute(channel, action, inline_stderr=True)
+    assert response.result.exit_code != 0, response
+    assert expect_in_stderr.encode() in response.result.stderr_raw, response.result.stderr_raw
+    assert not (Path("/usr/evil").exists() or Path("/etc/evil").exists())
+    # The worker keeps working.
+    fine = await upload_action(channel, ["/bin/echo", "still here"], salt=command.encode())
+    _ops, after = await execute(channel, fine)
+    assert after.status.code == code_pb2.OK and after.result.exit_code == 0
+
+
+@pytest.mark.parametrize("target", ["/etc", "../../../../etc/passwd"])
+async def test_symlink_outputs_leaving_the_tree_are_refused(
+    channel: grpc.aio.Channel, target: str
+) -> None:
+    action = await upload_action(channel, ["/bin/ln", "-s", target, "out"], outputs=["out"])
+    _ops, response = await execute(channel, action)
+    assert response.status.code == code_pb2.FAILED_PRECONDITION, response
+    assert "symlink" in response.status.message
+
+
+async def test_inputs_cannot_corrupt_the_workers_cache(channel: grpc.aio.Channel) -> None:
+    files = {"shared.txt": b"pristine\n"}
+    vandal = await upload_action(
+        channel,
+        ["/bin/sh", "-c", "chmod 666 shared.txt; echo ruined > shared.txt; true"],
+        files=files,
+    )
+    await execute(channel, vandal)
+    reader = await upload_action(channel, ["/bin/cat", "shared.txt"], files=files)
+    _ops, response = await execute(channel, reader, inline_stdout=True)
+    assert response.result.stdout_raw == b"pristine\n"
+
+
+async def test_output_kinds(channel: grpc.aio.Channel) -> None:
+    script = (
+        "mkdir -p gen/sub && echo a > gen/a.txt && echo b > gen/sub/b.txt && "
+        "ln -s a.txt gen/link && printf '#!/bin/sh\\necho hi\\n' > tool && chmod +x tool && "
+        "ln -s tool tool-link"
+    )
+    action = await upload_action(
+        channel, ["/bin/sh", "-c", script], outputs=["gen", "tool", "tool-link", "absent"]
+    )
+    _ops, response = await execute(channel, action)
+    result = response.result
+    assert response.status.code == code_pb2.OK, response.status
+    (tool,) = result.output_files
+    assert (tool.path, tool.is_executable) == ("tool", True)
+    assert [(s.path, s.target) for s in result.output_symlinks] == [("tool-link", "tool")]
+    (gen,) = result.output_directories
+    tree = re_pb2.Tree.FromString(await read_blob(channel, gen.tree_digest))
+    assert [f.name for f in tree.root.files] == ["a.txt"]
+    assert [(s.name, s.target) for s in tree.root.symlinks] == [("link", "a.txt")]
+    assert [d.name for d in tree.root.directories] == ["sub"]
+    (sub,) = tree.children
+    assert await read_blob(channel, sub.files[0].digest) == b"b\n"
+
+
+async def test_legacy_output_fields(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(
+        channel,
+        ["/bin/sh", "-c", "echo f > deep/file.txt && mkdir d && echo x > d/x"],
+        legacy_outputs=(["deep/file.txt"], ["d"]),
+    )
+    _ops, response = await execute(channel, action)
+    assert [f.path for f in response.result.output_files] == ["deep/file.txt"]
+    assert [d.path for d in response.result.output_directories] == ["d"]
+
+
+async def test_environment_is_exactly_the_commands(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(channel, ["/usr/bin/env"], env={"ONLY": "this", "PATH": "/bin"})
+    _ops, response = await execute(channel, action, inline_stdout=True)
+    assert sorted(response.result.stdout_raw.decode().split()) == ["ONLY=this", "PATH=/bin"]

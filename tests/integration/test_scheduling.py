@@ -1,0 +1,193 @@
+"""Scheduling with real worker processes: lost workers, operations, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2
+
+from reapi.protos import remote_execution_pb2 as re_pb2
+from tests.actions import execute, execution, stage, upload_action
+from tests.helpers import REPO, ServerProcess
+
+
+class WorkerProcess:
+    def __init__(self, server: ServerProcess, name: str, workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir.parent / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "reapi",
+                "worker",
+                "--server",
+                f"grpc://{server.address}",
+                "--name",
+                name,
+                "--workdir",
+                str(workdir),
+            ],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self._log.close()
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[tuple[ServerProcess, list[WorkerProcess]]]:
+    server = ServerProcess(tmp_path / "storage")
+    workers = [WorkerProcess(server, f"w{n}", tmp_path / f"w{n}") for n in range(2)]
+    yield server, workers
+    for worker in workers:
+        worker.stop()
+    server.stop()
+
+
+async def test_killed_worker_loses_its_lease_and_the_build_succeeds(
+    two_workers: tuple[ServerProcess, list[WorkerProcess]],
+) -> None:
+    server, workers = two_workers
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        action = await upload_action(channel, ["/bin/sh", "-c", "sleep 2; echo survived"])
+        running = asyncio.create_task(execute(channel, action, inline_stdout=True))
+        deadline = time.monotonic() + 30
+        while not (victims := [w for w in workers if "running" in w.log()]):
+            assert time.monotonic() < deadline, "no worker picked the action up"
+            await asyncio.sleep(0.05)
+        victims[0].stop(signal.SIGKILL)
+        _ops, response = await running
+    (survivor,) = [w for w in workers if w is not victims[0]]
+    assert response.status.code == code_pb2.OK, response.status
+    assert response.result.stdout_raw == b"survived\n"
+    assert response.result.execution_metadata.worker == survivor.name
+    assert f"worker {victims[0].name} lost" in server.log()
+
+
+@pytest.fixture
+def one_worker(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(tmp_path / "storage", workers=1)
+    yield server
+    server.stop()
+
+
+async def test_operations_outlive_their_client(one_worker: ServerProcess) -> None:
+    async with grpc.aio.insecure_channel(one_worker.address) as channel:
+        action = await upload_action(channel, ["/bin/sh", "-c", "sleep 1; echo later"])
+        call = execution(channel).Execute(re_pb2.ExecuteRequest(action_digest=action.to_proto()))
+        first = await anext(aiter(call))
+        call.cancel()  # the client goes away
+        operations = operations_pb2_grpc.OperationsStub(channel)
+        current = await operations.GetOperation(operations_pb2.GetOperationRequest(name=first.name))
+        assert not current.done
+        listed = await operations.ListOperations(operations_pb2.ListOperationsRequest())
+        assert first.name in [op.name for op in listed.operations]
+        reattached = [
+            op
+            async for op in execution(channel).WaitExecution(
+                re_pb2.WaitExecutionRequest(name=first.name)
+            )
+        ]
+        assert reattached[-1].done and stage(reattached[-1]) == re_pb2.ExecutionStage.COMPLETED
+        response = re_pb2.ExecuteResponse()
+        reattached[-1].response.Unpack(response)
+        assert response.result.exit_code == 0
+
+
+async def test_cancel_and_wait(one_worker: ServerProcess) -> None:
+    async with grpc.aio.insecure_channel(one_worker.address) as channel:
+        action = await upload_action(channel, ["/bin/sleep", "20"])
+        call = execution(channel).Execute(re_pb2.ExecuteRequest(action_digest=action.to_proto()))
+        name = (await anext(aiter(call))).name
+        operations = operations_pb2_grpc.OperationsStub(channel)
+        waited = await operations.WaitOperation(
+            operations_pb2.WaitOperationRequest(
+                name=name, timeout=duration_pb2.Duration(nanos=200_000_000)
+            )
+        )
+        assert not waited.done
+        await operations.CancelOperation(operations_pb2.CancelOperationRequest(name=name))
+        final = [op async for op in call][-1]
+        response = re_pb2.ExecuteResponse()
+        final.response.Unpack(response)
+        assert final.done and response.status.code == code_pb2.CANCELLED
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await operations.GetOperation(operations_pb2.GetOperationRequest(name="operations/x"))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        # The worker was told to stop, and is free for the next action.
+        quick = await upload_action(channel, ["/bin/true"])
+        _ops, after = await asyncio.wait_for(execute(channel, quick), 15)
+        assert after.status.code == code_pb2.OK
+
+
+async def test_lower_priority_value_runs_first(one_worker: ServerProcess) -> None:
+    async with grpc.aio.insecure_channel(one_worker.address) as channel:
+        blocker = await upload_action(channel, ["/bin/sleep", "1"])
+        late = await upload_action(channel, ["/bin/true"], salt=b"late")
+        urgent = await upload_action(channel, ["/bin/true"], salt=b"urgent")
+        first = asyncio.create_task(execute(channel, blocker))
+        await asyncio.sleep(0.5)  # the blocker holds the only slot
+        results = await asyncio.gather(
+            execute(channel, late, execution_policy=re_pb2.ExecutionPolicy(priority=10)),
+            execute(channel, urgent, execution_policy=re_pb2.ExecutionPolicy(priority=-10)),
+        )
+        await first
+    (_l, late_response), (_u, urgent_response) = results
+    late_start = late_response.result.execution_metadata.execution_start_timestamp
+    urgent_start = urgent_response.result.execution_metadata.execution_start_timestamp
+    assert urgent_start.ToNanoseconds() < late_start.ToNanoseconds()
+
+
+async def test_silent_worker_loses_its_lease(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "storage", "--heartbeat-timeout", "3")
+    workers = [WorkerProcess(server, f"w{n}", tmp_path / f"w{n}") for n in range(2)]
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            action = await upload_action(channel, ["/bin/sh", "-c", "sleep 1; echo done"])
+            running = asyncio.create_task(execute(channel, action))
+            deadline = time.monotonic() + 30
+            while not (frozen := [w for w in workers if "running" in w.log()]):
+                assert time.monotonic() < deadline, "no worker picked the action up"
+                await asyncio.sleep(0.05)
+            frozen[0].process.send_signal(signal.SIGSTOP)  # alive, but silent
+            _ops, response = await asyncio.wait_for(running, 60)
+        assert response.status.code == code_pb2.OK, response.status
+        assert response.result.execution_metadata.worker != frozen[0].name
+        assert "no heartbeat for 3s" in server.log()
+        frozen[0].process.send_signal(signal.SIGCONT)
+    finally:
+        for worker in workers:
+            worker.stop(signal.SIGKILL)
+        server.stop()
+
+
+async def test_sandbox_none_runs_and_says_so(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "storage", "--sandbox", "none", workers=1)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            action = await upload_action(channel, ["/usr/bin/env"], env={"ONLY": "this"})
+            _ops, response = await execute(channel, action, inline_stdout=True)
+        assert response.result.stdout_raw == b"ONLY=this\n"
+    finally:
+        server.stop()
+    assert "sandbox 'none': actions run unconfined" in server.log()
