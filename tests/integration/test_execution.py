@@ -10,6 +10,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from cas.disk import DiskStore
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.actions import SHA256, execute, execution, read_blob, stage, upload_action
 from tests.helpers import ServerProcess
@@ -224,3 +225,44 @@ async def test_environment_is_exactly_the_commands(channel: grpc.aio.Channel) ->
     action = await upload_action(channel, ["/usr/bin/env"], env={"ONLY": "this", "PATH": "/bin"})
     _ops, response = await execute(channel, action, inline_stdout=True)
     assert sorted(response.result.stdout_raw.decode().split()) == ["ONLY=this", "PATH=/bin"]
+
+
+async def test_skip_cache_lookup_runs_again(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(channel, ["/bin/sh", "-c", "cat /proc/sys/kernel/random/uuid"])
+    _ops, first = await execute(channel, action)
+    _ops, cached = await execute(channel, action)
+    assert cached.cached_result
+    _ops, fresh = await execute(channel, action, skip_cache_lookup=True)
+    assert not fresh.cached_result
+    assert fresh.result.stdout_digest != first.result.stdout_digest
+    # ... and its result replaces the cached one.
+    _ops, after = await execute(channel, action)
+    assert after.cached_result and after.result.stdout_digest == fresh.result.stdout_digest
+
+
+async def test_missing_input_file_is_named(
+    channel: grpc.aio.Channel, exec_server: ServerProcess
+) -> None:
+    action = await upload_action(channel, ["/bin/cat", "a.txt"], files={"a.txt": b"gone soon"})
+    missing = SHA256.digest_of(b"gone soon")
+    # The blob disappears behind the server's back, as eviction would make it.
+    store = DiskStore(exec_server.storage)
+    assert await store.delete(missing)
+    store.close()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await execute(channel, action)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = status_pb2.Status.FromString(
+        dict(raised.value.trailing_metadata())["grpc-status-details-bin"]
+    )
+    failure = error_details_pb2.PreconditionFailure()
+    status.details[0].Unpack(failure)
+    assert [v.subject for v in failure.violations] == [f"blobs/{missing.hash}/{missing.size}"]
+
+
+async def test_timeout_above_the_server_maximum_is_refused(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(channel, ["/bin/true"], timeout=7200)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await execute(channel, action)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Action.timeout" in (raised.value.details() or "")

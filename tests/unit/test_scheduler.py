@@ -1,0 +1,118 @@
+"""The scheduler on its own, driven by fake workers (no grpc, no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from google.rpc import code_pb2
+
+from executor.scheduler import COMPLETED, EXECUTING, MAX_ATTEMPTS, QUEUED, Job, Scheduler
+from reapi.digests import DigestFunction
+from reapi.errors import FailedPrecondition, NotFound
+from reapi.protos import remote_execution_pb2 as re_pb2
+
+NONE: frozenset[tuple[str, str]] = frozenset()
+
+
+async def submit(
+    scheduler: Scheduler,
+    name: str,
+    priority: int = 0,
+    requirements: frozenset[tuple[str, str]] = NONE,
+    do_not_cache: bool = False,
+) -> Job:
+    digest = DigestFunction.SHA256.digest_of(name.encode())
+    action = re_pb2.Action(do_not_cache=do_not_cache)
+    return await scheduler.submit(
+        digest, action, re_pb2.Command(arguments=["x"]), "", requirements, priority
+    )
+
+
+def ok() -> re_pb2.ExecuteResponse:
+    return re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=0))
+
+
+async def test_identical_cacheable_actions_share_a_job() -> None:
+    scheduler = Scheduler()
+    first, second = await submit(scheduler, "a"), await submit(scheduler, "a")
+    assert first is second
+    loners = [await submit(scheduler, "b", do_not_cache=True) for _ in range(2)]
+    assert loners[0] is not loners[1]
+
+
+async def test_priority_then_arrival_order() -> None:
+    scheduler = Scheduler()
+    late = await submit(scheduler, "late", priority=5)
+    early = await submit(scheduler, "early", priority=5)  # same priority, arrived later
+    urgent = await submit(scheduler, "urgent", priority=-1)
+    worker = await scheduler.connect("w", NONE, slots=3)
+    assert [await scheduler.next_job(worker) for _ in range(3)] == [urgent, late, early]
+
+
+async def test_properties_decide_where_a_job_runs() -> None:
+    scheduler = Scheduler()
+    plain = await scheduler.connect("plain", NONE, 1)
+    gpu = await scheduler.connect("gpu", frozenset({("gpu", "yes"), ("os", "linux")}), 1)
+    job = await submit(scheduler, "train", requirements=frozenset({("gpu", "yes")}))
+    taken = asyncio.create_task(scheduler.next_job(plain))
+    assert await scheduler.next_job(gpu) is job
+    await asyncio.sleep(0)
+    assert not taken.done()
+    taken.cancel()
+    with pytest.raises(FailedPrecondition, match="no worker matches"):
+        await submit(scheduler, "x", requirements=frozenset({("tpu", "v5")}))
+
+
+async def test_lost_worker_requeues_then_gives_up() -> None:
+    scheduler = Scheduler()
+    job = await submit(scheduler, "flaky")
+    stages = []
+    for attempt in range(MAX_ATTEMPTS):
+        worker = await scheduler.connect(f"w{attempt}", NONE, 1)
+        assert await scheduler.next_job(worker) is job
+        stages.append(job.stage)
+        await scheduler.disconnect(worker, "test")
+    assert stages == [EXECUTING] * MAX_ATTEMPTS
+    assert job.stage == COMPLETED
+    assert job.response is not None and job.response.status.code == code_pb2.UNAVAILABLE
+
+
+async def test_finish_completes_and_stores_once() -> None:
+    stored: list[Job] = []
+
+    async def store(job: Job) -> None:
+        stored.append(job)
+
+    scheduler = Scheduler(on_complete=store)
+    job = await submit(scheduler, "build")
+    seen = []
+
+    async def follow() -> None:
+        async for snapshot in scheduler.watch(job):
+            seen.append(snapshot.stage)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0)
+    worker = await scheduler.connect("w", NONE, 1)
+    await scheduler.next_job(worker)
+    await asyncio.sleep(0)
+    await scheduler.finish(worker, job.lease_id, ok())
+    await follower
+    assert seen[0] == QUEUED and seen[-1] == COMPLETED and EXECUTING in seen
+    assert stored == [job]
+    assert await submit(scheduler, "build") is not job  # done jobs are not merged into
+
+
+async def test_cancel_a_queued_job() -> None:
+    scheduler = Scheduler()
+    job = await submit(scheduler, "never")
+    await scheduler.cancel(job.name)
+    assert job.response is not None and job.response.status.code == code_pb2.CANCELLED
+    worker = await scheduler.connect("w", NONE, 1)
+    waiting = asyncio.create_task(scheduler.next_job(worker))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # nothing left to run
+    waiting.cancel()
+    with pytest.raises(NotFound):
+        scheduler.job("operations/unknown")
