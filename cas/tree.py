@@ -2,42 +2,57 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
 from cas.store import BlobStore
 from reapi.digests import Digest
-from reapi.errors import InvalidArgument, NotFound
+from reapi.errors import InvalidArgument
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 
-async def walk_tree(cas: BlobStore, root: Digest) -> AsyncIterator[re_pb2.Directory]:
-    """Every Directory of the tree under `root`, breadth first, each distinct
+@dataclass
+class TreeRead:
+    """What `read_tree` found: the directories, breadth first (dict order), and
+    the digests of directories the CAS lacks."""
+
+    directories: dict[Digest, re_pb2.Directory] = field(default_factory=dict)
+    missing: list[Digest] = field(default_factory=list)
+
+    def files(self) -> set[tuple[Digest, bool]]:
+        """Every (file digest, is_executable) the found directories list."""
+        return {
+            (Digest.from_proto(digest.function, node.digest), node.is_executable)
+            for digest, directory in self.directories.items()
+            for node in directory.files
+        }
+
+
+async def read_tree(cas: BlobStore, root: Digest) -> TreeRead:
+    """Every Directory under `root`, one CAS batch read per level, each distinct
     directory once, children in the order their parents list them (so the
-    order is stable for paging). One CAS batch read per level. Subtrees
-    missing from the CAS are left out; a missing root raises NotFound, an
-    undecodable one InvalidArgument."""
+    order is stable, for paging). Subtrees below a missing directory are not
+    visited. Raises InvalidArgument for a blob that is not a Directory."""
+    read = TreeRead()
     seen = {root}
     level = [root]
     while level:
         found = await cas.get_many(level)
-        if root in level and root not in found:
-            raise NotFound(f"tree root {root} not found")
         next_level = []
         for digest in level:
             if digest not in found:
+                read.missing.append(digest)
                 continue
             try:
                 directory = re_pb2.Directory.FromString(found[digest])
             except DecodeError:
-                if digest == root:
-                    raise InvalidArgument(f"tree root {root} is not a Directory message") from None
-                continue
-            yield directory
+                raise InvalidArgument(f"blob {digest} is not a Directory message") from None
+            read.directories[digest] = directory
             for child in directory.directories:
                 child_digest = Digest.from_proto(root.function, child.digest)
                 if child_digest not in seen:
                     seen.add(child_digest)
                     next_level.append(child_digest)
         level = next_level
+    return read

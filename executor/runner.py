@@ -9,10 +9,10 @@ import uuid
 from pathlib import Path
 
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
+from cas.tree import read_tree
 from executor.local_cache import LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Sandbox
@@ -36,39 +36,6 @@ def _check_name(name: str) -> str:
     if not name or "/" in name or name in (".", ".."):
         raise InvalidArgument(f"input tree entry name {name!r} is not a single path component")
     return name
-
-
-async def fetch_tree(store: BlobStore, root: Digest) -> dict[Digest, re_pb2.Directory]:
-    """Every Directory of the input tree; raises FailedPrecondition if one is missing."""
-    tree: dict[Digest, re_pb2.Directory] = {}
-    level = [root]
-    while level:
-        found = await store.get_many(level)
-        next_level: list[Digest] = []
-        for digest in level:
-            if digest not in found:
-                raise FailedPrecondition(f"input directory {digest} is missing from the CAS")
-            try:
-                directory = re_pb2.Directory.FromString(found[digest])
-            except DecodeError:
-                raise InvalidArgument(f"input directory {digest} is not a Directory") from None
-            tree[digest] = directory
-            for child in directory.directories:
-                child_digest = Digest.from_proto(root.function, child.digest)
-                if child_digest not in tree and child_digest not in next_level:
-                    next_level.append(child_digest)
-        level = next_level
-    return tree
-
-
-def _input_files(
-    tree: dict[Digest, re_pb2.Directory], function: DigestFunction
-) -> set[tuple[Digest, bool]]:
-    return {
-        (Digest.from_proto(function, node.digest), node.is_executable)
-        for directory in tree.values()
-        for node in directory.files
-    }
 
 
 def _materialize(
@@ -126,12 +93,14 @@ class ActionRunner:
 
         metadata.input_fetch_start_timestamp.CopyFrom(_now())
         root_digest = Digest.from_proto(function, action.input_root_digest)
-        tree = await fetch_tree(self._store, root_digest)
+        tree = await read_tree(self._store, root_digest)
+        if tree.missing:
+            raise FailedPrecondition(f"input directory {tree.missing[0]} is missing from the CAS")
         try:
-            await self._cache.ensure(_input_files(tree, function))
+            await self._cache.ensure(tree.files())
         except NotFound as missing:
             raise FailedPrecondition(missing.message) from None
-        _materialize(tree, root_digest, root, self._cache)
+        _materialize(tree.directories, root_digest, root, self._cache)
         workdir = command.working_directory
         (root / workdir).mkdir(parents=True, exist_ok=True)
         outputs = [*command.output_paths] or [*command.output_files, *command.output_directories]

@@ -10,9 +10,9 @@ import zstandard
 from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
-from cas.tree import walk_tree
+from cas.tree import read_tree
 from reapi.digests import Digest, DigestFunction
-from reapi.errors import InvalidArgument, ReapiError
+from reapi.errors import InvalidArgument, NotFound, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.services.status import grpc_errors, status_of
@@ -95,9 +95,12 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         root = Digest.from_proto(function, request.root_digest)
         page_size = request.page_size if 0 < request.page_size <= MAX_TREE_PAGE else MAX_TREE_PAGE
         skip = _page_offset(request.page_token)
+        tree = await read_tree(self._store, root)
+        if root in tree.missing:
+            raise NotFound(f"tree root {root} not found")
         page: list[re_pb2.Directory] = []
         position = 0
-        async for directory in walk_tree(self._store, root):
+        for directory in tree.directories.values():
             position += 1
             if position <= skip:
                 continue

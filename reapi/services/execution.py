@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 
 from cas.action_cache import ActionCache
 from cas.store import BlobStore
+from cas.tree import read_tree
 from executor.scheduler import COMPLETED, Job, Properties, Scheduler
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -132,29 +133,17 @@ class ExecutionService(re_grpc.ExecutionServicer):
 
 async def missing_inputs(store: BlobStore, command: Digest, root: Digest) -> list[Digest]:
     """Every blob an action needs that the CAS lacks: the command, and the
-    input tree's directories and files (breadth first, each once)."""
-    missing: list[Digest] = []
-    files: set[Digest] = {command}
-    seen = {root}
-    level = [root]
-    while level:
-        found = await store.get_many(level)
-        next_level = []
-        for digest in level:
-            if digest not in found:
-                missing.append(digest)
-                continue
-            directory = _parse(re_pb2.Directory, found[digest], "Directory")
-            for node in directory.files:
-                files.add(Digest.from_proto(root.function, node.digest))
-            for child in directory.directories:
-                child_digest = Digest.from_proto(root.function, child.digest)
-                if child_digest not in seen:
-                    seen.add(child_digest)
-                    next_level.append(child_digest)
-        level = next_level
-    missing.extend(await store.find_missing(sorted(files)))
-    return missing
+    input tree's directories and files."""
+    tree = await read_tree(store, root)
+    for directory in tree.directories.values():
+        for link in directory.symlinks:
+            if link.target.startswith("/"):
+                raise InvalidArgument(
+                    f"input symlink {link.name} -> {link.target}: absolute targets are not "
+                    "allowed (SymlinkAbsolutePathStrategy.DISALLOWED)"
+                )
+    files = sorted({command, *(digest for digest, _ in tree.files())})
+    return [*tree.missing, *await store.find_missing(files)]
 
 
 def platform_requirements(action: re_pb2.Action, command: re_pb2.Command) -> Properties:

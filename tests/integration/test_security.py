@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from tests.actions import execute, upload_action
 from tests.helpers import ServerProcess
 
 TOKEN = "s3cret-token-for-tests"
@@ -180,5 +181,23 @@ def test_bearer_tokens(tmp_path: Path, pki: Pki) -> None:
             # Health answers without a token, for load balancers.
             check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert check.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
+async def test_local_workers_reach_a_tls_server_with_tokens(tmp_path: Path, pki: Pki) -> None:
+    server = ServerProcess(
+        tmp_path / "storage", *tls_args(pki), "--auth-tokens", str(pki.files["tokens"]), workers=1
+    )
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
+        call_credentials = grpc.access_token_call_credentials(TOKEN)
+        async with grpc.aio.secure_channel(
+            f"localhost:{server.port}",
+            grpc.composite_channel_credentials(credentials, call_credentials),
+        ) as channel:
+            action = await upload_action(channel, ["/bin/echo", "over tls"])
+            _ops, response = await execute(channel, action, inline_stdout=True)
+        assert response.result.stdout_raw == b"over tls\n"
     finally:
         server.stop()
