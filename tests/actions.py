@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from cas.remote import RemoteStore
 from reapi.digests import Digest, DigestFunction
@@ -120,3 +121,12 @@ def stage(operation: operations_pb2.Operation) -> int:
 async def read_blob(channel: grpc.aio.Channel, digest: re_pb2.Digest) -> bytes:
     found = await RemoteStore(channel).get_many([Digest.from_proto(SHA256, digest)])
     return found[Digest.from_proto(SHA256, digest)]
+
+
+def precondition_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """(type, subject) of each violation in the error's PreconditionFailure detail."""
+    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(details)
+    failure = error_details_pb2.PreconditionFailure()
+    status.details[0].Unpack(failure)
+    return [(v.type, v.subject) for v in failure.violations]

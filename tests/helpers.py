@@ -103,3 +103,40 @@ class ServerProcess:
         with open(self.log_path, "rb") as file:
             file.seek(self._log_start)
             return file.read().decode(errors="replace")
+
+
+class WorkerProcess:
+    """`python -m reapi worker` as a child process, connected to `server` over TCP."""
+
+    def __init__(self, server: ServerProcess, name: str, workdir: Path, slots: int = 1) -> None:
+        self.name = name
+        self.log_path = workdir.parent / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "reapi",
+                "worker",
+                "--server",
+                f"grpc://{server.address}",
+                "--name",
+                name,
+                "--workdir",
+                str(workdir),
+                "--slots",
+                str(slots),
+            ],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(30)
+        self._log.close()

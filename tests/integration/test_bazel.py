@@ -6,12 +6,11 @@ never skips.
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, ServerProcess
+from tests.helpers import ServerProcess, WorkerProcess
 from tests.integration.bazel_helpers import (
     Bazel,
     copy_workspace,
@@ -133,26 +132,7 @@ def test_remote_execution_matches_a_local_build(tmp_path: Path) -> None:
     over TCP as it would from another machine; the outputs are byte-identical to a
     local build, and after `bazel clean` everything comes from the cache."""
     server = ServerProcess(tmp_path / "storage")  # no local workers
-    worker_log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "reapi",
-            "worker",
-            "--server",
-            f"grpc://{server.address}",
-            "--slots",
-            "2",
-            "--name",
-            "tcp-worker",
-            "--workdir",
-            str(tmp_path / "worker"),
-        ],
-        cwd=REPO,
-        stdout=worker_log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = WorkerProcess(server, "tcp-worker", tmp_path / "worker", slots=2)
     bazel = Bazel(
         executable=require_bazel(),
         workspace=copy_workspace(tmp_path / "workspace"),
@@ -172,9 +152,7 @@ def test_remote_execution_matches_a_local_build(tmp_path: Path) -> None:
         cached_outputs = sha256_files(bazel_bin, OUTPUTS)
     finally:
         bazel.shutdown()
-        worker.terminate()
-        worker.wait(30)
-        worker_log.close()
+        worker.stop()
         server.stop()
 
     local_counts = process_summary(local)
@@ -186,7 +164,7 @@ def test_remote_execution_matches_a_local_build(tmp_path: Path) -> None:
     assert executed_counts["remote"] == ran_locally, (local_counts, executed_counts)
     assert re.search(rf"^{TEST_TARGET} +PASSED", executed, re.MULTILINE), executed
     assert remote_outputs == local_outputs
-    assert "running" in (tmp_path / "worker.log").read_text(), "the TCP worker ran nothing"
+    assert "running" in worker.log(), "the TCP worker ran nothing"
 
     cached_counts = process_summary(cached)
     assert {k: n for k, n in cached_counts.items() if k not in NOT_EXECUTED} == {}, cached

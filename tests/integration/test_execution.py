@@ -8,12 +8,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 
 from cas.disk import DiskStore
 from cas.remote import RemoteStore
 from reapi.protos import remote_execution_pb2 as re_pb2
-from tests.actions import SHA256, execute, execution, read_blob, stage, upload_action
+from tests.actions import (
+    SHA256,
+    execute,
+    execution,
+    precondition_violations,
+    read_blob,
+    stage,
+    upload_action,
+)
 from tests.helpers import ServerProcess
 
 QUEUED, EXECUTING, COMPLETED = (
@@ -76,12 +84,7 @@ async def test_missing_inputs_are_listed(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await execute(channel, ghost)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    status = status_pb2.Status.FromString(
-        dict(raised.value.trailing_metadata())["grpc-status-details-bin"]
-    )
-    failure = error_details_pb2.PreconditionFailure()
-    status.details[0].Unpack(failure)
-    assert [(v.type, v.subject) for v in failure.violations] == [
+    assert precondition_violations(raised.value) == [
         ("MISSING", f"blobs/{ghost.hash}/{ghost.size}")
     ]
 
@@ -253,12 +256,9 @@ async def test_missing_input_file_is_named(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await execute(channel, action)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    status = status_pb2.Status.FromString(
-        dict(raised.value.trailing_metadata())["grpc-status-details-bin"]
-    )
-    failure = error_details_pb2.PreconditionFailure()
-    status.details[0].Unpack(failure)
-    assert [v.subject for v in failure.violations] == [f"blobs/{missing.hash}/{missing.size}"]
+    assert precondition_violations(raised.value) == [
+        ("MISSING", f"blobs/{missing.hash}/{missing.size}")
+    ]
 
 
 async def test_timeout_above_the_server_maximum_is_refused(channel: grpc.aio.Channel) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,40 +16,7 @@ from google.rpc import code_pb2
 
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.actions import execute, execution, stage, upload_action
-from tests.helpers import REPO, ServerProcess
-
-
-class WorkerProcess:
-    def __init__(self, server: ServerProcess, name: str, workdir: Path) -> None:
-        self.name = name
-        self.log_path = workdir.parent / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "reapi",
-                "worker",
-                "--server",
-                f"grpc://{server.address}",
-                "--name",
-                name,
-                "--workdir",
-                str(workdir),
-            ],
-            cwd=REPO,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(30)
-        self._log.close()
+from tests.helpers import ServerProcess, WorkerProcess
 
 
 @pytest.fixture
