@@ -75,8 +75,11 @@ class ActionRunner:
             status = await self._run(assign, place, result)
         except ReapiError as error:
             status = status_pb2.Status(code=error.code, message=error.message)
-        except OSError as error:
-            status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"worker: {error}")
+        except Exception as error:
+            log.exception("action %s failed on this worker", assign.action_digest.hash)
+            status = status_pb2.Status(
+                code=code_pb2.INTERNAL, message=f"worker: {type(error).__name__}: {error}"
+            )
         finally:
             shutil.rmtree(place, ignore_errors=True)
         metadata.worker_completed_timestamp.CopyFrom(_now())

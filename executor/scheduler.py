@@ -177,6 +177,12 @@ class Scheduler:
                 worker.cancels.put_nowait(job.lease_id)
         await self._complete(job, _error_response(code_pb2.CANCELLED, "cancelled by a client"))
 
+    async def shutdown(self) -> None:
+        """Complete every unfinished job with UNAVAILABLE: the server is stopping
+        and nothing will run them (clients then retry elsewhere or later)."""
+        for job in [job for job in self._jobs.values() if not job.done]:
+            await self._complete(job, _error_response(code_pb2.UNAVAILABLE, "server stopping"))
+
     # ------------------------------------------------------------ workers
 
     async def connect(self, name: str, properties: Properties, slots: int) -> WorkerHandle:

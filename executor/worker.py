@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +65,14 @@ class Worker:
     async def run_forever(self) -> None:
         backoff = 0.5
         while True:
+            started = time.monotonic()
             try:
                 await self._session()
-                backoff = 0.5
-            except (grpc.aio.AioRpcError, ConnectionError) as error:
-                log.warning("connection to %s lost: %s", self.config.server, error)
+            except* (grpc.aio.AioRpcError, ConnectionError) as lost:
+                # Plain, or grouped by the session's TaskGroup: either way, reconnect.
+                log.warning("connection to %s lost: %s", self.config.server, lost.exceptions[0])
+            if time.monotonic() - started > MAX_BACKOFF:
+                backoff = 0.5  # it had been working: try again soon
             await asyncio.sleep(backoff)
             backoff = min(MAX_BACKOFF, backoff * 2)
 

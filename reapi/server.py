@@ -115,9 +115,8 @@ class Server:
         operations_pb2_grpc.add_OperationsServicer_to_server(
             OperationsService(self.scheduler), self._grpc
         )
-        worker_grpc.add_WorkersServicer_to_server(
-            WorkersService(self.scheduler, config.heartbeat_timeout), self._grpc
-        )
+        self.workers = WorkersService(self.scheduler, config.heartbeat_timeout)
+        worker_grpc.add_WorkersServicer_to_server(self.workers, self._grpc)
         add_bytestream_to_server(self.bytestream, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self.port = 0
@@ -140,8 +139,11 @@ class Server:
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop taking calls, let running ones finish for `grace` seconds, then
-        discard unfinished uploads."""
+        discard unfinished uploads. Work streams and unfinished executions end
+        at once: nothing would run them any more."""
         await self.health.enter_graceful_shutdown()
+        self.workers.close()
+        await self.scheduler.shutdown()
         await self._grpc.stop(grace)
         await self.bytestream.close()
 

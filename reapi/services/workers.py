@@ -31,6 +31,11 @@ class WorkersService(worker_grpc.WorkersServicer):
     def __init__(self, scheduler: Scheduler, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
         self._scheduler = scheduler
         self._heartbeat_timeout = heartbeat_timeout
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """End every Work stream (the server is stopping)."""
+        self._closing.set()
 
     @grpc_errors
     async def Work(
@@ -51,6 +56,7 @@ class WorkersService(worker_grpc.WorkersServicer):
                 group.create_task(self._receive(messages, worker))
                 group.create_task(self._assign(context, worker))
                 group.create_task(self._cancel(context, worker))
+                group.create_task(self._until_closing())
         except* _WorkerGone as gone:
             reason = str(gone.exceptions[0])
         except* Exception as failed:
@@ -72,6 +78,10 @@ class WorkersService(worker_grpc.WorkersServicer):
             if message.WhichOneof("kind") == "finished":
                 finished = message.finished
                 await self._scheduler.finish(worker, finished.lease_id, finished.response)
+
+    async def _until_closing(self) -> None:
+        await self._closing.wait()
+        raise _WorkerGone("server stopping")
 
     async def _assign(self, context: Context, worker: WorkerHandle) -> None:
         while True:

@@ -156,3 +156,25 @@ async def test_sandbox_none_runs_and_says_so(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert "sandbox 'none': actions run unconfined" in server.log()
+
+
+async def test_worker_reconnects_after_the_server_restarts(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path / "storage")
+    worker = WorkerProcess(first, "steady", tmp_path / "steady")
+    try:
+        async with grpc.aio.insecure_channel(first.address) as channel:
+            action = await upload_action(channel, ["/bin/echo", "one"])
+            _ops, response = await asyncio.wait_for(execute(channel, action), 30)
+            assert response.status.code == code_pb2.OK
+        assert first.stop() == 0
+        second = ServerProcess(tmp_path / "storage", "--listen", first.address)
+        try:
+            async with grpc.aio.insecure_channel(second.address) as channel:
+                action = await upload_action(channel, ["/bin/echo", "two"])
+                _ops, response = await asyncio.wait_for(execute(channel, action), 60)
+            assert response.status.code == code_pb2.OK
+            assert worker.process.poll() is None, worker.log()
+        finally:
+            second.stop()
+    finally:
+        worker.stop()

@@ -116,3 +116,14 @@ async def test_cancel_a_queued_job() -> None:
     waiting.cancel()
     with pytest.raises(NotFound):
         scheduler.job("operations/unknown")
+
+
+async def test_shutdown_completes_everything_unfinished() -> None:
+    scheduler = Scheduler()
+    queued, running = await submit(scheduler, "queued"), await submit(scheduler, "running")
+    worker = await scheduler.connect("w", NONE, 1)
+    assert await scheduler.next_job(worker) is queued
+    await scheduler.shutdown()
+    for job in (queued, running):
+        assert job.done and job.response is not None
+        assert job.response.status.code == code_pb2.UNAVAILABLE
