@@ -50,7 +50,7 @@ BUILDGRID = "BuildGrid"
 KIB = 1024
 MIB = 1024 * 1024
 
-DEFAULT_OURS_CMD = "{python} -m reapi serve --listen {listen} --storage {storage}"
+DEFAULT_OURS_CMD = "{python} -m reapi serve --listen {listen} --storage {storage} --workers 0"
 
 # Only what the benchmark needs: CAS, ByteStream and the action cache (Capabilities comes
 # with them). No scheduler, so BuildGrid needs no database.
