@@ -16,6 +16,7 @@ from cas.tree import read_tree
 from executor.local_cache import LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Sandbox
+from executor.system_files import MANIFEST_VARIABLE, verify_system_files
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -115,6 +116,8 @@ class ActionRunner:
         if action.HasField("timeout"):
             timeout = action.timeout.ToTimedelta().total_seconds()
         environment = {v.name: v.value for v in command.environment_variables}
+        if MANIFEST_VARIABLE in environment:
+            verify_system_files(root, environment[MANIFEST_VARIABLE])
         stdout, stderr = place / "stdout", place / "stderr"
         metadata.execution_start_timestamp.CopyFrom(_now())
         outcome = await self._sandbox.run(

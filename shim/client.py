@@ -3,19 +3,32 @@
     reapi-cc COMPILER ARGS...      e.g. make CC="reapi-cc gcc"
     COMPILER ARGS...               through a symlink named like the compiler
 
-This is the shim's local path, the one every compile takes when it cannot (or
-may not) go remote: run the real compiler here, with the same arguments,
-standard streams and exit status, so a build never breaks because of us.
-Cache lookups and remote compiles come in front of it (issue 4).
+    reapi-cc --stats [--json] | --zero-stats
+
+Standard library only: this runs once per compile. It hands the compile to
+the per-user agent (shim/agent.py) over a Unix socket, starting the agent if
+needed; the agent answers with the compile's result (a cache hit or a remote
+run, outputs already written) or with "local". Whenever the answer is local,
+or the agent cannot be reached, the real compiler runs here with the same
+arguments, streams and exit status: a build never breaks because of us.
+REAPI_CC_DISABLE=1 always compiles locally; REAPI_SERVER names the server
+(default grpc://127.0.0.1:8980).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from shim import protocol
 
 USAGE = 'usage: reapi-cc COMPILER [ARGS...]  (e.g. make CC="reapi-cc gcc")'
 
@@ -52,11 +65,94 @@ def compiler_command(argv: Sequence[str]) -> list[str] | str:
     return [compiler, *rest]
 
 
+# How long a compile may take on the agent's side (it falls back itself before).
+COMPILE_TIMEOUT = 3600.0
+AGENT_START_WAIT = 5.0
+
+
+def start_agent() -> None:
+    directory = protocol.state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "agent.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "shim.agent"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+
+def ask_agent(message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """The agent's reply, starting the agent if it is not running; None when
+    it cannot be reached (the caller then compiles locally)."""
+    try:
+        return protocol.call(message, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        start_agent()
+    except (OSError, ValueError):
+        return None
+    deadline = time.monotonic() + AGENT_START_WAIT
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        try:
+            return protocol.call(message, timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            continue
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def show_stats(arguments: Sequence[str]) -> int:
+    op = "zero-stats" if arguments[0] == "--zero-stats" else "stats"
+    reply = ask_agent({"op": op}, timeout=10)
+    if reply is None:
+        print("reapi-cc: the agent is not reachable", file=sys.stderr)
+        return 1
+    stats = reply["stats"]
+    if "--json" in arguments:
+        print(json.dumps(stats, indent=1, sort_keys=True))
+    elif op == "stats":
+        for key in (
+            "invocations",
+            "cache_hits",
+            "remote_executions",
+            "local_fallbacks",
+            "bytes_uploaded",
+            "bytes_downloaded",
+        ):
+            print(f"{key.replace('_', ' '):<20} {stats.get(key, 0)}")
+        for reason, count in sorted(stats.get("local_reasons", {}).items()):
+            print(f"  local: {reason:<24} {count}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    command = compiler_command(sys.argv if argv is None else argv)
+    argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] in (["--stats"], ["--zero-stats"]):
+        return show_stats(argv[1:])
+    command = compiler_command(argv)
     if isinstance(command, str):
         print(command, file=sys.stderr)
         return 2
+    if os.environ.get("REAPI_CC_DISABLE") != "1":
+        reply = ask_agent(
+            {
+                "op": "compile",
+                "cwd": os.getcwd(),
+                "argv": command,
+                "env": dict(os.environ),
+                "server": os.environ.get("REAPI_SERVER", "grpc://127.0.0.1:8980"),
+            },
+            COMPILE_TIMEOUT,
+        )
+        if reply is not None and reply.get("do") == "exit":
+            sys.stdout.buffer.write(base64.b64decode(reply["stdout"]))
+            sys.stderr.buffer.write(base64.b64decode(reply["stderr"]))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            return int(reply["code"])
     # exec: the compiler inherits our pid, streams, signals and exit status.
     os.execv(command[0], command)
     return 127  # not reached

@@ -10,6 +10,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from cas.merkle import build_tree
 from cas.remote import RemoteStore
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -21,28 +22,16 @@ Files = Mapping[str, bytes | tuple[bytes, bool]]
 
 
 def _tree(files: Files, blobs: dict[Digest, bytes]) -> Digest:
-    """Directory messages for `files`, added to `blobs`; returns the root's digest."""
-    here: dict[str, tuple[bytes, bool]] = {}
-    below: dict[str, dict[str, bytes | tuple[bytes, bool]]] = {}
+    """The input tree of `files`, its files and Directory messages added to `blobs`."""
+    entries = {}
     for path, value in files.items():
-        head, _, rest = path.partition("/")
-        content = value if isinstance(value, tuple) else (value, False)
-        if rest:
-            below.setdefault(head, {})[rest] = content
-        else:
-            here[head] = content
-    directory = re_pb2.Directory()
-    for name in sorted(here):
-        data, executable = here[name]
+        data, executable = value if isinstance(value, tuple) else (value, False)
         digest = SHA256.digest_of(data)
         blobs[digest] = data
-        directory.files.add(name=name, digest=digest.to_proto(), is_executable=executable)
-    for name in sorted(below):
-        directory.directories.add(name=name, digest=_tree(below[name], blobs).to_proto())
-    data = directory.SerializeToString(deterministic=True)
-    digest = SHA256.digest_of(data)
-    blobs[digest] = data
-    return digest
+        entries[path] = (digest, executable)
+    root, directories = build_tree(entries, SHA256)
+    blobs.update(directories)
+    return root
 
 
 async def upload_action(

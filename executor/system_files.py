@@ -1,0 +1,56 @@
+"""Checking that this worker's system files are the ones an action was built for.
+
+A client that relies on files outside the input tree (a compiler, its cc1,
+system headers) lists them in a manifest inside the input tree and names it (relative to the
+input root) in
+the Command's environment as REAPI_SYSTEM_FILES. Each line reads
+`HASH SIZE /absolute/path` (SHA256). Before running, the worker compares its
+own copies; any difference makes it refuse the action with FAILED_PRECONDITION
+instead of producing a silently different result. Since the manifest is an
+input, it is also part of the action's cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from reapi.errors import FailedPrecondition, InvalidArgument
+
+MANIFEST_VARIABLE = "REAPI_SYSTEM_FILES"
+
+# (path, size, mtime_ns, inode) -> sha256: system files rarely change.
+_digests: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    digest = _digests.get(key)
+    if digest is None:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                hasher.update(chunk)
+        digest = _digests[key] = hasher.hexdigest()
+    return digest
+
+
+def verify_system_files(root: Path, manifest: str) -> None:
+    """Raise FailedPrecondition if a listed file is missing or differs here."""
+    path = (root / manifest).resolve()
+    if root.resolve() not in path.parents:
+        raise InvalidArgument(f"{MANIFEST_VARIABLE} {manifest!r} is outside the input tree")
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        hash_, _size, name = line.split(" ", 2)
+        if file_sha256(name) != hash_:
+            raise FailedPrecondition(
+                f"system file {name} on this worker differs from the client's; refusing "
+                "to produce a different result"
+            )

@@ -1,0 +1,417 @@
+"""The shim's per-user agent: turns compiles into REAPI actions.
+
+Started on demand by `reapi-cc` (`python -m shim.agent`); listens on
+$REAPI_HOME/shim/agent.sock, keeps the gRPC channel, the digest cache and
+what the server is known to hold, and exits after IDLE_SECONDS without work.
+One agent per user: a lock file keeps a second one from starting.
+
+For each compile: classify; find the inputs (`deps` mode); build the Action;
+an action-cache hit writes the outputs at once; a miss executes remotely and
+uploads only the blobs the server lacks. Anything that goes wrong on the
+remote side answers "local", and `reapi-cc` runs the real compiler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cas.merkle import build_tree
+from cas.remote import RemoteStore
+from cas.store import get_blob
+from executor.sandbox import SANDBOX_ROOT
+from executor.system_files import MANIFEST_VARIABLE, file_sha256
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import ReapiError
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from shim.classify import Local, RemoteCompile, classify, expand_response_files
+from shim.inputs import (
+    DigestCache,
+    InputsUnknown,
+    input_root,
+    is_system,
+    preprocessor_dependencies,
+)
+from shim.options import Kind, lookup
+from shim.protocol import HEADER, decode_length, encode, socket_path, state_dir
+
+log = logging.getLogger("reapi.agent")
+
+IDLE_SECONDS = 600.0
+SHA256 = DigestFunction.SHA256
+MANIFEST = ".reapi/system-files"
+# Environment variables that change what gcc does: their presence keeps a compile local.
+COMPILER_ENVIRONMENT = (
+    "CPATH",
+    "C_INCLUDE_PATH",
+    "CPLUS_INCLUDE_PATH",
+    "OBJC_INCLUDE_PATH",
+    "DEPENDENCIES_OUTPUT",
+    "SUNPRO_DEPENDENCIES",
+    "GCC_EXEC_PREFIX",
+    "COMPILER_PATH",
+)
+# Passed to the remote compile so it behaves as the local one would.
+PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "LC_MESSAGES", "LC_CTYPE", "SOURCE_DATE_EPOCH")
+REMOTE_PATH = "/usr/local/bin:/usr/bin:/bin"
+STAT_KEYS = (
+    "invocations",
+    "cache_hits",
+    "remote_executions",
+    "local_fallbacks",
+    "bytes_uploaded",
+    "bytes_downloaded",
+)
+
+
+class Stats:
+    """Counters shown by `reapi-cc --stats`, kept in $REAPI_HOME/shim/stats.json."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.values: dict[str, Any] = {key: 0 for key in STAT_KEYS}
+        self.values["local_reasons"] = {}
+        with contextlib.suppress(OSError, ValueError):
+            self.values.update(json.loads(path.read_text()))
+        self.dirty = False
+
+    def add(self, key: str, amount: int = 1) -> None:
+        self.values[key] = self.values.get(key, 0) + amount
+        self.dirty = True
+
+    def local(self, reason: str) -> dict[str, Any]:
+        self.add("local_fallbacks")
+        reasons = self.values.setdefault("local_reasons", {})
+        reasons[reason] = reasons.get(reason, 0) + 1
+        return {"do": "local", "reason": reason}
+
+    def zero(self) -> None:
+        self.values = {key: 0 for key in STAT_KEYS} | {"local_reasons": {}}
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.values, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+            self.dirty = False
+
+
+class Remote:
+    """One server: its channel and stubs, and the blobs it is known to hold."""
+
+    def __init__(self, target: str) -> None:
+        scheme, _, address = target.partition("://")
+        if scheme not in ("grpc", "grpcs") or not address:
+            raise ValueError(f"REAPI_SERVER {target!r}: expected grpc://HOST:PORT")
+        self.channel = (
+            grpc.aio.secure_channel(address, grpc.ssl_channel_credentials())
+            if scheme == "grpcs"
+            else grpc.aio.insecure_channel(address)
+        )
+        self.store = RemoteStore(self.channel)
+        self.cache: Any = re_grpc.ActionCacheStub(self.channel)  # type: ignore[no-untyped-call]
+        self.execution: Any = re_grpc.ExecutionStub(self.channel)  # type: ignore[no-untyped-call]
+        self.present: set[Digest] = set()
+
+
+class Agent:
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.digests = DigestCache()
+        self._remotes: dict[str, Remote] = {}
+        self._identities: dict[tuple[str, int, int], list[str]] = {}
+        self.last_used = time.monotonic()
+
+    def remote(self, target: str) -> Remote:
+        if target not in self._remotes:
+            self._remotes[target] = Remote(target)
+        return self._remotes[target]
+
+    async def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        self.last_used = time.monotonic()
+        if request.get("op") == "stats":
+            return {"stats": self.stats.values}
+        if request.get("op") == "zero-stats":
+            self.stats.zero()
+            return {"stats": self.stats.values}
+        self.stats.add("invocations")
+        try:
+            return await self._compile(request)
+        except InputsUnknown as unknown:
+            return self.stats.local(str(unknown))
+        except (grpc.aio.AioRpcError, ReapiError, OSError, ValueError) as error:
+            log.warning("remote compile failed, compiling locally: %s", error)
+            return self.stats.local("remote-error")
+
+    async def _compile(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        cwd: str = request["cwd"]
+        compiler, *arguments = request["argv"]
+        env: dict[str, str] = dict(request["env"])
+
+        def read(path: str) -> str | None:
+            try:
+                return Path(cwd, path).read_text()
+            except OSError:
+                return None
+
+        arguments = expand_response_files(arguments, read)
+        decision = classify(arguments)
+        if isinstance(decision, Local):
+            return self.stats.local(decision.reason)
+        if any(name in env for name in COMPILER_ENVIRONMENT):
+            return self.stats.local("compiler-environment")
+        if _absolute_project_path(arguments):
+            return self.stats.local("absolute-project-path")
+        return await self._remote_compile(request, cwd, compiler, decision, env)
+
+    async def _remote_compile(
+        self,
+        request: Mapping[str, Any],
+        cwd: str,
+        compiler: str,
+        decision: RemoteCompile,
+        env: dict[str, str],
+    ) -> dict[str, Any]:
+        read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
+        project = [path for path in read if not is_system(path)]
+        root = input_root(cwd, project)
+        workdir = os.path.relpath(cwd, root)
+        workdir = "" if workdir == "." else workdir
+
+        files: dict[str, tuple[Digest, bool]] = {}
+        dated = False
+        for path in project:
+            info = self.digests.info(path)
+            files[os.path.relpath(path, root)] = (info.digest, False)
+            dated = dated or info.uses_date_time
+        manifest = self._manifest(compiler, [p for p in read if is_system(p)])
+        manifest_digest = SHA256.digest_of(manifest)
+        files[MANIFEST] = (manifest_digest, False)
+        root_digest, directories = build_tree(files, SHA256)
+
+        arguments = list(decision.arguments)
+        if any(a.startswith("-g") and a != "-g0" for a in arguments):
+            # Debug info names the compile's directory: make it this machine's.
+            arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
+        environment = {"PATH": REMOTE_PATH, MANIFEST_VARIABLE: MANIFEST}
+        environment.update({k: env[k] for k in PASSED_ENVIRONMENT if k in env})
+        outputs = sorted(
+            {
+                decision.output,
+                *decision.extra_outputs,
+                *([decision.dependency_file] if decision.dependency_file else []),
+            }
+        )
+        command = re_pb2.Command(
+            arguments=[compiler, *arguments],
+            environment_variables=[
+                re_pb2.Command.EnvironmentVariable(name=k, value=v)
+                for k, v in sorted(environment.items())
+            ],
+            output_paths=outputs,
+            working_directory=workdir,
+        )
+        command_data = command.SerializeToString(deterministic=True)
+        command_digest = SHA256.digest_of(command_data)
+        # __DATE__ and __TIME__ change every build unless SOURCE_DATE_EPOCH pins them.
+        uncacheable = dated and "SOURCE_DATE_EPOCH" not in env
+        action = re_pb2.Action(
+            command_digest=command_digest.to_proto(),
+            input_root_digest=root_digest.to_proto(),
+            do_not_cache=uncacheable,
+        )
+        action_data = action.SerializeToString(deterministic=True)
+        action_digest = SHA256.digest_of(action_data)
+
+        remote = self.remote(request.get("server") or "grpc://127.0.0.1:8980")
+        result: re_pb2.ActionResult | None = None
+        if not uncacheable:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                result = await remote.cache.GetActionResult(
+                    re_pb2.GetActionResultRequest(
+                        action_digest=action_digest.to_proto(),
+                        inline_stdout=True,
+                        inline_stderr=True,
+                    )
+                )
+        if result is not None:
+            self.stats.add("cache_hits")
+        else:
+            blobs = {
+                **directories,
+                manifest_digest: manifest,
+                command_digest: command_data,
+                action_digest: action_data,
+            }
+            await self._upload(remote, blobs, [d for d, _ in files.values()])
+            result = await self._execute(remote, action_digest)
+            self.stats.add("remote_executions")
+        if result.exit_code == 0 and decision.output not in {f.path for f in result.output_files}:
+            return self.stats.local("remote-output-missing")
+        await self._write_outputs(remote, cwd, result)
+        stdout = result.stdout_raw or await self._blob(remote, result, "stdout_digest")
+        stderr = result.stderr_raw or await self._blob(remote, result, "stderr_digest")
+        return {
+            "do": "exit",
+            "code": result.exit_code,
+            "stdout": base64.b64encode(stdout).decode(),
+            "stderr": base64.b64encode(stderr).decode(),
+        }
+
+    def _manifest(self, compiler: str, system_files: list[str]) -> bytes:
+        """`HASH SIZE PATH` lines for the compiler's programs and the system files read."""
+        stat = os.stat(compiler)
+        key = (compiler, stat.st_mtime_ns, stat.st_ino)
+        if key not in self._identities:
+            programs = [os.path.realpath(compiler)]
+            for program in ("cc1", "cc1plus", "as"):
+                found = _print_prog_name(compiler, program)
+                if found:
+                    programs.append(os.path.realpath(found))
+            self._identities[key] = programs
+        lines = []
+        for path in sorted({*self._identities[key], *system_files}):
+            digest = file_sha256(path)
+            if digest is not None:
+                lines.append(f"{digest} {os.path.getsize(path)} {path}")
+        return ("\n".join(lines) + "\n").encode()
+
+    async def _upload(
+        self, remote: Remote, blobs: dict[Digest, bytes], files: list[Digest]
+    ) -> None:
+        wanted = [d for d in {*blobs, *files} if d not in remote.present]
+        missing = set(await remote.store.find_missing(wanted))
+        payload = []
+        for digest in missing:
+            data = blobs.get(digest)
+            if data is None:
+                data = Path(self.digests.data[digest]).read_bytes()
+            payload.append((digest, data))
+        for error in await remote.store.put_many(payload):
+            if error is not None:
+                raise error
+        self.stats.add("bytes_uploaded", sum(len(data) for _, data in payload))
+        remote.present.update(wanted)
+
+    async def _execute(self, remote: Remote, action: Digest) -> re_pb2.ActionResult:
+        request = re_pb2.ExecuteRequest(
+            action_digest=action.to_proto(), inline_stdout=True, inline_stderr=True
+        )
+        last = None
+        async for operation in remote.execution.Execute(request, timeout=3600):
+            last = operation
+        response = re_pb2.ExecuteResponse()
+        if last is None or not last.done or not last.response.Unpack(response):
+            raise ValueError("the Execute stream ended without a result")
+        if response.status.code != 0:
+            raise ValueError(f"remote execution failed: {response.status.message}")
+        return response.result
+
+    async def _blob(self, remote: Remote, result: re_pb2.ActionResult, field: str) -> bytes:
+        if not result.HasField(field):
+            return b""
+        data = await get_blob(remote.store, Digest.from_proto(SHA256, getattr(result, field)))
+        self.stats.add("bytes_downloaded", len(data))
+        return data
+
+    async def _write_outputs(self, remote: Remote, cwd: str, result: re_pb2.ActionResult) -> None:
+        digests = [Digest.from_proto(SHA256, f.digest) for f in result.output_files]
+        found = await remote.store.get_many(digests)
+        for output, digest in zip(result.output_files, digests, strict=True):
+            data = found[digest]
+            self.stats.add("bytes_downloaded", len(data))
+            target = Path(cwd, output.path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.reapi-{os.getpid()}")
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o755 if output.is_executable else 0o644)
+            os.replace(tmp, target)
+
+
+def _print_prog_name(compiler: str, program: str) -> str | None:
+    try:
+        found = subprocess.run(
+            [compiler, f"-print-prog-name={program}"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def _absolute_project_path(arguments: list[str]) -> bool:
+    """An absolute path outside the system directories: the remote tree is
+    relative, so such a compile stays local."""
+    for argument in arguments:
+        value = argument
+        if argument.startswith("-"):
+            option, joined = lookup(argument)
+            if option is None or not option.kind & Kind.PATH or joined is None:
+                continue
+            value = joined
+        if os.path.isabs(value) and not is_system(value):
+            return True
+    return False
+
+
+async def _serve_connection(
+    agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    try:
+        length = decode_length(await reader.readexactly(HEADER.size))
+        request = json.loads(await reader.readexactly(length))
+        reply = await agent.handle(request)
+        writer.write(encode(reply))
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError) as error:
+        log.warning("bad request: %s", error)
+    finally:
+        writer.close()
+
+
+async def run_agent(idle_seconds: float = IDLE_SECONDS) -> None:
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "agent.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another agent serves this user
+        path = socket_path()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        (directory / "agent.pid").write_text(str(os.getpid()))
+        agent = Agent(Stats(directory / "stats.json"))
+        server = await asyncio.start_unix_server(
+            lambda r, w: _serve_connection(agent, r, w), path=str(path)
+        )
+        log.info("agent listening on %s", path)
+        async with server:
+            while time.monotonic() - agent.last_used < idle_seconds:
+                await asyncio.sleep(1.0)
+                agent.stats.flush()
+        agent.stats.flush()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s reapi-agent %(message)s")
+    asyncio.run(run_agent(float(os.environ.get("REAPI_AGENT_IDLE", IDLE_SECONDS))))
+
+
+if __name__ == "__main__":
+    main()

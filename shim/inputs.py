@@ -1,0 +1,130 @@
+"""Finding a compile's inputs (`deps` mode) and digesting them, with caches.
+
+`deps` asks the local preprocessor for the exact list of files the compile
+reads (`-M`, which includes system headers). Files under the system
+directories stay on the machines (the worker checks its copies against a
+manifest); every other file is shipped, at its path relative to the input
+root: the deepest directory holding the working directory and all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from reapi.digests import Digest, DigestFunction
+
+SYSTEM_DIRS = ("/usr/", "/lib/", "/lib64/", "/etc/", "/opt/")
+# Options whose only effect is an output: left out of the dependency query.
+_OUTPUT_OPTIONS_WITH_VALUE = ("-o", "-MF", "-MT", "-MQ")
+_OUTPUT_FLAGS = ("-c", "-S", "-MD", "-MMD", "-MP")
+
+
+class InputsUnknown(Exception):
+    """The inputs could not be determined; the message is a stats reason."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    digest: Digest
+    uses_date_time: bool  # mentions __DATE__ or __TIME__
+
+
+class DigestCache:
+    """SHA256 of files, keyed by (path, size, mtime, inode): one read per change."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str, int, int, int], FileInfo] = {}
+        self.data: dict[Digest, str] = {}  # digest -> a path holding it, for uploads
+
+    def info(self, path: str) -> FileInfo:
+        stat = os.stat(path)
+        key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        found = self._known.get(key)
+        if found is None:
+            with open(path, "rb") as file:
+                data = file.read()
+            digest = Digest(DigestFunction.SHA256, hashlib.sha256(data).hexdigest(), len(data))
+            found = FileInfo(digest, b"__DATE__" in data or b"__TIME__" in data)
+            self._known[key] = found
+        self.data[found.digest] = path
+        return found
+
+
+def dependency_query(compiler: str, arguments: Sequence[str]) -> list[str]:
+    """The compile's own arguments, outputs removed, asking for `-M` on stdout."""
+    query = [compiler]
+    skip = False
+    for argument in arguments:
+        if skip:
+            skip = False
+            continue
+        if argument in _OUTPUT_OPTIONS_WITH_VALUE:
+            skip = True
+            continue
+        if argument.startswith(_OUTPUT_OPTIONS_WITH_VALUE) or argument in _OUTPUT_FLAGS:
+            continue
+        if argument.startswith("-Wp,-M") or argument in ("--coverage", "-ftest-coverage"):
+            continue
+        query.append(argument)
+    return [*query, "-M"]
+
+
+def parse_make_rule(text: str) -> list[str]:
+    """The prerequisites of a `target: prereq ...` rule as gcc writes it."""
+    body = text.replace("\\\n", " ")
+    _target, sep, prerequisites = body.partition(": ")
+    if not sep:
+        raise InputsUnknown("unreadable-dependencies")
+    paths: list[str] = []
+    current = ""
+    index = 0
+    while index < len(prerequisites):
+        char = prerequisites[index]
+        if char == "\\" and index + 1 < len(prerequisites) and prerequisites[index + 1] == " ":
+            current += " "
+            index += 2
+            continue
+        if char.isspace():
+            if current:
+                paths.append(current)
+                current = ""
+        else:
+            current += char
+        index += 1
+    if current:
+        paths.append(current)
+    return paths
+
+
+async def preprocessor_dependencies(
+    compiler: str, arguments: Sequence[str], cwd: str, env: Mapping[str, str]
+) -> list[str]:
+    """Absolute paths of every file the compile reads, from the local `-M`."""
+    process = await asyncio.create_subprocess_exec(
+        *dependency_query(compiler, arguments),
+        cwd=cwd,
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise InputsUnknown("preprocessor-failed")  # the local compile shows the error
+    return [os.path.normpath(os.path.join(cwd, path)) for path in parse_make_rule(out.decode())]
+
+
+def is_system(path: str) -> bool:
+    return path.startswith(SYSTEM_DIRS)
+
+
+def input_root(cwd: str, project_files: Sequence[str]) -> str:
+    """The deepest directory holding `cwd` and every project file."""
+    root = os.path.commonpath([cwd, *project_files]) if project_files else cwd
+    if root == "/":
+        raise InputsUnknown("inputs-scattered")
+    return root

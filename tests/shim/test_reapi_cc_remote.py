@@ -1,0 +1,146 @@
+"""make through reapi-cc against the real server and a real worker: objects
+byte-identical to plain gcc, cache hits after `make clean` and in another
+checkout, compile errors as gcc reports them, and a dead server changes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ServerProcess
+
+MAKEFILE = """\
+CFLAGS ?= -O2 -Wall
+OBJS = main.o util.o lib/strings.o
+app: $(OBJS)
+\t$(CC) -o $@ $(OBJS)
+%.o: %.c
+\t$(CC) $(CFLAGS) -Iinclude -MMD -MP -c $< -o $@
+clean:
+\trm -f app $(OBJS) $(OBJS:.o=.d)
+-include $(OBJS:.o=.d)
+"""
+FILES = {
+    "Makefile": MAKEFILE,
+    "include/config.h": '#define GREETING "hello"\n',
+    "util.h": "int twice(int x);\n",
+    "main.c": '#include <stdio.h>\n#include "config.h"\n#include "util.h"\n'
+    "const char *shout(const char *s);\n"
+    'int main(void) { printf("%s %d %s\\n", GREETING, twice(21), shout("x")); '
+    "return 0; }\n",
+    "util.c": '#include "util.h"\nint twice(int x) { return 2 * x; }\n',
+    "lib/strings.c": "#include <ctype.h>\nstatic char b[64];\nconst char *shout(const char *s)"
+    " { int i = 0; for (; s[i] && i < 63; i++) b[i] = (char)toupper(s[i]); "
+    "b[i] = 0; return b; }\n",
+}
+OBJECTS = ["main.o", "util.o", "lib/strings.o"]
+
+
+def write_project(root: Path) -> Path:
+    for name, text in FILES.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def make(project: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "-j2", *args], cwd=project, env=env, capture_output=True, text=True, check=True
+    )
+
+
+def objects(project: Path) -> dict[str, bytes]:
+    return {name: (project / name).read_bytes() for name in [*OBJECTS, "main.d"]}
+
+
+@pytest.fixture
+def shim_env(tmp_path: Path, reapi_home: Path) -> Iterator[dict[str, str]]:
+    server = ServerProcess(tmp_path / "storage", workers=1)
+    env = dict(os.environ, REAPI_SERVER=f"grpc://{server.address}", REAPI_HOME=str(reapi_home))
+    env["CC"] = f"{shutil.which('reapi-cc')} gcc"
+    yield env
+    pid_file = reapi_home / "shim" / "agent.pid"
+    if pid_file.exists():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    server.stop()
+
+
+def stats(env: dict[str, str]) -> dict[str, int]:
+    out = subprocess.run(
+        ["reapi-cc", "--stats", "--json"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
+    reference = write_project(tmp_path / "reference")
+    make(reference, plain_env)
+    expected = objects(reference)
+
+    project = write_project(tmp_path / "project")
+    make(project, shim_env)
+    assert objects(project) == expected
+    assert subprocess.run([project / "app"], capture_output=True, text=True).stdout == (
+        "hello 42 X\n"
+    )
+    first = stats(shim_env)
+    assert first["remote_executions"] == 3, first
+    assert first["local_reasons"].get("link") == 1, first
+
+    make(project, shim_env, "clean")
+    make(project, shim_env)
+    assert objects(project) == expected
+    again = stats(shim_env)
+    assert again["cache_hits"] - first["cache_hits"] == 3, again
+    assert again["remote_executions"] == first["remote_executions"]
+
+    elsewhere = write_project(tmp_path / "second" / "checkout")
+    make(elsewhere, shim_env)
+    assert objects(elsewhere) == expected
+    assert stats(shim_env)["cache_hits"] - again["cache_hits"] == 3
+
+
+def test_debug_builds_match_too(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """Debug info names the compile's directory, so compare builds in one place."""
+    flags = "CFLAGS=-O1 -g"
+    plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
+    project = write_project(tmp_path / "project")
+    make(project, plain_env, flags)
+    expected = objects(project)
+    make(project, plain_env, "clean")
+    make(project, shim_env, flags)
+    assert objects(project) == expected
+    assert stats(shim_env)["remote_executions"] == 3
+
+
+def test_compile_errors_are_gccs_own(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    project = write_project(tmp_path / "project")
+    (project / "util.c").write_text('#include "util.h"\nint twice(int x) { return y; }\n')
+    command = ["-O2", "-Iinclude", "-c", "util.c", "-o", "util.o"]
+    local = subprocess.run(["gcc", *command], cwd=project, capture_output=True, text=True)
+    shim = subprocess.run(
+        ["reapi-cc", "gcc", *command], cwd=project, env=shim_env, capture_output=True, text=True
+    )
+    assert local.returncode != 0
+    assert (shim.returncode, shim.stderr) == (local.returncode, local.stderr)
+
+
+def test_a_dead_server_changes_nothing(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
+    reference = write_project(tmp_path / "reference")
+    make(reference, plain_env)
+    dead = shim_env | {"REAPI_SERVER": "grpc://127.0.0.1:1"}
+    project = write_project(tmp_path / "project")
+    make(project, dead)
+    assert objects(project) == objects(reference)
+    assert stats(dead)["local_reasons"].get("remote-error") == 3
