@@ -12,6 +12,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,7 @@ def shim_env(tmp_path: Path, reapi_home: Path) -> Iterator[dict[str, str]]:
     server.stop()
 
 
-def stats(env: dict[str, str]) -> dict[str, int]:
+def stats(env: dict[str, str]) -> dict[str, Any]:
     out = subprocess.run(
         ["reapi-cc", "--stats", "--json"], env=env, capture_output=True, text=True, check=True
     ).stdout
