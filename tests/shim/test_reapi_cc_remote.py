@@ -4,19 +4,10 @@ checkout, compile errors as gcc reports them, and a dead server changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
-
-from tests.helpers import ServerProcess
 
 MAKEFILE = """\
 CFLAGS ?= -O2 -Wall
@@ -60,19 +51,6 @@ def make(project: Path, env: dict[str, str], *args: str) -> subprocess.Completed
 
 def objects(project: Path) -> dict[str, bytes]:
     return {name: (project / name).read_bytes() for name in [*OBJECTS, "main.d"]}
-
-
-@pytest.fixture
-def shim_env(tmp_path: Path, reapi_home: Path) -> Iterator[dict[str, str]]:
-    server = ServerProcess(tmp_path / "storage", workers=1)
-    env = dict(os.environ, REAPI_SERVER=f"grpc://{server.address}", REAPI_HOME=str(reapi_home))
-    env["CC"] = f"{shutil.which('reapi-cc')} gcc"
-    yield env
-    pid_file = reapi_home / "shim" / "agent.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-    server.stop()
 
 
 def stats(env: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+"""Real C projects from Debian's source packages, built with make through reapi-cc
+against the real server and worker: every object byte-identical to a plain
+build, the project's own tests pass, and rebuilds (after `make clean`, or in a
+copy of the tree at another path) are all cache hits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEBSRC = Path(__file__).resolve().parents[3] / "shared" / "tools" / "debsrc.sh"
+
+
+def debian_source(name: str) -> Path:
+    """The unpacked source of Debian package `name` (downloaded once per machine)."""
+    script = DEBSRC if DEBSRC.exists() else Path("/work/shared/tools/debsrc.sh")
+    result = subprocess.run(
+        ["bash", str(script), name], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"debsrc.sh {name} failed: {result.stderr}"
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def stats(env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run(
+        ["reapi-cc", "--stats", "--json"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def objects(tree: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(tree)): p.read_bytes() for p in sorted(tree.rglob("*.o"))}
+
+
+@pytest.mark.slow
+def test_cjson(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    source = debian_source("cjson")
+    plain = shutil.copytree(source, tmp_path / "plain")
+    run(["make", "-j2", "CC=gcc -std=c89", "all"], plain)
+    expected = objects(plain)
+    assert set(expected) == {"cJSON.o", "cJSON_Utils.o"}
+
+    shim_cc = f"CC={shutil.which('reapi-cc')} gcc -std=c89"
+    tree = shutil.copytree(source, tmp_path / "tree")
+    run(["make", "-j2", shim_cc, "all"], tree, shim_env)
+    assert objects(tree) == expected
+    test = subprocess.run(
+        ["make", shim_cc, "test"], cwd=tree, env=shim_env, capture_output=True, text=True
+    )
+    assert test.returncode == 0, test.stdout + test.stderr
+    first = stats(shim_env)
+    assert first["remote_executions"] == 2, first
+
+    run(["make", "clean"], tree)
+    run(["make", "-j2", shim_cc, "all"], tree, shim_env)
+    assert objects(tree) == expected
+    elsewhere = shutil.copytree(source, tmp_path / "another" / "path")
+    subprocess.run(
+        ["make", "-j2", shim_cc, "all"],
+        cwd=elsewhere,
+        env=shim_env,
+        check=True,
+        capture_output=True,
+    )
+    assert objects(elsewhere) == expected
+    after = stats(shim_env)
+    assert after["cache_hits"] - first["cache_hits"] == 4, after
+    assert after["remote_executions"] == first["remote_executions"]
+    assert os.path.exists(tree / "cJSON_test")
