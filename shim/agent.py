@@ -23,6 +23,7 @@ import os
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,19 @@ from reapi.digests import Digest, DigestFunction
 from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from shim.classify import Local, RemoteCompile, classify, expand_response_files
+from shim.classify import (
+    Local,
+    RemoteCompile,
+    classify,
+    compile_only_arguments,
+    expand_response_files,
+)
 from shim.inputs import (
     DigestCache,
     InputsUnknown,
     input_root,
     is_system,
+    preprocess,
     preprocessor_dependencies,
 )
 from shim.options import Kind, lookup
@@ -75,6 +83,28 @@ STAT_KEYS = (
     "bytes_uploaded",
     "bytes_downloaded",
 )
+
+
+@dataclass
+class Prepared:
+    """A compile's remote side, as one input mode lays it out."""
+
+    files: dict[str, tuple[Digest, bool]]  # input path -> file digest (read from disk)
+    contents: dict[str, bytes]  # input path -> bytes made here (manifest, .i file)
+    workdir: str  # relative to the input root
+    arguments: list[str]  # for the remote compiler
+    outputs: list[str]  # relative to workdir
+    uncacheable: bool
+
+
+def _outputs(decision: RemoteCompile) -> list[str]:
+    extra = [decision.dependency_file] if decision.dependency_file else []
+    return sorted({decision.output, *decision.extra_outputs, *extra})
+
+
+def _relative_dir(cwd: str, root: str) -> str:
+    relative = os.path.relpath(cwd, root)
+    return "" if relative == "." else relative
 
 
 class Stats:
@@ -186,60 +216,43 @@ class Agent:
         decision: RemoteCompile,
         env: dict[str, str],
     ) -> dict[str, Any]:
-        read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
-        project = [path for path in read if not is_system(path)]
-        root = input_root(cwd, project)
-        workdir = os.path.relpath(cwd, root)
-        workdir = "" if workdir == "." else workdir
-
-        files: dict[str, tuple[Digest, bool]] = {}
-        dated = False
-        for path in project:
-            info = self.digests.info(path)
-            files[os.path.relpath(path, root)] = (info.digest, False)
-            dated = dated or info.uses_date_time
-        manifest = self._manifest(compiler, [p for p in read if is_system(p)])
-        manifest_digest = SHA256.digest_of(manifest)
-        files[MANIFEST] = (manifest_digest, False)
-        root_digest, directories = build_tree(files, SHA256)
-
-        arguments = list(decision.arguments)
-        if any(a.startswith("-g") and a != "-g0" for a in arguments):
-            # Debug info names the compile's directory: make it this machine's.
-            arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
+        mode = env.get("REAPI_CC_MODE", "deps")
+        # A debug build from preprocessed text differs from the local compile (its line
+        # tables name the .i file), even on this machine: debug builds take `deps` inputs.
+        debug = any(a.startswith("-g") and a != "-g0" for a in decision.arguments)
+        if mode == "cpp" and not debug:
+            prepared = await self._prepare_cpp(cwd, compiler, decision, env)
+        else:
+            prepared = await self._prepare_deps(cwd, compiler, decision, env)
+        function = SHA256
+        files = dict(prepared.files)
+        for path, data in prepared.contents.items():
+            files[path] = (function.digest_of(data), False)
+        root_digest, directories = build_tree(files, function)
         environment = {"PATH": REMOTE_PATH, MANIFEST_VARIABLE: MANIFEST}
         environment.update({k: env[k] for k in PASSED_ENVIRONMENT if k in env})
-        outputs = sorted(
-            {
-                decision.output,
-                *decision.extra_outputs,
-                *([decision.dependency_file] if decision.dependency_file else []),
-            }
-        )
         command = re_pb2.Command(
-            arguments=[compiler, *arguments],
+            arguments=[compiler, *prepared.arguments],
             environment_variables=[
                 re_pb2.Command.EnvironmentVariable(name=k, value=v)
                 for k, v in sorted(environment.items())
             ],
-            output_paths=outputs,
-            working_directory=workdir,
+            output_paths=sorted(prepared.outputs),
+            working_directory=prepared.workdir,
         )
         command_data = command.SerializeToString(deterministic=True)
-        command_digest = SHA256.digest_of(command_data)
-        # __DATE__ and __TIME__ change every build unless SOURCE_DATE_EPOCH pins them.
-        uncacheable = dated and "SOURCE_DATE_EPOCH" not in env
+        command_digest = function.digest_of(command_data)
         action = re_pb2.Action(
             command_digest=command_digest.to_proto(),
             input_root_digest=root_digest.to_proto(),
-            do_not_cache=uncacheable,
+            do_not_cache=prepared.uncacheable,
         )
         action_data = action.SerializeToString(deterministic=True)
-        action_digest = SHA256.digest_of(action_data)
+        action_digest = function.digest_of(action_data)
 
         remote = self.remote(request.get("server") or "grpc://127.0.0.1:8980")
         result: re_pb2.ActionResult | None = None
-        if not uncacheable:
+        if not prepared.uncacheable:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 result = await remote.cache.GetActionResult(
                     re_pb2.GetActionResultRequest(
@@ -251,13 +264,9 @@ class Agent:
         if result is not None:
             self.stats.add("cache_hits")
         else:
-            blobs = {
-                **directories,
-                manifest_digest: manifest,
-                command_digest: command_data,
-                action_digest: action_data,
-            }
-            await self._upload(remote, blobs, [d for d, _ in files.values()])
+            blobs = {**directories, command_digest: command_data, action_digest: action_data}
+            blobs.update({function.digest_of(d): d for d in prepared.contents.values()})
+            await self._upload(remote, blobs, [d for d, _ in prepared.files.values()])
             result = await self._execute(remote, action_digest)
             self.stats.add("remote_executions")
         if result.exit_code == 0 and decision.output not in {f.path for f in result.output_files}:
@@ -271,6 +280,62 @@ class Agent:
             "stdout": base64.b64encode(stdout).decode(),
             "stderr": base64.b64encode(stderr).decode(),
         }
+
+    async def _prepare_deps(
+        self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
+    ) -> Prepared:
+        """`deps`: ship the source and project headers the local `-M` lists."""
+        read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
+        project = [path for path in read if not is_system(path)]
+        outputs = _outputs(decision)
+        root = input_root(cwd, [*project, *(os.path.join(cwd, o) for o in outputs)])
+        files: dict[str, tuple[Digest, bool]] = {}
+        dated = False
+        for path in project:
+            info = self.digests.info(path)
+            files[os.path.relpath(path, root)] = (info.digest, False)
+            dated = dated or info.uses_date_time
+        arguments = list(decision.arguments)
+        if any(a.startswith("-g") and a != "-g0" for a in arguments):
+            # Debug info names the compile's directory: make it this machine's.
+            arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
+        manifest = self._manifest(compiler, [p for p in read if is_system(p)])
+        return Prepared(
+            files=files,
+            contents={MANIFEST: manifest},
+            workdir=_relative_dir(cwd, root),
+            arguments=arguments,
+            outputs=outputs,
+            # __DATE__ and __TIME__ change every build unless SOURCE_DATE_EPOCH pins them.
+            uncacheable=dated and "SOURCE_DATE_EPOCH" not in env,
+        )
+
+    async def _prepare_cpp(
+        self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
+    ) -> Prepared:
+        """`cpp` (distcc's plain mode): preprocess here, ship the result; the
+        dependency file is written here by the preprocessor."""
+        text = await preprocess(
+            compiler, decision.arguments, decision.output, decision.dependency_file, cwd, env
+        )
+        suffix = ".ii" if decision.language.startswith("c++") else ".i"
+        preprocessed = os.path.splitext(os.path.normpath(decision.source))[0] + suffix
+        outputs = [o for o in _outputs(decision) if o != decision.dependency_file]
+        root = input_root(cwd, [os.path.join(cwd, p) for p in [preprocessed, *outputs]])
+        workdir = _relative_dir(cwd, root)
+        language = "c++-cpp-output" if suffix == ".ii" else "cpp-output"
+        arguments = [*compile_only_arguments(decision.arguments), "-x", language, preprocessed]
+        return Prepared(
+            files={},
+            contents={
+                os.path.normpath(os.path.join(workdir, preprocessed)): text,
+                MANIFEST: self._manifest(compiler, []),
+            },
+            workdir=workdir,
+            arguments=arguments,
+            outputs=outputs,
+            uncacheable=False,  # __DATE__ and __TIME__ are already expanded in the text
+        )
 
     def _manifest(self, compiler: str, system_files: list[str]) -> bytes:
         """`HASH SIZE PATH` lines for the compiler's programs and the system files read."""

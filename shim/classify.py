@@ -168,3 +168,31 @@ def expand_response_files(arguments: Sequence[str], read: ReadFile, depth: int =
                 continue
         expanded.append(argument)
     return expanded
+
+
+def compile_only_arguments(arguments: Sequence[str]) -> list[str]:
+    """`arguments` without what only preprocessing needs (include paths,
+    macros, dependency files), without the language and without the source:
+    what compiling an already preprocessed file takes."""
+    kept: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        index += 1
+        if not argument.startswith("-"):
+            continue  # the source
+        option, value = lookup(argument)
+        separate = option is not None and option.kind & Kind.SEPARATE and value is None
+        dropped = option is not None and (
+            option.kind & (Kind.CPP | Kind.DEPS) or option.name in ("-x", "-Wp,")
+        )
+        if dropped and option is not None and option.name in ("-std=", "-ansi"):
+            dropped = False  # the language dialect matters to the compiler proper too
+        if dropped:
+            index += 1 if separate else 0
+            continue
+        kept.append(argument)
+        if separate and index < len(arguments):
+            kept.append(arguments[index])
+            index += 1
+    return kept

@@ -128,3 +128,54 @@ def input_root(cwd: str, project_files: Sequence[str]) -> str:
     if root == "/":
         raise InputsUnknown("inputs-scattered")
     return root
+
+
+def preprocess_query(
+    compiler: str, arguments: Sequence[str], output: str, dependency_file: str | None
+) -> list[str]:
+    """The compile's arguments turned into a local preprocessing run (`-E` to
+    stdout) that also writes the compile's dependency file, with the names the
+    compile itself would have used."""
+    query = [compiler]
+    skip = has_target = has_file = False
+    for argument in arguments:
+        if skip:
+            skip = False
+            continue
+        if argument == "-o":
+            skip = True
+            continue
+        if argument.startswith("-o") or argument in ("-c", "-S"):
+            continue
+        has_target = has_target or argument.startswith(("-MT", "-MQ"))
+        has_file = has_file or argument.startswith("-MF")
+        query.append(argument)
+    if dependency_file is not None and not any(a.startswith("-Wp,-M") for a in arguments):
+        if not has_file:
+            query += ["-MF", dependency_file]
+        if not has_target:
+            query += ["-MT", output]
+    return [*query, "-E", "-o", "-"]
+
+
+async def preprocess(
+    compiler: str,
+    arguments: Sequence[str],
+    output: str,
+    dependency_file: str | None,
+    cwd: str,
+    env: Mapping[str, str],
+) -> bytes:
+    """The preprocessed source (`cpp` mode); writes the dependency file here."""
+    process = await asyncio.create_subprocess_exec(
+        *preprocess_query(compiler, arguments, output, dependency_file),
+        cwd=cwd,
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise InputsUnknown("preprocessor-failed")
+    return out

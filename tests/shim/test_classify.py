@@ -6,7 +6,14 @@ import shlex
 
 import pytest
 
-from shim.classify import Local, RemoteCompile, classify, expand_response_files
+from shim.classify import (
+    Local,
+    RemoteCompile,
+    classify,
+    compile_only_arguments,
+    expand_response_files,
+)
+from shim.inputs import dependency_query, preprocess_query
 from shim.options import OPTIONS, Kind, lookup
 
 KERNEL = (
@@ -172,3 +179,49 @@ def test_option_table_is_sorted_and_sane() -> None:
 def test_lookup_takes_the_longest_match(argument: str, name: str, value: str | None) -> None:
     option, found = lookup(argument)
     assert option is not None and (option.name, found) == (name, value)
+
+
+def test_compile_only_arguments_drop_preprocessing() -> None:
+    arguments = shlex.split(
+        "-std=gnu99 -ansi -I inc -Iother -DX=1 -include cfg.h -O2 -MMD -MF a.d -MT a.o "
+        "-Wp,-MD,k.d -x c -Wall -c src/a.c -o a.o"
+    )
+    assert compile_only_arguments(arguments) == [
+        "-std=gnu99",
+        "-ansi",
+        "-O2",
+        "-Wall",
+        "-c",
+        "-o",
+        "a.o",
+    ]
+
+
+def test_preprocess_query_keeps_the_dependency_file_names() -> None:
+    query = preprocess_query(
+        "gcc", shlex.split("-Iinc -MMD -c src/a.c -o obj/a.o"), "obj/a.o", "obj/a.d"
+    )
+    assert query == [
+        "gcc",
+        "-Iinc",
+        "-MMD",
+        "src/a.c",
+        "-MF",
+        "obj/a.d",
+        "-MT",
+        "obj/a.o",
+        "-E",
+        "-o",
+        "-",
+    ]
+    kernel = preprocess_query("gcc", shlex.split("-Wp,-MMD,.a.o.d -c a.c -o a.o"), "a.o", ".a.o.d")
+    assert kernel == ["gcc", "-Wp,-MMD,.a.o.d", "a.c", "-E", "-o", "-"]
+
+
+def test_dependency_query_removes_outputs() -> None:
+    assert dependency_query("gcc", shlex.split("-Iinc -MMD -MF a.d -MT x -c a.c -o a.o")) == [
+        "gcc",
+        "-Iinc",
+        "a.c",
+        "-M",
+    ]

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 MAKEFILE = """\
 CFLAGS ?= -O2 -Wall
 OBJS = main.o util.o lib/strings.o
@@ -60,7 +62,9 @@ def stats(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
-def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("mode", ["deps", "cpp"])
+def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
+    shim_env = shim_env | {"REAPI_CC_MODE": mode}
     plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
     reference = write_project(tmp_path / "reference")
     make(reference, plain_env)
@@ -89,8 +93,10 @@ def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str]) -> None
     assert stats(shim_env)["cache_hits"] - again["cache_hits"] == 3
 
 
-def test_debug_builds_match_too(tmp_path: Path, shim_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("mode", ["deps", "cpp"])
+def test_debug_builds_match_too(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
     """Debug info names the compile's directory, so compare builds in one place."""
+    shim_env = shim_env | {"REAPI_CC_MODE": mode}
     flags = "CFLAGS=-O1 -g"
     plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
     project = write_project(tmp_path / "project")
