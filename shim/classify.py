@@ -49,7 +49,7 @@ class RemoteCompile:
     output: str  # the object (or assembly, with -S)
     # Dependency file written as a side effect (-MD/-MMD, or -Wp,-MD,file), if any.
     dependency_file: str | None = None
-    # Other files the compile writes: .dwo (-gsplit-dwarf), .gcno (--coverage).
+    # Other files the compile writes: .dwo (-gsplit-dwarf).
     extra_outputs: tuple[str, ...] = ()
     # The arguments that shape preprocessing, for input discovery to repeat.
     preprocessor_arguments: tuple[str, ...] = ()
@@ -67,7 +67,7 @@ def classify(arguments: Sequence[str]) -> Decision:
     sources: list[str] = []
     output: str | None = None
     language: str | None = None
-    compile_only = assemble_only = wants_deps = split_dwarf = coverage = False
+    compile_only = assemble_only = wants_deps = split_dwarf = False
     dep_file: str | None = None
     wp_dep_file: str | None = None
     cpp: list[str] = []
@@ -86,9 +86,7 @@ def classify(arguments: Sequence[str]) -> Decision:
             return Local("native-arch")
         option, value = lookup(argument)
         if option is None:
-            if argument == "-ftest-coverage":
-                coverage = True
-            elif not argument.startswith(FAMILIES):
+            if not argument.startswith(FAMILIES):
                 return Local("unknown-option")
             continue
         if option.kind & Kind.LOCAL:
@@ -115,8 +113,6 @@ def classify(arguments: Sequence[str]) -> Decision:
             dep_file = value
         elif name == "-g" and value == "split-dwarf":
             split_dwarf = True
-        elif name == "--coverage":
-            coverage = True
         elif name == "-Wp,":
             # The kernel's `-Wp,-MD,file`: a dependency file; other passthroughs are too hard.
             parts = (value or "").split(",")
@@ -142,8 +138,6 @@ def classify(arguments: Sequence[str]) -> Decision:
     extra = []
     if split_dwarf and not assemble_only:
         extra.append(_with_suffix(output, ".dwo"))
-    if coverage:
-        extra.append(_with_suffix(output, ".gcno"))
     return RemoteCompile(
         arguments=tuple(arguments),
         source=source,

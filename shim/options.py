@@ -7,6 +7,9 @@ argument (`-I include`, `-o out.o`). Options in no entry fall to the families
 at the bottom (`-W...`, `-f...`, `-m...`), and anything still unknown keeps
 the compile local: we never send what we do not understand.
 
+Coverage and profile generation stay local: the object embeds the absolute path
+its .gcda file will be written to, which a remote compile would get wrong.
+
 Kinds, combined as flags:
     SEPARATE   the value may be the next argument
     PATH       the value is a file or directory the compile reads or writes
@@ -45,7 +48,7 @@ N = Kind.NONE
 
 # Sorted by name, each name once (a test keeps it so).
 OPTIONS: tuple[Option, ...] = (
-    Option("--coverage", N),
+    Option("--coverage", L, reason="coverage"),
     Option("--param", S),
     Option("--sysroot", S | P | C, prefix=True),
     Option("-B", S | P | L, prefix=True, reason="tool-search-path"),
@@ -77,7 +80,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("-dumpversion", L, reason="query"),
     Option("-fdump-", L, prefix=True, reason="dump-files"),
     Option("-fplugin", L, prefix=True, reason="compiler-plugin"),
+    Option("-fprofile-arcs", L, reason="coverage"),
+    Option("-fprofile-generate", L, prefix=True, reason="profile-generate"),
     Option("-fprofile-use", L, prefix=True, reason="profile-use"),
+    Option("-ftest-coverage", L, reason="coverage"),
     Option("-g", N, prefix=True),
     Option("-idirafter", S | P | C, prefix=True),
     Option("-imacros", S | P | C, prefix=True),

@@ -52,8 +52,6 @@ CMAKE = (
         ("-xc -c weird.txt", "weird.txt", "weird.o", "c", None, ()),
         ("-std=c++17 -fPIC -c engine.cpp -o engine.o", "engine.cpp", "engine.o", "c++", None, ()),
         ("-gsplit-dwarf -c a.c -o out/a.o", "a.c", "out/a.o", "c", None, ("out/a.dwo",)),
-        ("--coverage -c a.c -o a.o", "a.c", "a.o", "c", None, ("a.gcno",)),
-        ("-ftest-coverage -fprofile-arcs -c a.c", "a.c", "a.o", "c", None, ("a.gcno",)),
         ("-c start.S -o start.o", "start.S", "start.o", "assembler-with-cpp", None, ()),
         ("-isystem /opt/include -include config.h -c m.cc", "m.cc", "m.o", "c++", None, ()),
         ("-c -o lib.o lib.c -Wl,-z,defs -pthread", "lib.c", "lib.o", "c", None, ()),
@@ -108,6 +106,9 @@ def test_remote_compiles(
         ("-MG -MD -c a.c", "missing-headers-allowed"),
         ("-specs=my.specs -c a.c", "specs-file"),
         ("@unexpanded.rsp", "response-file"),
+        ("--coverage -c a.c -o a.o", "coverage"),
+        ("-ftest-coverage -fprofile-arcs -c a.c", "coverage"),
+        ("-fprofile-generate -c a.c", "profile-generate"),
     ],
 )
 def test_local_decisions(command: str, reason: str) -> None:

@@ -33,6 +33,13 @@ def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str
     return result.stdout
 
 
+def build_cjson(tree: Path, cc: str, env: dict[str, str] | None = None) -> None:
+    """cJSON's Makefile links cJSON.o into libcjson_utils without depending on it,
+    so `make -j` races: compile the objects in parallel, then link serially."""
+    run(["make", "-j2", cc, "cJSON.o", "cJSON_Utils.o"], tree, env)
+    run(["make", cc, "all"], tree, env)
+
+
 def stats(env: dict[str, str]) -> dict[str, Any]:
     out = subprocess.run(
         ["reapi-cc", "--stats", "--json"], env=env, capture_output=True, text=True, check=True
@@ -48,13 +55,13 @@ def objects(tree: Path) -> dict[str, bytes]:
 def test_cjson(tmp_path: Path, shim_env: dict[str, str]) -> None:
     source = debian_source("cjson")
     plain = shutil.copytree(source, tmp_path / "plain")
-    run(["make", "-j2", "CC=gcc -std=c89", "all"], plain)
+    build_cjson(plain, "CC=gcc -std=c89")
     expected = objects(plain)
     assert set(expected) == {"cJSON.o", "cJSON_Utils.o"}
 
     shim_cc = f"CC={shutil.which('reapi-cc')} gcc -std=c89"
     tree = shutil.copytree(source, tmp_path / "tree")
-    run(["make", "-j2", shim_cc, "all"], tree, shim_env)
+    build_cjson(tree, shim_cc, shim_env)
     assert objects(tree) == expected
     test = subprocess.run(
         ["make", shim_cc, "test"], cwd=tree, env=shim_env, capture_output=True, text=True
@@ -64,16 +71,10 @@ def test_cjson(tmp_path: Path, shim_env: dict[str, str]) -> None:
     assert first["remote_executions"] == 2, first
 
     run(["make", "clean"], tree)
-    run(["make", "-j2", shim_cc, "all"], tree, shim_env)
+    build_cjson(tree, shim_cc, shim_env)
     assert objects(tree) == expected
     elsewhere = shutil.copytree(source, tmp_path / "another" / "path")
-    subprocess.run(
-        ["make", "-j2", shim_cc, "all"],
-        cwd=elsewhere,
-        env=shim_env,
-        check=True,
-        capture_output=True,
-    )
+    build_cjson(elsewhere, shim_cc, shim_env)
     assert objects(elsewhere) == expected
     after = stats(shim_env)
     assert after["cache_hits"] - first["cache_hits"] == 4, after

@@ -4,12 +4,19 @@ checkout, compile errors as gcc reports them, and a dead server changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import ServerProcess
 
 MAKEFILE = """\
 CFLAGS ?= -O2 -Wall
@@ -129,3 +136,53 @@ def test_a_dead_server_changes_nothing(tmp_path: Path, shim_env: dict[str, str])
     make(project, dead)
     assert objects(project) == objects(reference)
     assert stats(dead)["local_reasons"].get("remote-error") == 3
+
+
+def test_server_killed_mid_build(tmp_path: Path, reapi_home: Path) -> None:
+    """The server dies while make runs: the build completes, objects identical."""
+    many = {f"gen{n}.c": f"int gen{n}(int x) {{ return x * {n} + {n}; }}\n" for n in range(40)}
+    plain = tmp_path / "plain"
+    shimmed = tmp_path / "shimmed"
+    makefile = "OBJS = " + " ".join(f"gen{n}.o" for n in range(40)) + "\nall: $(OBJS)\n"
+    for tree in (plain, shimmed):
+        tree.mkdir()
+        (tree / "Makefile").write_text(makefile)
+        for name, text in many.items():
+            (tree / name).write_text(text)
+    subprocess.run(["make", "-j2", "CC=gcc"], cwd=plain, check=True, capture_output=True)
+    server = ServerProcess(tmp_path / "storage", workers=1)
+    env = dict(os.environ, REAPI_SERVER=f"grpc://{server.address}", REAPI_HOME=str(reapi_home))
+    build = subprocess.Popen(
+        ["make", "-j2", f"CC={shutil.which('reapi-cc')} gcc"],
+        cwd=shimmed,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    while not any(shimmed.glob("*.o")) and build.poll() is None:
+        time.sleep(0.01)
+    server.kill()
+    _out, err = build.communicate(timeout=300)
+    try:
+        assert build.returncode == 0, err
+        for n in range(40):
+            assert (shimmed / f"gen{n}.o").read_bytes() == (plain / f"gen{n}.o").read_bytes()
+        reasons = stats(env)["local_reasons"]
+        assert reasons.get("remote-error", 0) > 0, reasons
+    finally:
+        pid_file = reapi_home / "shim" / "agent.pid"
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def test_split_dwarf_output(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    project = write_project(tmp_path / "project")
+    command = ["-O1", "-gsplit-dwarf", "-Iinclude", "-c", "util.c", "-o", "out/util.o"]
+    (project / "out").mkdir()
+    subprocess.run(["gcc", *command], cwd=project, check=True)
+    expected = {name: (project / name).read_bytes() for name in ("out/util.o", "out/util.dwo")}
+    for name in expected:
+        (project / name).unlink()
+    subprocess.run(["reapi-cc", "gcc", *command], cwd=project, env=shim_env, check=True)
+    assert {name: (project / name).read_bytes() for name in expected} == expected
+    assert stats(shim_env)["remote_executions"] == 1
