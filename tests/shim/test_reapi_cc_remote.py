@@ -186,3 +186,27 @@ def test_split_dwarf_output(tmp_path: Path, shim_env: dict[str, str]) -> None:
     subprocess.run(["reapi-cc", "gcc", *command], cwd=project, env=shim_env, check=True)
     assert {name: (project / name).read_bytes() for name in expected} == expected
     assert stats(shim_env)["remote_executions"] == 1
+
+
+def test_stats_and_zero_stats(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    project = write_project(tmp_path / "project")
+    make(project, shim_env)
+    counted = stats(shim_env)
+    assert set(counted) >= {
+        "invocations",
+        "cache_hits",
+        "remote_executions",
+        "local_fallbacks",
+        "local_reasons",
+        "bytes_uploaded",
+        "bytes_downloaded",
+    }
+    assert counted["invocations"] == 4 and counted["bytes_uploaded"] > 0
+    assert counted["bytes_downloaded"] > 0
+    human = subprocess.run(
+        ["reapi-cc", "--stats"], env=shim_env, capture_output=True, text=True, check=True
+    ).stdout
+    assert "remote executions" in human and "local: link" in human
+    subprocess.run(["reapi-cc", "--zero-stats"], env=shim_env, check=True)
+    zeroed = stats(shim_env)
+    assert zeroed["invocations"] == 0 and zeroed["local_reasons"] == {}
