@@ -16,7 +16,7 @@ from cas.tree import read_tree
 from executor.local_cache import LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Sandbox
-from executor.system_files import MANIFEST_VARIABLE, verify_system_files
+from reapi.conventions import MANIFEST_VARIABLE, verify_system_files
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2

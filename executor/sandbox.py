@@ -19,9 +19,10 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from reapi.conventions import SANDBOX_ROOT
+
 log = logging.getLogger(__name__)
 
-SANDBOX_ROOT = "/build"
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 # Inside the user namespace the action runs as this (unprivileged) user.
 SANDBOX_UID = 1000

@@ -32,8 +32,7 @@ import grpc
 from cas.merkle import build_tree
 from cas.remote import RemoteStore
 from cas.store import get_blob
-from executor.sandbox import SANDBOX_ROOT
-from executor.system_files import MANIFEST_VARIABLE, file_sha256
+from reapi.conventions import MANIFEST_VARIABLE, SANDBOX_ROOT, file_sha256
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2

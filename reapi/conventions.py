@@ -1,4 +1,10 @@
-"""Checking that this worker's system files are the ones an action was built for.
+"""Conventions between our clients (the shim) and our workers, beyond REAPI.
+
+Where the input root is: workers mount it at SANDBOX_ROOT, so a client can map
+that path back to its own (e.g. -fdebug-prefix-map) and results do not depend
+on which worker ran them.
+
+Which system files an action relies on, and checking them on the worker:
 
 A client that relies on files outside the input tree (a compiler, its cc1,
 system headers) lists them in a manifest inside the input tree and names it (relative to the
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from reapi.errors import FailedPrecondition, InvalidArgument
 
+SANDBOX_ROOT = "/build"
 MANIFEST_VARIABLE = "REAPI_SYSTEM_FILES"
 
 # (path, size, mtime_ns, inode) -> sha256: system files rarely change.
