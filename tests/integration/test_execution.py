@@ -12,6 +12,7 @@ from google.rpc import code_pb2
 
 from cas.disk import DiskStore
 from cas.remote import RemoteStore
+from reapi.conventions import file_sha256
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.actions import (
     SHA256,
@@ -280,3 +281,22 @@ async def test_absolute_input_symlink_is_invalid(channel: grpc.aio.Channel) -> N
         await execute(channel, action_digest)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "absolute targets are not allowed" in (raised.value.details() or "")
+
+
+async def test_worker_refuses_when_its_system_files_differ(channel: grpc.aio.Channel) -> None:
+    real = file_sha256("/bin/sh")
+    assert real is not None
+    for digest, expect_ok in ((real, True), ("0" * 64, False)):
+        manifest = f"{digest} 0 /bin/sh\n".encode()
+        action = await upload_action(
+            channel,
+            ["/bin/sh", "-c", "echo ran"],
+            files={".reapi/system-files": manifest},
+            env={"PATH": "/bin", "REAPI_SYSTEM_FILES": ".reapi/system-files"},
+        )
+        _ops, response = await execute(channel, action, inline_stdout=True)
+        if expect_ok:
+            assert response.status.code == code_pb2.OK and response.result.stdout_raw == b"ran\n"
+        else:
+            assert response.status.code == code_pb2.FAILED_PRECONDITION
+            assert "/bin/sh on this worker differs" in response.status.message
