@@ -80,3 +80,38 @@ def test_cjson(tmp_path: Path, shim_env: dict[str, str]) -> None:
     assert after["cache_hits"] - first["cache_hits"] == 4, after
     assert after["remote_executions"] == first["remote_executions"]
     assert os.path.exists(tree / "cJSON_test")
+
+
+@pytest.mark.slow
+def test_zlib_configure_and_make(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    source = debian_source("zlib")
+    shim = f"{shutil.which('reapi-cc')} gcc"
+
+    def configure_and_build(tree: Path, cc: str, env: dict[str, str] | None) -> dict[str, str]:
+        run(["env", f"CC={cc}", "./configure"], tree, env)
+        configured = {
+            name: (tree / name).read_text().replace(cc, "CC") for name in ("Makefile", "zconf.h")
+        }
+        run(["make", "-j2"], tree, env)
+        return configured
+
+    plain = shutil.copytree(source, tmp_path / "plain")
+    expected_config = configure_and_build(plain, "gcc", None)
+    expected = objects(plain)
+    assert len(expected) > 15
+
+    tree = shutil.copytree(source, tmp_path / "tree")
+    assert configure_and_build(tree, shim, shim_env) == expected_config
+    assert objects(tree) == expected
+    run(["make", "test"], tree, shim_env)
+    first = stats(shim_env)
+    assert first["remote_executions"] >= len(expected), first
+
+    run(["make", "distclean"], tree, shim_env)
+    configure_and_build(tree, shim, shim_env)
+    assert objects(tree) == expected
+    elsewhere = shutil.copytree(source, tmp_path / "another" / "place")
+    configure_and_build(elsewhere, shim, shim_env)
+    assert objects(elsewhere) == expected
+    after = stats(shim_env)
+    assert after["cache_hits"] - first["cache_hits"] >= 2 * len(expected), after
