@@ -210,3 +210,37 @@ def test_stats_and_zero_stats(tmp_path: Path, shim_env: dict[str, str]) -> None:
     subprocess.run(["reapi-cc", "--zero-stats"], env=shim_env, check=True)
     zeroed = stats(shim_env)
     assert zeroed["invocations"] == 0 and zeroed["local_reasons"] == {}
+
+
+def test_cxx_and_masquerade_symlinks(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """`g++` through the shim, reached as a symlink named like the compiler on PATH."""
+    sources = {
+        "shapes.hpp": "#pragma once\n#include <string>\n#include <vector>\n"
+        "std::vector<std::string> names(int n);\n",
+        "shapes.cpp": '#include "shapes.hpp"\nstd::vector<std::string> names(int n) {\n'
+        "  std::vector<std::string> out;\n  for (int i = 0; i < n; ++i) "
+        'out.push_back("shape" + std::to_string(i));\n  return out;\n}\n',
+        "main.cpp": '#include <iostream>\n#include "shapes.hpp"\nint main() {\n'
+        '  for (const auto& n : names(3)) std::cout << n << "\\n";\n}\n',
+        "Makefile": "app: main.o shapes.o\n\t$(CXX) -o $@ $^\n"
+        "%.o: %.cpp\n\t$(CXX) -O2 -std=c++17 -MMD -c $< -o $@\n",
+    }
+    trees = {}
+    for name in ("plain", "shimmed"):
+        trees[name] = tmp_path / name
+        trees[name].mkdir()
+        for file, text in sources.items():
+            (trees[name] / file).write_text(text)
+    subprocess.run(["make", "-j2", "CXX=g++"], cwd=trees["plain"], check=True, capture_output=True)
+    masquerade = tmp_path / "bin"
+    masquerade.mkdir()
+    (masquerade / "g++").symlink_to(shutil.which("reapi-cc") or "reapi-cc")
+    env = shim_env | {"PATH": f"{masquerade}:{shim_env['PATH']}"}
+    subprocess.run(
+        ["make", "-j2", "CXX=g++"], cwd=trees["shimmed"], env=env, check=True, capture_output=True
+    )
+    for name in ("main.o", "shapes.o", "main.d", "shapes.d"):
+        assert (trees["shimmed"] / name).read_bytes() == (trees["plain"] / name).read_bytes()
+    run = subprocess.run([trees["shimmed"] / "app"], capture_output=True, text=True)
+    assert run.stdout == "shape0\nshape1\nshape2\n"
+    assert stats(env)["remote_executions"] == 2
