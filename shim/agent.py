@@ -53,7 +53,7 @@ from shim.inputs import (
     preprocessor_dependencies,
 )
 from shim.options import Kind, lookup
-from shim.protocol import HEADER, decode_length, encode, socket_path, state_dir
+from shim.protocol import HEADER, STAT_KEYS, decode_length, encode, socket_path, state_dir
 
 log = logging.getLogger("reapi.agent")
 
@@ -74,14 +74,6 @@ COMPILER_ENVIRONMENT = (
 # Passed to the remote compile so it behaves as the local one would.
 PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "LC_MESSAGES", "LC_CTYPE", "SOURCE_DATE_EPOCH")
 REMOTE_PATH = "/usr/local/bin:/usr/bin:/bin"
-STAT_KEYS = (
-    "invocations",
-    "cache_hits",
-    "remote_executions",
-    "local_fallbacks",
-    "bytes_uploaded",
-    "bytes_downloaded",
-)
 
 
 @dataclass

@@ -114,14 +114,7 @@ def show_stats(arguments: Sequence[str]) -> int:
     if "--json" in arguments:
         print(json.dumps(stats, indent=1, sort_keys=True))
     elif op == "stats":
-        for key in (
-            "invocations",
-            "cache_hits",
-            "remote_executions",
-            "local_fallbacks",
-            "bytes_uploaded",
-            "bytes_downloaded",
-        ):
+        for key in protocol.STAT_KEYS:
             print(f"{key.replace('_', ' '):<20} {stats.get(key, 0)}")
         for reason, count in sorted(stats.get("local_reasons", {}).items()):
             print(f"  local: {reason:<24} {count}")

@@ -100,12 +100,11 @@ def parse_make_rule(text: str) -> list[str]:
     return paths
 
 
-async def preprocessor_dependencies(
-    compiler: str, arguments: Sequence[str], cwd: str, env: Mapping[str, str]
-) -> list[str]:
-    """Absolute paths of every file the compile reads, from the local `-M`."""
+async def _run_preprocessor(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:
+    """Standard output of a local preprocessor run; raises InputsUnknown if it
+    fails (the local compile that follows then shows the error)."""
     process = await asyncio.create_subprocess_exec(
-        *dependency_query(compiler, arguments),
+        *argv,
         cwd=cwd,
         env=dict(env),
         stdin=asyncio.subprocess.DEVNULL,
@@ -114,7 +113,15 @@ async def preprocessor_dependencies(
     )
     out, _ = await process.communicate()
     if process.returncode != 0:
-        raise InputsUnknown("preprocessor-failed")  # the local compile shows the error
+        raise InputsUnknown("preprocessor-failed")
+    return out
+
+
+async def preprocessor_dependencies(
+    compiler: str, arguments: Sequence[str], cwd: str, env: Mapping[str, str]
+) -> list[str]:
+    """Absolute paths of every file the compile reads, from the local `-M`."""
+    out = await _run_preprocessor(dependency_query(compiler, arguments), cwd, env)
     return [os.path.normpath(os.path.join(cwd, path)) for path in parse_make_rule(out.decode())]
 
 
@@ -167,15 +174,5 @@ async def preprocess(
     env: Mapping[str, str],
 ) -> bytes:
     """The preprocessed source (`cpp` mode); writes the dependency file here."""
-    process = await asyncio.create_subprocess_exec(
-        *preprocess_query(compiler, arguments, output, dependency_file),
-        cwd=cwd,
-        env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    out, _ = await process.communicate()
-    if process.returncode != 0:
-        raise InputsUnknown("preprocessor-failed")
-    return out
+    query = preprocess_query(compiler, arguments, output, dependency_file)
+    return await _run_preprocessor(query, cwd, env)

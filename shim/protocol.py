@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Any
 
 HEADER = struct.Struct("!I")
+# The counters of `reapi-cc --stats`, besides `local_reasons` (reason -> count).
+STAT_KEYS = (
+    "invocations",
+    "cache_hits",
+    "remote_executions",
+    "local_fallbacks",
+    "bytes_uploaded",
+    "bytes_downloaded",
+)
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
