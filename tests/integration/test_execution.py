@@ -114,6 +114,9 @@ async def test_timeout_kills_the_action(channel: grpc.aio.Channel) -> None:
     action = await upload_action(channel, ["/bin/sleep", "30"], timeout=1)
     _ops, response = await execute(channel, action)
     assert response.status.code == code_pb2.DEADLINE_EXCEEDED
+    # A non-OK status is never cached: the action runs (and times out) again.
+    _ops, again = await execute(channel, action)
+    assert again.status.code == code_pb2.DEADLINE_EXCEEDED and not again.cached_result
 
 
 async def test_unmatchable_platform_fails_fast(channel: grpc.aio.Channel) -> None:
@@ -300,3 +303,13 @@ async def test_worker_refuses_when_its_system_files_differ(channel: grpc.aio.Cha
         else:
             assert response.status.code == code_pb2.FAILED_PRECONDITION
             assert "/bin/sh on this worker differs" in response.status.message
+
+
+async def test_inputs_are_hard_links_into_the_cache(channel: grpc.aio.Channel) -> None:
+    files = {"big.txt": b"x" * 100_000, "dir/small.txt": b"y"}
+    action = await upload_action(
+        channel, ["/usr/bin/stat", "-c", "%h", "big.txt", "dir/small.txt"], files=files
+    )
+    _ops, response = await execute(channel, action, inline_stdout=True)
+    link_counts = [int(n) for n in response.result.stdout_raw.split()]
+    assert link_counts and all(n >= 2 for n in link_counts), link_counts
