@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,11 +14,15 @@ from tests.helpers import ServerProcess
 
 
 @pytest.fixture(autouse=True)
-def reapi_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test touches ~/.cache/reapi."""
+def reapi_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No test touches ~/.cache/reapi, and no shim agent outlives its test."""
     home = tmp_path / "reapi-home"
     monkeypatch.setenv("REAPI_HOME", str(home))
-    return home
+    monkeypatch.setenv("REAPI_AGENT_IDLE", "60")
+    yield home
+    pid_file = home / "shim" / "agent.pid"
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
 @pytest.fixture

@@ -1,9 +1,7 @@
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +16,4 @@ def shim_env(tmp_path: Path, reapi_home: Path) -> Iterator[dict[str, str]]:
     env = dict(os.environ, REAPI_SERVER=f"grpc://{server.address}", REAPI_HOME=str(reapi_home))
     env["CC"] = f"{shutil.which('reapi-cc')} gcc"
     yield env
-    pid_file = reapi_home / "shim" / "agent.pid"
-    if pid_file.exists():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-    server.stop()
+    server.stop()  # (the agent is stopped by the reapi_home fixture)

@@ -4,11 +4,9 @@ checkout, compile errors as gcc reports them, and a dead server changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -163,16 +161,11 @@ def test_server_killed_mid_build(tmp_path: Path, reapi_home: Path) -> None:
         time.sleep(0.01)
     server.kill()
     _out, err = build.communicate(timeout=300)
-    try:
-        assert build.returncode == 0, err
-        for n in range(40):
-            assert (shimmed / f"gen{n}.o").read_bytes() == (plain / f"gen{n}.o").read_bytes()
-        reasons = stats(env)["local_reasons"]
-        assert reasons.get("remote-error", 0) > 0, reasons
-    finally:
-        pid_file = reapi_home / "shim" / "agent.pid"
-        with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    assert build.returncode == 0, err
+    for n in range(40):
+        assert (shimmed / f"gen{n}.o").read_bytes() == (plain / f"gen{n}.o").read_bytes()
+    reasons = stats(env)["local_reasons"]
+    assert reasons.get("remote-error", 0) > 0, reasons
 
 
 def test_split_dwarf_output(tmp_path: Path, shim_env: dict[str, str]) -> None:
