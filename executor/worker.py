@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -43,6 +44,8 @@ class WorkerConfig:
     sandbox: str = "bwrap"
     tls_ca: bytes | None = None
     token: str | None = None
+    # Set by `reapi serve` for its local workers (its own pid): stop when it is gone.
+    parent_pid: int | None = None
 
 
 def channel_for(target: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
@@ -63,6 +66,20 @@ class Worker:
         self._sandbox = Sandbox(config.sandbox)
 
     async def run_forever(self) -> None:
+        """Serve the server's leases until cancelled (or, for a local worker, until
+        the server process that started it is gone)."""
+        parent = self.config.parent_pid
+        if parent is None:
+            await self._serve()
+            return
+        async with asyncio.TaskGroup() as group:
+            serving = group.create_task(self._serve())
+            while os.getppid() == parent:
+                await asyncio.sleep(1.0)
+            log.warning("the server that started this worker is gone; stopping")
+            serving.cancel()
+
+    async def _serve(self) -> None:
         backoff = 0.5
         while True:
             started = time.monotonic()

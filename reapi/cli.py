@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     worker_cmd.add_argument(
         "--auth-token-file", type=Path, help="file whose first token is sent as a bearer token"
     )
+    worker_cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -163,6 +164,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         slots=args.slots,
         properties=properties,
         sandbox=args.sandbox,
+        parent_pid=args.parent_pid,
     )
     if args.name:
         config.name = args.name
@@ -187,8 +189,11 @@ async def _work(config: WorkerConfig) -> None:
         loop.add_signal_handler(signum, stopping.set)
     async with asyncio.TaskGroup() as group:
         running = group.create_task(worker.run_forever())
-        await stopping.wait()
+        signalled = group.create_task(stopping.wait())
+        # Until a signal, or until the worker itself ends (a local worker whose server is gone).
+        await asyncio.wait({running, signalled}, return_when=asyncio.FIRST_COMPLETED)
         running.cancel()
+        signalled.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,6 +206,8 @@ async def _start_local_worker(
         f"{socket.gethostname()}-local-{number}",
         "--workdir",
         str(reapi_home() / "worker"),
+        "--parent-pid",
+        str(os.getpid()),
     ]
     if config.tls:
         args += ["--tls-ca", str(config.tls.cert)]

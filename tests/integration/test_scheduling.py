@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,3 +179,24 @@ async def test_worker_reconnects_after_the_server_restarts(tmp_path: Path) -> No
             second.stop()
     finally:
         worker.stop()
+
+
+def test_local_workers_die_with_their_server(tmp_path: Path, reapi_home: Path) -> None:
+    server = ServerProcess(tmp_path / "storage", workers=1, home=reapi_home)
+    workdir = str(reapi_home / "worker")
+
+    def local_workers() -> list[str]:
+        found = subprocess.run(
+            ["pgrep", "-f", f"reapi worker .*{workdir}"], capture_output=True, text=True
+        ).stdout
+        return found.split()
+
+    deadline = time.monotonic() + 20
+    while not local_workers():
+        assert time.monotonic() < deadline, "the local worker never started"
+        time.sleep(0.1)
+    server.kill()  # no chance for the server to stop its workers
+    deadline = time.monotonic() + 20
+    while local_workers():
+        assert time.monotonic() < deadline, "the orphaned local worker kept running"
+        time.sleep(0.2)
