@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-from cas.small_blobs import SMALL_BLOB, SmallBlobs
+from cas.small_blobs import SMALL_BLOB, TOUCH_AFTER, SmallBlobs
 from cas.store import (
     READ_CHUNK,
     BlobInfo,
@@ -46,8 +46,6 @@ from cas.store import (
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import NotFound, ReapiError
 
-# Refresh a large blob's mtime when a lookup finds it older than this (seconds).
-TOUCH_AFTER = 300.0
 # Streamed uploads are hashed and written in a worker thread this many bytes at a time.
 FLUSH_BYTES = 1024 * 1024
 

@@ -51,6 +51,18 @@ def as_reapi_error(error: grpc.aio.AioRpcError) -> ReapiError:
     return kind(f"remote CAS: {error.code().name}: {error.details()}")
 
 
+def channel_for(target: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
+    """A channel to `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS)."""
+    scheme, _, address = target.partition("://")
+    if not address or scheme not in ("grpc", "grpcs"):
+        raise ValueError(
+            f"server address {target!r}: expected grpc://HOST:PORT or grpcs://HOST:PORT"
+        )
+    if scheme == "grpcs":
+        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca))
+    return grpc.aio.insecure_channel(address)
+
+
 class RemoteStore:
     """The CAS at the other end of `channel`, for digests of any supported function."""
 

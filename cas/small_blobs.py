@@ -30,7 +30,7 @@ from reapi.digests import Digest, DigestFunction
 
 SMALL_BLOB = 64 * 1024  # bytes; larger blobs are files
 SMALL_DB = Path("cas") / "small.db"
-# Refresh a blob's last use when a lookup finds it older than this (seconds).
+# Refresh a blob's last use (row or file) when a lookup finds it older than this (seconds).
 TOUCH_AFTER = 300.0
 # Hashes per SQL statement, well under SQLite's limit on bound parameters.
 SQL_CHUNK = 900

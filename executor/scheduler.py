@@ -17,7 +17,6 @@ unit tests drive it with fake workers.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import time
@@ -96,6 +95,7 @@ class Scheduler:
         self._on_complete = on_complete
         self._jobs: dict[str, Job] = {}
         self._in_flight: dict[tuple[Digest, str], Job] = {}
+        # (priority, arrival, job); read in that order by _take.
         self._queue: list[tuple[int, int, Job]] = []
         self._sequence = itertools.count()
         self._workers: set[WorkerHandle] = set()
@@ -239,7 +239,7 @@ class Scheduler:
     # ------------------------------------------------------------ inside
 
     async def _enqueue(self, job: Job) -> None:
-        heapq.heappush(self._queue, (job.priority, next(self._sequence), job))
+        self._queue.append((job.priority, next(self._sequence), job))
         self._set_stage(job, QUEUED)
         async with self._work_available:
             self._work_available.notify_all()
@@ -249,14 +249,12 @@ class Scheduler:
         for entry in sorted(self._queue):  # (priority, arrival, job): lowest first
             if worker.matches(entry[2]):
                 self._queue.remove(entry)
-                heapq.heapify(self._queue)
                 return entry[2]
         return None
 
     async def _complete(self, job: Job, response: re_pb2.ExecuteResponse) -> None:
         self._in_flight.pop((job.action_digest, job.instance_name), None)
         self._queue = [entry for entry in self._queue if entry[2] is not job]
-        heapq.heapify(self._queue)
         job.response = response
         job.completed_at = time.time()
         if self._on_complete is not None and response.status.code == code_pb2.OK:

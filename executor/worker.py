@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from cas.remote import RemoteStore
+from cas.remote import RemoteStore, channel_for
 from executor.local_cache import LocalCache
 from executor.runner import ActionRunner
 from executor.sandbox import Sandbox
@@ -46,18 +46,6 @@ class WorkerConfig:
     token: str | None = None
     # Set by `reapi serve` for its local workers (its own pid): stop when it is gone.
     parent_pid: int | None = None
-
-
-def channel_for(target: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
-    """A channel to `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS)."""
-    scheme, _, address = target.partition("://")
-    if not address or scheme not in ("grpc", "grpcs"):
-        raise ValueError(
-            f"server address {target!r}: expected grpc://HOST:PORT or grpcs://HOST:PORT"
-        )
-    if scheme == "grpcs":
-        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca))
-    return grpc.aio.insecure_channel(address)
 
 
 class Worker:

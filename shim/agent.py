@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 
 from cas.merkle import build_tree
-from cas.remote import RemoteStore
+from cas.remote import RemoteStore, channel_for
 from cas.store import get_blob
 from reapi.conventions import MANIFEST_VARIABLE, SANDBOX_ROOT, file_sha256
 from reapi.digests import Digest, DigestFunction
@@ -135,14 +135,7 @@ class Remote:
     """One server: its channel and stubs, and the blobs it is known to hold."""
 
     def __init__(self, target: str) -> None:
-        scheme, _, address = target.partition("://")
-        if scheme not in ("grpc", "grpcs") or not address:
-            raise ValueError(f"REAPI_SERVER {target!r}: expected grpc://HOST:PORT")
-        self.channel = (
-            grpc.aio.secure_channel(address, grpc.ssl_channel_credentials())
-            if scheme == "grpcs"
-            else grpc.aio.insecure_channel(address)
-        )
+        self.channel = channel_for(target)
         self.store = RemoteStore(self.channel)
         self.cache: Any = re_grpc.ActionCacheStub(self.channel)  # type: ignore[no-untyped-call]
         self.execution: Any = re_grpc.ExecutionStub(self.channel)  # type: ignore[no-untyped-call]

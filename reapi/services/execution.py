@@ -31,8 +31,8 @@ from reapi.services.status import grpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Action.timeout: the default when absent, and the most a client may ask (seconds).
-DEFAULT_TIMEOUT = 900.0
+# The longest Action.timeout a client may ask (seconds); workers apply the default
+# (executor/runner.py) when an action has none.
 MAX_TIMEOUT = 3600.0
 
 
