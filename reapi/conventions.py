@@ -7,11 +7,12 @@ on which worker ran them.
 Which system files an action relies on, and checking them on the worker:
 
 A client that relies on files outside the input tree (a compiler, its cc1,
-system headers) lists them in a manifest inside the input tree and names it (relative to the
-input root) in
-the Command's environment as REAPI_SYSTEM_FILES. Each line reads
-`HASH SIZE /absolute/path` (SHA256). Before running, the worker compares its
-own copies; any difference makes it refuse the action with FAILED_PRECONDITION
+system headers) lists them in a manifest inside the input tree and names it
+(relative to the input root) in the Command's environment as
+REAPI_SYSTEM_FILES. Each line reads `HASH SIZE /absolute/path` (SHA256), or
+`ABSENT 0 /absolute/path` for a path the client found missing (a header an
+include could have named). Before running, the worker compares its own
+copies; any difference makes it refuse the action with FAILED_PRECONDITION
 instead of producing a silently different result. Since the manifest is an
 input, it is also part of the action's cache key.
 """
@@ -26,6 +27,7 @@ from reapi.errors import FailedPrecondition, InvalidArgument
 
 SANDBOX_ROOT = "/build"
 MANIFEST_VARIABLE = "REAPI_SYSTEM_FILES"
+ABSENT = "ABSENT"
 
 # (path, size, mtime_ns, inode) -> sha256: system files rarely change.
 _digests: dict[tuple[str, int, int, int], str] = {}
@@ -56,7 +58,13 @@ def verify_system_files(root: Path, manifest: str) -> None:
         if not line.strip():
             continue
         hash_, _size, name = line.split(" ", 2)
-        if file_sha256(name) != hash_:
+        if hash_ == ABSENT:
+            if os.path.lexists(name):
+                raise FailedPrecondition(
+                    f"{name} exists on this worker but not on the client; refusing to "
+                    "produce a different result"
+                )
+        elif file_sha256(name) != hash_:
             raise FailedPrecondition(
                 f"system file {name} on this worker differs from the client's; refusing "
                 "to produce a different result"

@@ -32,7 +32,7 @@ import grpc
 from cas.merkle import build_tree
 from cas.remote import RemoteStore, channel_for
 from cas.store import get_blob
-from reapi.conventions import MANIFEST_VARIABLE, SANDBOX_ROOT, file_sha256
+from reapi.conventions import ABSENT, MANIFEST_VARIABLE, SANDBOX_ROOT, file_sha256
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -54,6 +54,7 @@ from shim.inputs import (
 )
 from shim.options import Kind, lookup
 from shim.protocol import HEADER, STAT_KEYS, decode_length, encode, socket_path, state_dir
+from shim.scan import Scanner, ScanUncertain, search_arguments
 
 log = logging.getLogger("reapi.agent")
 
@@ -120,7 +121,8 @@ class Stats:
         return {"do": "local", "reason": reason}
 
     def zero(self) -> None:
-        self.values = {key: 0 for key in STAT_KEYS} | {"local_reasons": {}}
+        self.values = {key: 0 for key in STAT_KEYS}
+        self.values |= {"local_reasons": {}, "scan_fallback_reasons": {}}
         self.dirty = True
 
     def flush(self) -> None:
@@ -146,6 +148,7 @@ class Agent:
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
         self.digests = DigestCache()
+        self.scanner = Scanner()
         self._remotes: dict[str, Remote] = {}
         self._identities: dict[tuple[str, int, int], list[str]] = {}
         self.last_used = time.monotonic()
@@ -206,8 +209,11 @@ class Agent:
         debug = any(a.startswith("-g") and a != "-g0" for a in decision.arguments)
         if mode == "cpp" and not debug:
             prepared = await self._prepare_cpp(cwd, compiler, decision, env)
+        elif mode == "scan":
+            prepared = await self._prepare_scan(cwd, compiler, decision, env)
         else:
-            prepared = await self._prepare_deps(cwd, compiler, decision, env)
+            read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
+            prepared = self._prepare_files(cwd, compiler, decision, env, read, [])
         function = SHA256
         files = dict(prepared.files)
         for path, data in prepared.contents.items():
@@ -255,6 +261,10 @@ class Agent:
             self.stats.add("remote_executions")
         if result.exit_code == 0 and decision.output not in {f.path for f in result.output_files}:
             return self.stats.local("remote-output-missing")
+        if result.exit_code != 0 and mode == "scan":
+            # Most likely a real error, but a header the scanner missed looks the
+            # same: the local compiler has the last word.
+            return self.stats.local("scan-remote-failed")
         await self._write_outputs(remote, cwd, result)
         stdout = result.stdout_raw or await self._blob(remote, result, "stdout_digest")
         stderr = result.stderr_raw or await self._blob(remote, result, "stderr_digest")
@@ -265,11 +275,36 @@ class Agent:
             "stderr": base64.b64encode(stderr).decode(),
         }
 
-    async def _prepare_deps(
+    async def _prepare_scan(
         self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
     ) -> Prepared:
-        """`deps`: ship the source and project headers the local `-M` lists."""
-        read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
+        """`scan` (distcc's pump mode): our own memoized include scan; `deps`
+        for a compile the scanner cannot be sure of."""
+        try:
+            search, forced = search_arguments(decision.arguments)
+            path = await self.scanner.search_path(compiler, decision.language, search, cwd, env)
+            found = self.scanner.scan(cwd, decision.source, forced, path)
+        except ScanUncertain as uncertain:
+            self.stats.add("scan_fallbacks")
+            reasons = self.stats.values.setdefault("scan_fallback_reasons", {})
+            reasons[str(uncertain)] = reasons.get(str(uncertain), 0) + 1
+            read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
+            return self._prepare_files(cwd, compiler, decision, env, read, [])
+        absent = [p for p in found.absent if is_system(p)]
+        return self._prepare_files(cwd, compiler, decision, env, found.files, absent)
+
+    def _prepare_files(
+        self,
+        cwd: str,
+        compiler: str,
+        decision: RemoteCompile,
+        env: dict[str, str],
+        read: list[str],
+        absent: list[str],
+    ) -> Prepared:
+        """`deps` and `scan`: ship the source and the project files in `read`
+        (absolute paths); system files in it, and the system paths in `absent`,
+        go to the manifest the worker checks."""
         project = [path for path in read if not is_system(path)]
         outputs = _outputs(decision)
         root = input_root(cwd, [*project, *(os.path.join(cwd, o) for o in outputs)])
@@ -283,7 +318,7 @@ class Agent:
         if any(a.startswith("-g") and a != "-g0" for a in arguments):
             # Debug info names the compile's directory: make it this machine's.
             arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
-        manifest = self._manifest(compiler, [p for p in read if is_system(p)])
+        manifest = self._manifest(compiler, [p for p in read if is_system(p)], absent)
         return Prepared(
             files=files,
             contents={MANIFEST: manifest},
@@ -313,7 +348,7 @@ class Agent:
             files={},
             contents={
                 os.path.normpath(os.path.join(workdir, preprocessed)): text,
-                MANIFEST: self._manifest(compiler, []),
+                MANIFEST: self._manifest(compiler, [], []),
             },
             workdir=workdir,
             arguments=arguments,
@@ -321,8 +356,9 @@ class Agent:
             uncacheable=False,  # __DATE__ and __TIME__ are already expanded in the text
         )
 
-    def _manifest(self, compiler: str, system_files: list[str]) -> bytes:
-        """`HASH SIZE PATH` lines for the compiler's programs and the system files read."""
+    def _manifest(self, compiler: str, system_files: list[str], absent: list[str]) -> bytes:
+        """`HASH SIZE PATH` lines for the compiler's programs and the system files
+        read, `ABSENT 0 PATH` for system paths the compile found missing."""
         stat = os.stat(compiler)
         key = (compiler, stat.st_mtime_ns, stat.st_ino)
         if key not in self._identities:
@@ -337,6 +373,7 @@ class Agent:
             digest = file_sha256(path)
             if digest is not None:
                 lines.append(f"{digest} {os.path.getsize(path)} {path}")
+        lines.extend(f"{ABSENT} 0 {path}" for path in sorted(set(absent)))
         return ("\n".join(lines) + "\n").encode()
 
     async def _upload(

@@ -116,8 +116,9 @@ def show_stats(arguments: Sequence[str]) -> int:
     elif op == "stats":
         for key in protocol.STAT_KEYS:
             print(f"{key.replace('_', ' '):<20} {stats.get(key, 0)}")
-        for reason, count in sorted(stats.get("local_reasons", {}).items()):
-            print(f"  local: {reason:<24} {count}")
+        for kind, reasons in (("local", "local_reasons"), ("scan", "scan_fallback_reasons")):
+            for reason, count in sorted(stats.get(reasons, {}).items()):
+                print(f"  {kind}: {reason:<24} {count}")
     return 0
 
 

@@ -27,6 +27,7 @@ STAT_KEYS = (
     "local_fallbacks",
     "bytes_uploaded",
     "bytes_downloaded",
+    "scan_fallbacks",  # `scan` mode compiles that used `deps` (scan_fallback_reasons)
 )
 MAX_MESSAGE = 64 * 1024 * 1024
 

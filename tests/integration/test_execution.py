@@ -305,6 +305,26 @@ async def test_worker_refuses_when_its_system_files_differ(channel: grpc.aio.Cha
             assert "/bin/sh on this worker differs" in response.status.message
 
 
+async def test_worker_refuses_when_a_file_the_client_lacks_exists(
+    channel: grpc.aio.Channel,
+) -> None:
+    for path, expect_ok in (("/usr/include/no-such-header.h", True), ("/bin/sh", False)):
+        action = await upload_action(
+            channel,
+            ["/bin/sh", "-c", "echo ran"],
+            files={".reapi/system-files": f"ABSENT 0 {path}\n".encode()},
+            env={"PATH": "/bin", "REAPI_SYSTEM_FILES": ".reapi/system-files"},
+        )
+        _ops, response = await execute(channel, action, inline_stdout=True)
+        if expect_ok:
+            assert response.status.code == code_pb2.OK and response.result.stdout_raw == b"ran\n"
+        else:
+            assert response.status.code == code_pb2.FAILED_PRECONDITION
+            assert "/bin/sh exists on this worker but not on the client" in (
+                response.status.message
+            )
+
+
 async def test_inputs_are_hard_links_into_the_cache(channel: grpc.aio.Channel) -> None:
     files = {"big.txt": b"x" * 100_000, "dir/small.txt": b"y"}
     action = await upload_action(

@@ -67,7 +67,7 @@ def stats(env: dict[str, str]) -> dict[str, Any]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("mode", ["deps", "cpp"])
+@pytest.mark.parametrize("mode", ["deps", "cpp", "scan"])
 def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
     shim_env = shim_env | {"REAPI_CC_MODE": mode}
     plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
@@ -83,6 +83,7 @@ def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str], mode: s
     )
     first = stats(shim_env)
     assert first["remote_executions"] == 3, first
+    assert first["scan_fallbacks"] == 0, first
     assert first["local_reasons"].get("link") == 1, first
 
     make(project, shim_env, "clean")
@@ -98,7 +99,7 @@ def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str], mode: s
     assert stats(shim_env)["cache_hits"] - again["cache_hits"] == 3
 
 
-@pytest.mark.parametrize("mode", ["deps", "cpp"])
+@pytest.mark.parametrize("mode", ["deps", "cpp", "scan"])
 def test_debug_builds_match_too(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
     """Debug info names the compile's directory, so compare builds in one place."""
     shim_env = shim_env | {"REAPI_CC_MODE": mode}
@@ -113,7 +114,9 @@ def test_debug_builds_match_too(tmp_path: Path, shim_env: dict[str, str], mode: 
     assert stats(shim_env)["remote_executions"] == 3
 
 
-def test_compile_errors_are_gccs_own(tmp_path: Path, shim_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("mode", ["deps", "scan"])
+def test_compile_errors_are_gccs_own(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
+    shim_env = shim_env | {"REAPI_CC_MODE": mode}
     project = write_project(tmp_path / "project")
     (project / "util.c").write_text('#include "util.h"\nint twice(int x) { return y; }\n')
     command = ["-O2", "-Iinclude", "-c", "util.c", "-o", "util.o"]

@@ -1,0 +1,372 @@
+"""`scan` mode: finding a compile's inputs without running the preprocessor.
+
+This is distcc's pump idea with our own guards. The agent reads `#include`
+directives itself and resolves them against the compiler's real search path,
+taking every branch of every `#if` (so it finds a superset of what the
+compile reads). What it learns is kept across compiles: the directives of a
+file (until the file changes) and the search path of a set of options (until
+a directory the compiler skipped appears), so a header included by hundreds
+of sources is read about once.
+
+Where the scanner cannot be certain it gives up with a reason, and the agent
+uses `deps` mode for that compile: computed includes (`#include MACRO`),
+`#embed`, `-I-`, and anything else it does not model.
+
+The search path is the compiler's own: `COMPILER -E -v` prints it after its
+own rules (duplicates dropped, a `-I` naming a system directory ignored,
+missing directories skipped). Lookups follow gcc's manual:
+- `#include "f"`: the including file's directory, the `-iquote` directories,
+  then the `<f>` chain;
+- `#include <f>`: `-I`, `-isystem`, the system directories, `-idirafter`;
+- `#include_next`: the chain after the directory the current file came from;
+- `-include f` / `-imacros f`: the working directory, then the `"f"` chain;
+- `__has_include(...)` is treated as an include, so its answer is the same
+  wherever the compile runs.
+A name found nowhere is reported as absent: a worker must not have it in its
+system directories either (see reapi.conventions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from shim.inputs import InputsUnknown
+from shim.options import lookup
+
+# Options that shape the include search path, passed to `COMPILER -E -v`.
+SEARCH_OPTIONS = frozenset(
+    (
+        "--sysroot",
+        "-I",
+        "-idirafter",
+        "-iprefix",
+        "-iquote",
+        "-isysroot",
+        "-isystem",
+        "-iwithprefix",
+        "-iwithprefixbefore",
+        "-nostdinc",
+        "-nostdinc++",
+    )
+)
+# Files gcc reads before the source without being asked (glibc's predefines).
+IMPLICIT_INCLUDES = ("stdc-predef.h",)
+# A file changed less than this long ago may change again within the same
+# timestamp: its parse is not kept.
+RACY_NS = 2_000_000_000
+
+# Comments, and the literals that may contain comment-like text.
+_COMMENT_OR_LITERAL = re.compile(
+    rb"""//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'""", re.DOTALL
+)
+_DIRECTIVE = re.compile(
+    rb"^[ \t]*(?:#|%:)[ \t]*(include_next|include|import|embed)\b[ \t]*(.*)$", re.MULTILINE
+)
+_HAS_INCLUDE = re.compile(rb"__has_include(_next)?\s*\(\s*(.?)")
+
+
+def _without_comment(match: re.Match[bytes]) -> bytes:
+    """A comment becomes the line breaks it held (a space if none): whatever
+    follows it may then start a line, so a directive is never missed."""
+    text = match.group()
+    if not text.startswith(b"/"):
+        return text
+    return b"\n" * text.count(b"\n") or b" "
+
+
+class ScanUncertain(InputsUnknown):
+    """The scanner cannot be sure of the inputs; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Include:
+    name: str
+    angle: bool  # <name> rather than "name"
+    next: bool = False  # #include_next
+
+
+@dataclass(frozen=True)
+class SearchPath:
+    """gcc's directory chain: the "..." directories, then the <...> ones."""
+
+    quote: tuple[str, ...]
+    bracket: tuple[str, ...]
+    skipped: tuple[str, ...] = ()  # directories that did not exist when asked
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return self.quote + self.bracket
+
+
+@dataclass
+class ScanResult:
+    files: list[str] = field(default_factory=list)  # absolute paths, in order found
+    absent: list[str] = field(default_factory=list)  # paths that must not exist
+
+
+def parse_includes(data: bytes) -> tuple[Include, ...]:
+    """The include directives (and `__has_include` names) in a file's text.
+
+    Raises ScanUncertain for a computed include or `#embed`."""
+    text = data.replace(b"\\\n", b"")
+    if b"/" in text:
+        text = _COMMENT_OR_LITERAL.sub(_without_comment, text)
+    found: list[Include] = []
+    for match in _DIRECTIVE.finditer(text):
+        keyword, rest = match.group(1), match.group(2)
+        if keyword == b"embed":
+            raise ScanUncertain("scan-embed")
+        include = _delimited(rest, keyword == b"include_next")
+        if include is None:
+            raise ScanUncertain("scan-computed-include")
+        found.append(include)
+    if b"__has_include" in text:
+        for match in _HAS_INCLUDE.finditer(text):
+            rest = text[match.start(2) :]
+            include = _delimited(rest, match.group(1) is not None)
+            if include is None:
+                raise ScanUncertain("scan-computed-include")
+            found.append(include)
+    return tuple(found)
+
+
+def _delimited(rest: bytes, next_: bool) -> Include | None:
+    """`"name"` or `<name>` at the start of `rest`, or None."""
+    if rest[:1] == b'"':
+        end = rest.find(b'"', 1)
+    elif rest[:1] == b"<":
+        end = rest.find(b">", 1)
+    else:
+        return None
+    if end <= 1:
+        return None
+    name = rest[1:end].decode("utf-8", "surrogateescape")
+    return Include(name, angle=rest[:1] == b"<", next=next_)
+
+
+def search_arguments(arguments: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """From a compile's arguments: the options that shape the search path (in
+    order, with machine options, which pick multilib directories), and the
+    files named by `-include`/`-imacros`. Raises ScanUncertain for `-I-`."""
+    search: list[str] = []
+    forced: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        index += 1
+        if argument == "-I-":
+            raise ScanUncertain("scan-split-include-path")
+        if argument.startswith("-m"):
+            search.append(argument)
+            continue
+        option, value = lookup(argument)
+        if option is None or option.name not in (*SEARCH_OPTIONS, "-include", "-imacros"):
+            continue
+        taken = [argument]
+        if value is None and option.name not in ("-nostdinc", "-nostdinc++"):
+            value = arguments[index] if index < len(arguments) else ""
+            taken.append(value)
+            index += 1
+        if option.name in ("-include", "-imacros"):
+            forced.append(value or "")
+        else:
+            search.extend(taken)
+    return tuple(search), tuple(forced)
+
+
+_SKIPPED = re.compile(r'^ignoring nonexistent directory "(.*)"$')
+
+
+def parse_search_list(text: str, cwd: str) -> SearchPath:
+    """The chain printed by `COMPILER -E -v` (on stderr)."""
+    quote: list[str] = []
+    bracket: list[str] = []
+    skipped: list[str] = []
+    target: list[str] | None = None
+    for line in text.splitlines():
+        if match := _SKIPPED.match(line):
+            skipped.append(os.path.normpath(os.path.join(cwd, match.group(1))))
+        elif line.startswith('#include "..." search starts here'):
+            target = quote
+        elif line.startswith("#include <...> search starts here"):
+            target = bracket
+        elif line.startswith("End of search list"):
+            return SearchPath(tuple(quote), tuple(bracket), tuple(skipped))
+        elif target is not None and line.startswith(" "):
+            directory = line.strip().removesuffix(" (framework directory)")
+            target.append(os.path.normpath(os.path.join(cwd, directory)))
+    raise ScanUncertain("scan-search-path-unknown")
+
+
+class Scanner:
+    """Memoized include scanning; one per agent."""
+
+    def __init__(self) -> None:
+        # path -> (stat key, includes or the reason they are uncertain)
+        self._parsed: dict[str, tuple[tuple[int, ...], tuple[Include, ...] | str]] = {}
+        self._search: dict[tuple[str, ...], SearchPath] = {}
+        self._lookups: dict[SearchPath, dict[tuple[str, int, str], _Lookup]] = {}
+        self.files_parsed = 0  # for tests and benchmarks: how much work was done
+
+    async def search_path(
+        self,
+        compiler: str,
+        language: str,
+        search: Sequence[str],
+        cwd: str,
+        env: Mapping[str, str],
+    ) -> SearchPath:
+        """The compiler's chain for these options, asked once and kept while
+        every directory it skipped is still missing."""
+        key = (compiler, language, cwd, *search)
+        known = self._search.get(key)
+        if known is not None and not any(os.path.exists(d) for d in known.skipped):
+            return known
+        process = await asyncio.create_subprocess_exec(
+            compiler,
+            *search,
+            "-x",
+            language,
+            "-E",
+            "-v",
+            "-",
+            cwd=cwd,
+            env=dict(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await process.communicate()
+        if process.returncode != 0:
+            raise ScanUncertain("scan-search-path-unknown")
+        found = self._search[key] = parse_search_list(err.decode(errors="replace"), cwd)
+        return found
+
+    def includes(self, path: str) -> tuple[Include, ...]:
+        """The include directives of the file at `path` (absolute), memoized."""
+        stat = os.stat(path)
+        key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        known = self._parsed.get(path)
+        if known is None or known[0] != key:
+            with open(path, "rb") as file:
+                data = file.read()
+            self.files_parsed += 1
+            parsed: tuple[Include, ...] | str
+            try:
+                parsed = parse_includes(data)
+            except ScanUncertain as uncertain:
+                parsed = str(uncertain)
+            known = (key, parsed)
+            if time.time_ns() - stat.st_mtime_ns > RACY_NS:
+                self._parsed[path] = known
+        if isinstance(known[1], str):
+            raise ScanUncertain(known[1])
+        return known[1]
+
+    def scan(self, cwd: str, source: str, forced: Sequence[str], search: SearchPath) -> ScanResult:
+        """Every file a compile of `source` (relative to `cwd`) may read."""
+        lookups = self._lookups.setdefault(search, {})
+        view = _DirectoryView()
+        result = ScanResult()
+        # (path, index in the chain where it was found: -1 beside its
+        # includer, None for the main source and -include files).
+        queue: list[tuple[str, int | None]] = []
+        seen: set[tuple[str, int | None]] = set()
+
+        def resolve(include: Include, here: str, index: int | None, implicit: bool = False) -> None:
+            if include.next and index is not None:
+                start, here = index + 1, ""  # found beside its includer (-1): the whole chain
+            elif include.angle:
+                start, here = len(search.quote), ""
+            else:
+                start = 0
+            key = (include.name, start, here)
+            lookup = lookups.get(key)
+            if lookup is None or not view.unchanged(lookup.directories):
+                lookup = _look_up(include.name, here, search.chain, start, view)
+                if not view.racy(lookup.directories):
+                    lookups[key] = lookup
+            if lookup.found is None:
+                if not implicit:  # a file gcc reads unasked may be missing anywhere
+                    result.absent.extend(lookup.absent)
+            elif lookup.found not in seen:
+                seen.add(lookup.found)
+                queue.append(lookup.found)
+
+        source_path = os.path.normpath(os.path.join(cwd, source))
+        if not os.path.isfile(source_path):
+            raise ScanUncertain("scan-source-missing")
+        for name in IMPLICIT_INCLUDES:
+            resolve(Include(name, angle=True), "", None, implicit=True)
+        for name in forced:
+            resolve(Include(name, angle=False), cwd, None)
+        queue.append((source_path, None))
+        files: dict[str, None] = {}
+        while queue:
+            path, index = queue.pop()
+            files[path] = None
+            here = os.path.dirname(path)
+            for include in self.includes(path):
+                resolve(include, here, index)
+        result.files = list(files)
+        return result
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """Where one include name led, and the directories whose contents decided it."""
+
+    found: tuple[str, int] | None  # (path, index in the chain)
+    absent: tuple[str, ...]  # every place tried, when nothing was found
+    directories: tuple[tuple[str, int | None], ...]  # (directory, mtime_ns or None)
+
+
+def _look_up(
+    name: str, here: str, chain: Sequence[str], start: int, view: _DirectoryView
+) -> _Lookup:
+    """Search for `name` beside its includer (`here`, unless empty), then in
+    `chain` from `start`."""
+    if os.path.isabs(name):
+        places = [(-1, "/")]
+    else:
+        places = [(-1, here)] if here else []
+        places += list(enumerate(chain))[start:]
+    tried: list[str] = []
+    directories: list[tuple[str, int | None]] = []
+    for index, directory in places:
+        path = os.path.normpath(os.path.join(directory, name))
+        parent = os.path.dirname(path)
+        directories.append((parent, view.mtime(parent)))
+        tried.append(path)
+        if os.path.isfile(path):
+            return _Lookup((path, index), (), tuple(directories))
+    return _Lookup(None, tuple(tried), tuple(directories))
+
+
+class _DirectoryView:
+    """Directory modification times, read once per scan: a remembered lookup
+    stays valid while every directory it looked in is unchanged."""
+
+    def __init__(self) -> None:
+        self._mtimes: dict[str, int | None] = {}
+        self._now = time.time_ns()
+
+    def mtime(self, directory: str) -> int | None:
+        if directory not in self._mtimes:
+            try:
+                self._mtimes[directory] = os.stat(directory).st_mtime_ns
+            except OSError:
+                self._mtimes[directory] = None
+        return self._mtimes[directory]
+
+    def unchanged(self, directories: Sequence[tuple[str, int | None]]) -> bool:
+        return all(self.mtime(d) == mtime for d, mtime in directories)
+
+    def racy(self, directories: Sequence[tuple[str, int | None]]) -> bool:
+        """Changed so recently that a further change may keep the same time."""
+        return any(m is not None and self._now - m < RACY_NS for _, m in directories)

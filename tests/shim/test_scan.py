@@ -1,0 +1,208 @@
+"""The `scan` mode include scanner: what it reads from a file, how it resolves
+names against gcc's real search path, where it gives up, and that what it
+finds covers everything gcc's own `-M` lists."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from shim.scan import (
+    Include,
+    Scanner,
+    ScanUncertain,
+    SearchPath,
+    parse_includes,
+    parse_search_list,
+    search_arguments,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b'#include "a.h"\n', [Include("a.h", angle=False)]),
+        (b"#include <stdio.h>\n", [Include("stdio.h", angle=True)]),
+        (b"  #  include\t<sys/types.h>  // why\n", [Include("sys/types.h", angle=True)]),
+        (b"#include_next <limits.h>\n", [Include("limits.h", angle=True, next=True)]),
+        (b'#import "objc.h"\n', [Include("objc.h", angle=False)]),
+        (b'%:include "digraph.h"\n', [Include("digraph.h", angle=False)]),
+        (b'/* lead */ #include "after-comment.h"\n', [Include("after-comment.h", angle=False)]),
+        (b'#inc\\\nlude "spliced.h"\n', [Include("spliced.h", angle=False)]),
+        (b'#include /* odd */ "commented.h"\n', [Include("commented.h", angle=False)]),
+        # Inside comments and strings nothing is a directive.
+        (b"/* the #include's of old\n #include <not-me.h>\n*/\n", []),
+        (b'// #include "nor-me.h"\n', []),
+        (b'const char *s = "#include <str.h>";\n', []),
+        (b'const char *s = "/*"; \n#include "real.h"\n', [Include("real.h", angle=False)]),
+        # Every branch is taken: a superset of what one configuration reads.
+        (
+            b'#ifdef _WIN32\n#include <windows.h>\n#else\n#include "posix.h"\n#endif\n',
+            [Include("windows.h", angle=True), Include("posix.h", angle=False)],
+        ),
+        (
+            b"#if __has_include(<zstd.h>)\n#include <zstd.h>\n#endif\n",
+            [Include("zstd.h", angle=True), Include("zstd.h", angle=True)],
+        ),
+        (b"#define include_me 1\nint include;\n", []),
+    ],
+)
+def test_parse_includes(text: bytes, expected: list[Include]) -> None:
+    assert sorted(parse_includes(text), key=repr) == sorted(expected, key=repr)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b"#include FT_FREETYPE_H\n", "scan-computed-include"),
+        (b"#define H <a.h>\n#include H\n", "scan-computed-include"),
+        (b"#if __has_include(HEADER)\n#endif\n", "scan-computed-include"),
+        (b'static const char d[] = {\n#embed "data.bin"\n};\n', "scan-embed"),
+    ],
+)
+def test_uncertain_files(text: bytes, reason: str) -> None:
+    with pytest.raises(ScanUncertain, match=reason):
+        parse_includes(text)
+
+
+def test_search_arguments() -> None:
+    search, forced = search_arguments(
+        ["-O2", "-Iinc", "-I", "other", "-DX=1", "-isystem", "sys", "-include", "cfg.h",
+         "-m32", "-c", "a.c", "-imacros", "m.h", "-iquote", "q", "-nostdinc"]
+    )  # fmt: skip
+    assert search == (
+        "-Iinc", "-I", "other", "-isystem", "sys", "-m32", "-iquote", "q", "-nostdinc",
+    )  # fmt: skip
+    assert forced == ("cfg.h", "m.h")
+    with pytest.raises(ScanUncertain, match="scan-split-include-path"):
+        search_arguments(["-Ia", "-I-", "-Ib", "-c", "x.c"])
+
+
+def test_parse_search_list() -> None:
+    text = (
+        'ignoring nonexistent directory "missing"\n'
+        '#include "..." search starts here:\n quoted\n'
+        "#include <...> search starts here:\n inc\n /usr/include\nEnd of search list.\n"
+    )
+    assert parse_search_list(text, "/p") == SearchPath(
+        ("/p/quoted",), ("/p/inc", "/usr/include"), ("/p/missing",)
+    )
+    with pytest.raises(ScanUncertain):
+        parse_search_list("no list here\n", "/p")
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def age(root: Path) -> None:
+    """Make every file and directory old enough for its scan to be kept."""
+    old = time.time() - 60
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (old, old))
+
+
+def scan(scanner: Scanner, root: Path, arguments: list[str]) -> tuple[set[str], list[str]]:
+    search, forced = search_arguments(arguments)
+    path = asyncio.run(scanner.search_path("gcc", "c", search, str(root), dict(os.environ)))
+    source = next(a for a in arguments if a.endswith(".c"))
+    found = scanner.scan(str(root), source, forced, path)
+    return {os.path.relpath(f, root) for f in found.files if f.startswith(str(root))}, found.absent
+
+
+def gcc_reads(root: Path, arguments: list[str]) -> set[str]:
+    out = subprocess.run(
+        ["gcc", *arguments, "-M"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    paths = out.replace("\\\n", " ").split(":", 1)[1].split()
+    return {os.path.relpath(os.path.join(root, p), root) for p in paths if not p.startswith("/")}
+
+
+PROJECT = {
+    "src/main.c": '#include "local.h"\n#include <lib.h>\n#include "sub/deep.h"\n'
+    "#include <stdio.h>\nint main(void) { return 0; }\n",
+    "src/local.h": '#include "sibling.h"\n',
+    "src/sibling.h": "\n",
+    "src/sub/deep.h": '#include "deeper.h"\n',
+    "src/sub/deeper.h": "\n",
+    "include/lib.h": "#include_next <lib.h>\n",
+    "vendor/lib.h": '#include "vendor-only.h"\n',
+    "vendor/vendor-only.h": "\n",
+    "include/forced.h": "\n",
+}
+ARGUMENTS = ["-Iinclude", "-Ivendor", "-include", "include/forced.h", "-c", "src/main.c"]
+
+
+def test_scan_finds_what_gcc_reads(tmp_path: Path) -> None:
+    write(tmp_path, PROJECT)
+    found, _absent = scan(Scanner(), tmp_path, ARGUMENTS)
+    assert gcc_reads(tmp_path, ARGUMENTS) <= found
+    assert found == {
+        "src/main.c", "src/local.h", "src/sibling.h", "src/sub/deep.h", "src/sub/deeper.h",
+        "include/lib.h", "vendor/lib.h", "vendor/vendor-only.h", "include/forced.h",
+    }  # fmt: skip
+
+
+def test_missing_names_are_reported_absent_everywhere_they_were_sought(tmp_path: Path) -> None:
+    write(tmp_path, {"a.c": "#ifdef _WIN32\n#include <windows.h>\n#endif\n"})
+    _found, absent = scan(Scanner(), tmp_path, ["-c", "a.c"])
+    assert "/usr/include/windows.h" in absent
+    assert all(path.endswith("/windows.h") for path in absent)
+
+
+def test_headers_are_read_once_across_compiles(tmp_path: Path) -> None:
+    files = {f"f{i}.c": '#include "common.h"\n#include <stdio.h>\n' for i in range(20)}
+    write(tmp_path, files | {"common.h": "#include <stdlib.h>\n"})
+    age(tmp_path)
+    scanner = Scanner()
+    scan(scanner, tmp_path, ["-c", "f0.c"])
+    first = scanner.files_parsed
+    for i in range(1, 20):
+        scan(scanner, tmp_path, ["-c", f"f{i}.c"])
+    assert scanner.files_parsed == first + 19  # each new source; no header twice
+
+
+def test_a_new_header_that_shadows_an_old_one_is_seen(tmp_path: Path) -> None:
+    """A lookup is remembered only while the directories it searched are unchanged."""
+    write(tmp_path, {"a.c": "#include <lib.h>\n", "second/lib.h": "\n"})
+    (tmp_path / "first").mkdir()
+    age(tmp_path)
+    scanner = Scanner()
+    arguments = ["-Ifirst", "-Isecond", "-c", "a.c"]
+    assert "second/lib.h" in scan(scanner, tmp_path, arguments)[0]
+    write(tmp_path, {"first/lib.h": "\n"})
+    found, _ = scan(scanner, tmp_path, arguments)
+    assert "first/lib.h" in found and "second/lib.h" not in found
+    assert found >= gcc_reads(tmp_path, arguments)
+
+
+def test_an_include_directory_that_appears_later_is_searched(tmp_path: Path) -> None:
+    write(tmp_path, {"a.c": "#include <gen.h>\n", "fallback/gen.h": "\n"})
+    age(tmp_path)
+    scanner = Scanner()
+    arguments = ["-Igenerated", "-Ifallback", "-c", "a.c"]
+    assert "fallback/gen.h" in scan(scanner, tmp_path, arguments)[0]
+    write(tmp_path, {"generated/gen.h": "\n"})
+    assert "generated/gen.h" in scan(scanner, tmp_path, arguments)[0]
+
+
+def test_an_edited_file_is_read_again(tmp_path: Path) -> None:
+    write(tmp_path, {"a.c": '#include "a.h"\n', "a.h": "\n", "b.h": "\n"})
+    age(tmp_path)
+    scanner = Scanner()
+    assert "b.h" not in scan(scanner, tmp_path, ["-c", "a.c"])[0]
+    (tmp_path / "a.h").write_text('#include "b.h"\n')
+    assert "b.h" in scan(scanner, tmp_path, ["-c", "a.c"])[0]
+
+
+def test_a_computed_include_anywhere_gives_up(tmp_path: Path) -> None:
+    write(tmp_path, {"a.c": '#include "a.h"\n', "a.h": "#define H <stdio.h>\n#include H\n"})
+    with pytest.raises(ScanUncertain, match="scan-computed-include"):
+        scan(Scanner(), tmp_path, ["-c", "a.c"])
