@@ -14,7 +14,6 @@ remote side answers "local", and `reapi-cc` runs the real compiler.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import fcntl
 import json
@@ -53,7 +52,15 @@ from shim.inputs import (
     preprocessor_dependencies,
 )
 from shim.options import Kind, lookup
-from shim.protocol import HEADER, STAT_KEYS, decode_length, encode, socket_path, state_dir
+from shim.protocol import (
+    HEADER_SIZE,
+    STAT_KEYS,
+    decode,
+    decode_length,
+    encode,
+    socket_path,
+    state_dir,
+)
 from shim.scan import Scanner, ScanUncertain, search_arguments
 
 log = logging.getLogger("reapi.agent")
@@ -271,8 +278,8 @@ class Agent:
         return {
             "do": "exit",
             "code": result.exit_code,
-            "stdout": base64.b64encode(stdout).decode(),
-            "stderr": base64.b64encode(stderr).decode(),
+            "stdout": stdout,
+            "stderr": stderr,
         }
 
     async def _prepare_scan(
@@ -457,8 +464,8 @@ async def _serve_connection(
     agent: Agent, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     try:
-        length = decode_length(await reader.readexactly(HEADER.size))
-        request = json.loads(await reader.readexactly(length))
+        length = decode_length(await reader.readexactly(HEADER_SIZE))
+        request = decode(await reader.readexactly(length))
         reply = await agent.handle(request)
         writer.write(encode(reply))
         await writer.drain()
@@ -469,14 +476,14 @@ async def _serve_connection(
 
 
 async def run_agent(idle_seconds: float = IDLE_SECONDS) -> None:
-    directory = state_dir()
+    directory = Path(state_dir())
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "agent.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # another agent serves this user
-        path = socket_path()
+        path = Path(socket_path())
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         (directory / "agent.pid").write_text(str(os.getpid()))
