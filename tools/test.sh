@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the integration tests use (real Bazel 4, offline).
-packages=(bazel-bootstrap bazel-platforms bazel-rules-java bubblewrap)
+# Debian packages the tests use: real Bazel 4 (offline), bubblewrap, and the
+# toolchain the shim's real-project builds need (autoreconf for libyaml).
+packages=(bazel-bootstrap bazel-platforms bazel-rules-java bubblewrap
+          gcc g++ make autoconf automake libtool)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||

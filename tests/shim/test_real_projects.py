@@ -115,3 +115,39 @@ def test_zlib_configure_and_make(tmp_path: Path, shim_env: dict[str, str]) -> No
     assert objects(elsewhere) == expected
     after = stats(shim_env)
     assert after["cache_hits"] - first["cache_hits"] >= 2 * len(expected), after
+
+
+@pytest.mark.slow
+def test_libyaml_autotools_in_scan_mode(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """An autoconf-generated ./configure (libyaml's, made by autoreconf here) run
+    through the shim decides exactly what it decides with plain gcc; the libtool
+    build that follows, in `scan` mode, gives the same objects and passes `make check`."""
+    pristine = shutil.copytree(debian_source("libyaml"), tmp_path / "pristine")
+    run(["autoreconf", "-fi"], pristine)
+    shim_env = shim_env | {"REAPI_CC_MODE": "scan"}
+    shim = f"{shutil.which('reapi-cc')} gcc"
+
+    def configure_and_build(tree: Path, cc: str, env: dict[str, str] | None) -> dict[str, str]:
+        run(["./configure", f"CC={cc}"], tree, env)
+        launcher = cc.removesuffix("gcc")  # "" for plain gcc
+        configured = {
+            name: (tree / name).read_text().replace(str(tree), "TREE").replace(launcher, "")
+            for name in ("include/config.h", "src/Makefile", "libtool")
+        }
+        run(["make", "-j2"], tree, env)
+        return configured
+
+    # Both builds at one path: the objects carry debug info (-g -O2) naming it.
+    plain = shutil.copytree(pristine, tmp_path / "build")
+    expected_config = configure_and_build(plain, "gcc", None)
+    expected = objects(plain)
+    assert len(expected) >= 8 and expected_config
+    shutil.rmtree(plain)
+
+    tree = shutil.copytree(pristine, tmp_path / "build")
+    assert configure_and_build(tree, shim, shim_env) == expected_config
+    assert objects(tree) == expected
+    run(["make", "-j2", "check"], tree, shim_env)
+    after = stats(shim_env)
+    assert after["remote_executions"] >= len(expected), after
+    assert after["scan_fallbacks"] == 0, after
