@@ -95,6 +95,20 @@ class Proxy:
         await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
 
 
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def free_port() -> int:
     import socket
 
@@ -148,7 +162,7 @@ class Bench:
              "127.0.0.1", "--port", str(port), "--jobs", str(JOBS), "--log-level", "error",
              "--log-stderr"],
         )  # fmt: skip
-        time.sleep(0.5)
+        wait_for_port(port)
         return daemon, port
 
     def distcc(self, proxy: bool = False) -> dict[str, float]:
@@ -156,6 +170,7 @@ class Bench:
         daemon, port = self.distccd()
         relay = Proxy(port) if proxy else None
         hosts = f"127.0.0.1:{relay.port if relay else port}/{JOBS}"
+        (self.work / "distcc").mkdir(exist_ok=True)
         # No silent local fallback: a distcc that cannot reach distccd fails the run.
         env = dict(
             os.environ,

@@ -288,9 +288,11 @@ class Agent:
         """`scan` (distcc's pump mode): our own memoized include scan; `deps`
         for a compile the scanner cannot be sure of."""
         try:
-            search, forced = search_arguments(decision.arguments)
-            path = await self.scanner.search_path(compiler, decision.language, search, cwd, env)
-            found = self.scanner.scan(cwd, decision.source, forced, path)
+            arguments = search_arguments(decision.arguments)
+            path = await self.scanner.search_path(
+                compiler, decision.language, arguments.search, cwd, env
+            )
+            found = self.scanner.scan(cwd, decision.source, arguments, path)
         except ScanUncertain as uncertain:
             self.stats.add("scan_fallbacks")
             reasons = self.stats.values.setdefault("scan_fallback_reasons", {})

@@ -67,6 +67,8 @@ _COMMENT_OR_LITERAL = re.compile(
 _DIRECTIVE = re.compile(
     rb"^[ \t]*(?:#|%:)[ \t]*(include_next|include|import|embed)\b[ \t]*(.*)$", re.MULTILINE
 )
+_MACRO = re.compile(rb"([A-Za-z_]\w*)\s*$")
+_DEFINE = re.compile(rb"^[ \t]*(?:#|%:)[ \t]*define[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
 _HAS_INCLUDE = re.compile(rb"__has_include(_next)?\s*\(\s*(.?)")
 
 
@@ -85,9 +87,16 @@ class ScanUncertain(InputsUnknown):
 
 @dataclass(frozen=True)
 class Include:
-    name: str
+    name: str  # the file name, or the macro of a computed include
     angle: bool  # <name> rather than "name"
     next: bool = False  # #include_next
+    macro: bool = False  # `#include NAME`: resolved from -D options, if at all
+
+
+@dataclass(frozen=True)
+class Parsed:
+    includes: tuple[Include, ...]
+    defines: frozenset[str]  # macros the file #defines
 
 
 @dataclass(frozen=True)
@@ -109,10 +118,10 @@ class ScanResult:
     absent: list[str] = field(default_factory=list)  # paths that must not exist
 
 
-def parse_includes(data: bytes) -> tuple[Include, ...]:
-    """The include directives (and `__has_include` names) in a file's text.
-
-    Raises ScanUncertain for a computed include or `#embed`."""
+def parse_includes(data: bytes) -> Parsed:
+    """The include directives (and `__has_include` names) in a file's text, and
+    the macros it defines. `#include NAME` is kept as a macro include; any other
+    computed include, and `#embed`, raise ScanUncertain."""
     text = data.replace(b"\\\n", b"")
     if b"/" in text:
         text = _COMMENT_OR_LITERAL.sub(_without_comment, text)
@@ -122,9 +131,12 @@ def parse_includes(data: bytes) -> tuple[Include, ...]:
         if keyword == b"embed":
             raise ScanUncertain("scan-embed")
         include = _delimited(rest, keyword == b"include_next")
+        if include is None and (macro := _MACRO.match(rest)):
+            include = Include(macro.group(1).decode(), angle=False, macro=True)
         if include is None:
             raise ScanUncertain("scan-computed-include")
         found.append(include)
+    defines = frozenset(m.group(1).decode() for m in _DEFINE.finditer(text))
     if b"__has_include" in text:
         for match in _HAS_INCLUDE.finditer(text):
             rest = text[match.start(2) :]
@@ -132,7 +144,7 @@ def parse_includes(data: bytes) -> tuple[Include, ...]:
             if include is None:
                 raise ScanUncertain("scan-computed-include")
             found.append(include)
-    return tuple(found)
+    return Parsed(tuple(found), defines)
 
 
 def _delimited(rest: bytes, next_: bool) -> Include | None:
@@ -149,12 +161,19 @@ def _delimited(rest: bytes, next_: bool) -> Include | None:
     return Include(name, angle=rest[:1] == b"<", next=next_)
 
 
-def search_arguments(arguments: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """From a compile's arguments: the options that shape the search path (in
-    order, with machine options, which pick multilib directories), and the
-    files named by `-include`/`-imacros`. Raises ScanUncertain for `-I-`."""
+@dataclass(frozen=True)
+class SearchArguments:
+    search: tuple[str, ...]  # options that shape the search path, in order
+    forced: tuple[str, ...]  # files named by -include / -imacros
+    defines: dict[str, str]  # -D NAME=VALUE as given (later ones win; -U removes)
+
+
+def search_arguments(arguments: Sequence[str]) -> SearchArguments:
+    """What the scan needs from a compile's arguments. Machine options go into
+    `search` (they pick multilib directories). Raises ScanUncertain for `-I-`."""
     search: list[str] = []
     forced: list[str] = []
+    defines: dict[str, str] = {}
     index = 0
     while index < len(arguments):
         argument = arguments[index]
@@ -165,7 +184,7 @@ def search_arguments(arguments: Sequence[str]) -> tuple[tuple[str, ...], tuple[s
             search.append(argument)
             continue
         option, value = lookup(argument)
-        if option is None or option.name not in (*SEARCH_OPTIONS, "-include", "-imacros"):
+        if option is None or option.name not in (*SEARCH_OPTIONS, *_SCAN_OPTIONS):
             continue
         taken = [argument]
         if value is None and option.name not in ("-nostdinc", "-nostdinc++"):
@@ -174,9 +193,17 @@ def search_arguments(arguments: Sequence[str]) -> tuple[tuple[str, ...], tuple[s
             index += 1
         if option.name in ("-include", "-imacros"):
             forced.append(value or "")
+        elif option.name == "-D":
+            name, _, definition = (value or "").partition("=")
+            defines[name] = definition or "1"
+        elif option.name == "-U":
+            defines.pop(value or "", None)
         else:
             search.extend(taken)
-    return tuple(search), tuple(forced)
+    return SearchArguments(tuple(search), tuple(forced), defines)
+
+
+_SCAN_OPTIONS = ("-include", "-imacros", "-D", "-U")
 
 
 _SKIPPED = re.compile(r'^ignoring nonexistent directory "(.*)"$')
@@ -208,7 +235,7 @@ class Scanner:
 
     def __init__(self) -> None:
         # path -> (stat key, includes or the reason they are uncertain)
-        self._parsed: dict[str, tuple[tuple[int, ...], tuple[Include, ...] | str]] = {}
+        self._parsed: dict[str, tuple[tuple[int, ...], Parsed | str]] = {}
         self._search: dict[tuple[str, ...], SearchPath] = {}
         self._lookups: dict[SearchPath, dict[tuple[str, int, str], _Lookup]] = {}
         self.files_parsed = 0  # for tests and benchmarks: how much work was done
@@ -247,8 +274,8 @@ class Scanner:
         found = self._search[key] = parse_search_list(err.decode(errors="replace"), cwd)
         return found
 
-    def includes(self, path: str) -> tuple[Include, ...]:
-        """The include directives of the file at `path` (absolute), memoized."""
+    def parse(self, path: str) -> Parsed:
+        """What the file at `path` (absolute) includes and defines, memoized."""
         stat = os.stat(path)
         key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
         known = self._parsed.get(path)
@@ -256,7 +283,7 @@ class Scanner:
             with open(path, "rb") as file:
                 data = file.read()
             self.files_parsed += 1
-            parsed: tuple[Include, ...] | str
+            parsed: Parsed | str
             try:
                 parsed = parse_includes(data)
             except ScanUncertain as uncertain:
@@ -268,8 +295,16 @@ class Scanner:
             raise ScanUncertain(known[1])
         return known[1]
 
-    def scan(self, cwd: str, source: str, forced: Sequence[str], search: SearchPath) -> ScanResult:
-        """Every file a compile of `source` (relative to `cwd`) may read."""
+    def scan(
+        self, cwd: str, source: str, arguments: SearchArguments, search: SearchPath
+    ) -> ScanResult:
+        """Every file a compile of `source` (relative to `cwd`) may read.
+
+        `#include NAME` follows NAME's definition on the command line (git's
+        `-DSHA1DC_CUSTOM_INCLUDE_SHA1_C="cache.h"`). A NAME that no file read
+        and no option defines cannot be included without an error (and a
+        failed remote compile is rerun locally): it is skipped. A NAME some
+        file #defines would need the preprocessor: ScanUncertain."""
         lookups = self._lookups.setdefault(search, {})
         view = _DirectoryView()
         result = ScanResult()
@@ -303,16 +338,31 @@ class Scanner:
             raise ScanUncertain("scan-source-missing")
         for name in IMPLICIT_INCLUDES:
             resolve(Include(name, angle=True), "", None, implicit=True)
-        for name in forced:
+        for name in arguments.forced:
             resolve(Include(name, angle=False), cwd, None)
         queue.append((source_path, None))
-        files: dict[str, None] = {}
+        files: dict[str, Parsed] = {}
+        macros: list[tuple[str, str, int | None]] = []  # (macro, here, index)
         while queue:
-            path, index = queue.pop()
-            files[path] = None
-            here = os.path.dirname(path)
-            for include in self.includes(path):
-                resolve(include, here, index)
+            while queue:
+                path, index = queue.pop()
+                files[path] = parsed = self.parse(path)
+                here = os.path.dirname(path)
+                for include in parsed.includes:
+                    if include.macro:
+                        macros.append((include.name, here, index))
+                    else:
+                        resolve(include, here, index)
+            for name, here, index in macros:
+                definition = arguments.defines.get(name)
+                if definition is not None:
+                    named = _delimited(definition.encode(), next_=False)
+                    if named is None:
+                        raise ScanUncertain("scan-computed-include")
+                    resolve(named, here, index)
+                elif any(name in parsed.defines for parsed in files.values()):
+                    raise ScanUncertain("scan-computed-include")
+            macros.clear()
         result.files = list(files)
         return result
 

@@ -53,14 +53,14 @@ from shim.scan import (
     ],
 )
 def test_parse_includes(text: bytes, expected: list[Include]) -> None:
-    assert sorted(parse_includes(text), key=repr) == sorted(expected, key=repr)
+    assert sorted(parse_includes(text).includes, key=repr) == sorted(expected, key=repr)
 
 
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        (b"#include FT_FREETYPE_H\n", "scan-computed-include"),
-        (b"#define H <a.h>\n#include H\n", "scan-computed-include"),
+        (b"#include FT_FREETYPE_H(x)\n", "scan-computed-include"),
+        (b"#include PREFIX SUFFIX\n", "scan-computed-include"),
         (b"#if __has_include(HEADER)\n#endif\n", "scan-computed-include"),
         (b'static const char d[] = {\n#embed "data.bin"\n};\n', "scan-embed"),
     ],
@@ -71,14 +71,16 @@ def test_uncertain_files(text: bytes, reason: str) -> None:
 
 
 def test_search_arguments() -> None:
-    search, forced = search_arguments(
+    found = search_arguments(
         ["-O2", "-Iinc", "-I", "other", "-DX=1", "-isystem", "sys", "-include", "cfg.h",
-         "-m32", "-c", "a.c", "-imacros", "m.h", "-iquote", "q", "-nostdinc"]
+         "-m32", "-c", "a.c", "-imacros", "m.h", "-iquote", "q", "-nostdinc", "-D", "Y",
+         '-DH="h.h"', "-DZ", "-UZ"]
     )  # fmt: skip
-    assert search == (
+    assert found.search == (
         "-Iinc", "-I", "other", "-isystem", "sys", "-m32", "-iquote", "q", "-nostdinc",
     )  # fmt: skip
-    assert forced == ("cfg.h", "m.h")
+    assert found.forced == ("cfg.h", "m.h")
+    assert found.defines == {"X": "1", "Y": "1", "H": '"h.h"'}
     with pytest.raises(ScanUncertain, match="scan-split-include-path"):
         search_arguments(["-Ia", "-I-", "-Ib", "-c", "x.c"])
 
@@ -110,10 +112,12 @@ def age(root: Path) -> None:
 
 
 def scan(scanner: Scanner, root: Path, arguments: list[str]) -> tuple[set[str], list[str]]:
-    search, forced = search_arguments(arguments)
-    path = asyncio.run(scanner.search_path("gcc", "c", search, str(root), dict(os.environ)))
+    found_arguments = search_arguments(arguments)
+    path = asyncio.run(
+        scanner.search_path("gcc", "c", found_arguments.search, str(root), dict(os.environ))
+    )
     source = next(a for a in arguments if a.endswith(".c"))
-    found = scanner.scan(str(root), source, forced, path)
+    found = scanner.scan(str(root), source, found_arguments, path)
     return {os.path.relpath(f, root) for f in found.files if f.startswith(str(root))}, found.absent
 
 
@@ -202,7 +206,26 @@ def test_an_edited_file_is_read_again(tmp_path: Path) -> None:
     assert "b.h" in scan(scanner, tmp_path, ["-c", "a.c"])[0]
 
 
-def test_a_computed_include_anywhere_gives_up(tmp_path: Path) -> None:
+def test_a_macro_include_defined_in_a_file_gives_up(tmp_path: Path) -> None:
     write(tmp_path, {"a.c": '#include "a.h"\n', "a.h": "#define H <stdio.h>\n#include H\n"})
     with pytest.raises(ScanUncertain, match="scan-computed-include"):
         scan(Scanner(), tmp_path, ["-c", "a.c"])
+
+
+def test_a_macro_include_follows_the_command_line(tmp_path: Path) -> None:
+    """git's sha1dc: `#include SHA1DC_CUSTOM_INCLUDE_SHA1_C` given by -D, and an
+    `#ifdef`-guarded macro include that nothing defines (so never reached)."""
+    write(
+        tmp_path,
+        {
+            "sha1.c": '#ifdef CUSTOM_C\n#include CUSTOM_C\n#endif\n#include "sha1.h"\n',
+            "sha1.h": "#ifdef TRAILER_H\n#include TRAILER_H\n#endif\n",
+            "cache.h": "#include <stdlib.h>\n",
+        },
+    )
+    arguments = ['-DCUSTOM_C="cache.h"', "-c", "sha1.c"]
+    found, _ = scan(Scanner(), tmp_path, arguments)
+    assert found == {"sha1.c", "sha1.h", "cache.h"} >= gcc_reads(tmp_path, arguments)
+    defined_badly = ["-DCUSTOM_C=OTHER_MACRO", "-c", "sha1.c"]
+    with pytest.raises(ScanUncertain, match="scan-computed-include"):
+        scan(Scanner(), tmp_path, defined_badly)
