@@ -261,9 +261,12 @@ def stop_agent(home: Path) -> None:
 
 def venv_reapi_cc(work: Path) -> str:
     venv = work / "venv"
-    if not (venv / "bin" / "reapi-cc").exists():
+    pip = [str(venv / "bin" / "pip"), "install", "-q"]
+    if not (venv / "bin" / "pip").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(REPO_ROOT)], check=True)
+        subprocess.run([*pip, str(REPO_ROOT)], check=True)
+    # This checkout's code, every time.
+    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(REPO_ROOT)], check=True)
     return str(venv / "bin" / "reapi-cc")
 
 
