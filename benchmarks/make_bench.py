@@ -18,6 +18,7 @@ reapi-cc is installed into a virtualenv (not editable), as a user would have
 it. Agent CPU is read from /proc (the agent and the preprocessors it ran).
 
     python benchmarks/make_bench.py [--rounds 3] [--work /tmp/make-bench]
+    python benchmarks/make_bench.py --discovery-only   # deps vs scan, discovery alone
 """
 
 from __future__ import annotations
@@ -270,6 +271,60 @@ def venv_reapi_cc(work: Path) -> str:
     return str(venv / "bin" / "reapi-cc")
 
 
+def discovery_cpu(bench: Bench) -> dict[str, float]:
+    """Input discovery alone, per compile of the git build: `deps` (the local
+    `gcc -M`, CPU of the child) against `scan` (this process's CPU), the scan
+    cold (first pass, every header parsed) and warm (the agent's steady state)."""
+    import resource
+    import shlex
+
+    from shim.classify import RemoteCompile, classify
+    from shim.inputs import preprocessor_dependencies
+    from shim.scan import Scanner, search_arguments
+
+    bench.fresh_tree()
+    env = dict(os.environ)
+    bench.make("gcc", env)  # generated headers exist, as during a real build
+    listing = subprocess.run(
+        ["make", "-n", "-B", "V=1", "CC=gcc", *GIT_OPTIONS, "git"],
+        cwd=bench.tree, env=env, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    compiles = []
+    for line in listing.splitlines():
+        words = shlex.split(line) if line.startswith("gcc ") and " -c " in line else []
+        decision = classify(words[1:]) if words else None
+        if isinstance(decision, RemoteCompile):
+            compiles.append(decision)
+    cwd = str(bench.tree)
+
+    def deps() -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        for decision in compiles:
+            asyncio.run(preprocessor_dependencies("/usr/bin/gcc", decision.arguments, cwd, env))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+    scanner = Scanner()
+
+    def scan() -> float:
+        start = time.process_time()
+        for decision in compiles:
+            arguments = search_arguments(decision.arguments)
+            path = asyncio.run(
+                scanner.search_path("/usr/bin/gcc", decision.language, arguments.search, cwd, env)
+            )
+            scanner.scan(cwd, decision.source, arguments, path)
+        return time.process_time() - start
+
+    count = len(compiles)
+    return {
+        "compiles": count,
+        "deps_ms": deps() * 1000 / count,
+        "scan_cold_ms": scan() * 1000 / count,
+        "scan_warm_ms": scan() * 1000 / count,
+    }
+
+
 def median(runs: list[dict[str, float]], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
@@ -278,11 +333,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/make-bench"))
+    parser.add_argument(
+        "--discovery-only", action="store_true", help="only input discovery CPU, deps vs scan"
+    )
     args = parser.parse_args()
     for tool in ("ccache", "distcc", "distccd", "make", "gcc"):
         if shutil.which(tool) is None:
             sys.exit(f"make_bench: {tool} is not installed (apt-get install ccache distcc)")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.discovery_only:
+        bench = Bench(args.work, git_source(), "")
+        found = discovery_cpu(bench)
+        print(
+            f"input discovery CPU per compile ({found['compiles']:.0f} compiles): deps "
+            f"{found['deps_ms']:.1f} ms, scan cold {found['scan_cold_ms']:.1f} ms, scan warm "
+            f"{found['scan_warm_ms']:.2f} ms: deps/scan warm "
+            f"{found['deps_ms'] / found['scan_warm_ms']:.1f}x"
+        )
+        return
     bench = Bench(args.work, git_source(), venv_reapi_cc(args.work))
     sides: dict[str, Callable[[], dict[str, float]]] = {
         "gcc": bench.gcc,

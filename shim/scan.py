@@ -248,9 +248,11 @@ class Scanner:
         cwd: str,
         env: Mapping[str, str],
     ) -> SearchPath:
-        """The compiler's chain for these options, asked once and kept while
-        every directory it skipped is still missing."""
-        key = (compiler, language, cwd, *search)
+        """The compiler's chain for these options, asked once (per version of
+        the compiler's binary) and kept while every directory it skipped is
+        still missing."""
+        binary = os.stat(compiler)
+        key = (compiler, str(binary.st_mtime_ns), str(binary.st_ino), language, cwd, *search)
         known = self._search.get(key)
         if known is not None and not any(os.path.exists(d) for d in known.skipped):
             return known
