@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,7 +252,7 @@ class Scanner:
         """The compiler's chain for these options, asked once (per version of
         the compiler's binary) and kept while every directory it skipped is
         still missing."""
-        binary = os.stat(compiler)
+        binary = os.stat(shutil.which(compiler) or compiler)
         key = (compiler, str(binary.st_mtime_ns), str(binary.st_ino), language, cwd, *search)
         known = self._search.get(key)
         if known is not None and not any(os.path.exists(d) for d in known.skipped):
