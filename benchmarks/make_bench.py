@@ -29,6 +29,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -97,8 +98,6 @@ class Proxy:
 
 
 def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -111,8 +110,6 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -33,7 +33,9 @@ ABSENT = "ABSENT"
 _digests: dict[tuple[str, int, int, int], str] = {}
 
 
-def file_sha256(path: str) -> str | None:
+def file_identity(path: str) -> tuple[str, int] | None:
+    """(SHA256, size) of the file at `path`, from one stat when it is unchanged;
+    None if it is missing."""
     try:
         stat = os.stat(path)
     except OSError:
@@ -46,7 +48,12 @@ def file_sha256(path: str) -> str | None:
             while chunk := file.read(1 << 20):
                 hasher.update(chunk)
         digest = _digests[key] = hasher.hexdigest()
-    return digest
+    return digest, stat.st_size
+
+
+def file_sha256(path: str) -> str | None:
+    found = file_identity(path)
+    return None if found is None else found[0]
 
 
 def verify_system_files(root: Path, manifest: str) -> None:

@@ -31,7 +31,7 @@ import grpc
 from cas.merkle import build_tree
 from cas.remote import RemoteStore, channel_for
 from cas.store import get_blob
-from reapi.conventions import ABSENT, MANIFEST_VARIABLE, SANDBOX_ROOT, file_sha256
+from reapi.conventions import ABSENT, MANIFEST_VARIABLE, SANDBOX_ROOT, file_identity
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -121,10 +121,14 @@ class Stats:
         self.values[key] = self.values.get(key, 0) + amount
         self.dirty = True
 
-    def local(self, reason: str) -> dict[str, Any]:
-        self.add("local_fallbacks")
-        reasons = self.values.setdefault("local_reasons", {})
+    def add_reason(self, key: str, reasons_key: str, reason: str) -> None:
+        """Count `key`, and `reason` in the `reasons_key` table."""
+        self.add(key)
+        reasons = self.values.setdefault(reasons_key, {})
         reasons[reason] = reasons.get(reason, 0) + 1
+
+    def local(self, reason: str) -> dict[str, Any]:
+        self.add_reason("local_fallbacks", "local_reasons", reason)
         return {"do": "local", "reason": reason}
 
     def zero(self) -> None:
@@ -294,9 +298,7 @@ class Agent:
             )
             found = self.scanner.scan(cwd, decision.source, arguments, path)
         except ScanUncertain as uncertain:
-            self.stats.add("scan_fallbacks")
-            reasons = self.stats.values.setdefault("scan_fallback_reasons", {})
-            reasons[str(uncertain)] = reasons.get(str(uncertain), 0) + 1
+            self.stats.add_reason("scan_fallbacks", "scan_fallback_reasons", str(uncertain))
             read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
             return self._prepare_files(cwd, compiler, decision, env, read, [])
         absent = [p for p in found.absent if is_system(p)]
@@ -379,9 +381,9 @@ class Agent:
             self._identities[key] = programs
         lines = []
         for path in sorted({*self._identities[key], *system_files}):
-            digest = file_sha256(path)
-            if digest is not None:
-                lines.append(f"{digest} {os.path.getsize(path)} {path}")
+            identity = file_identity(path)
+            if identity is not None:
+                lines.append(f"{identity[0]} {identity[1]} {path}")
         lines.extend(f"{ABSENT} 0 {path}" for path in sorted(set(absent)))
         return ("\n".join(lines) + "\n").encode()
 

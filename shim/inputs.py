@@ -100,28 +100,32 @@ def parse_make_rule(text: str) -> list[str]:
     return paths
 
 
-async def _run_preprocessor(argv: list[str], cwd: str, env: Mapping[str, str]) -> bytes:
-    """Standard output of a local preprocessor run; raises InputsUnknown if it
-    fails (the local compile that follows then shows the error)."""
+async def run_preprocessor(
+    argv: Sequence[str], cwd: str, env: Mapping[str, str], stderr: bool = False
+) -> bytes:
+    """Standard output (or, with `stderr`, standard error) of a local
+    preprocessor run; raises InputsUnknown if it fails (the local compile that
+    follows then shows the error)."""
+    pipe, devnull = asyncio.subprocess.PIPE, asyncio.subprocess.DEVNULL
     process = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
         env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stdin=devnull,
+        stdout=devnull if stderr else pipe,
+        stderr=pipe if stderr else devnull,
     )
-    out, _ = await process.communicate()
+    out, err = await process.communicate()
     if process.returncode != 0:
         raise InputsUnknown("preprocessor-failed")
-    return out
+    return err if stderr else out
 
 
 async def preprocessor_dependencies(
     compiler: str, arguments: Sequence[str], cwd: str, env: Mapping[str, str]
 ) -> list[str]:
     """Absolute paths of every file the compile reads, from the local `-M`."""
-    out = await _run_preprocessor(dependency_query(compiler, arguments), cwd, env)
+    out = await run_preprocessor(dependency_query(compiler, arguments), cwd, env)
     return [os.path.normpath(os.path.join(cwd, path)) for path in parse_make_rule(out.decode())]
 
 
@@ -175,4 +179,4 @@ async def preprocess(
 ) -> bytes:
     """The preprocessed source (`cpp` mode); writes the dependency file here."""
     query = preprocess_query(compiler, arguments, output, dependency_file)
-    return await _run_preprocessor(query, cwd, env)
+    return await run_preprocessor(query, cwd, env)

@@ -28,7 +28,6 @@ system directories either (see reapi.conventions).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from shim.inputs import InputsUnknown
+from shim.inputs import InputsUnknown, run_preprocessor
 from shim.options import lookup
 
 # Options that shape the include search path, passed to `COMPILER -E -v`.
@@ -257,23 +256,11 @@ class Scanner:
         known = self._search.get(key)
         if known is not None and not any(os.path.exists(d) for d in known.skipped):
             return known
-        process = await asyncio.create_subprocess_exec(
-            compiler,
-            *search,
-            "-x",
-            language,
-            "-E",
-            "-v",
-            "-",
-            cwd=cwd,
-            env=dict(env),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        _, err = await process.communicate()
-        if process.returncode != 0:
-            raise ScanUncertain("scan-search-path-unknown")
+        query = [compiler, *search, "-x", language, "-E", "-v", "-"]
+        try:
+            err = await run_preprocessor(query, cwd, env, stderr=True)
+        except InputsUnknown:
+            raise ScanUncertain("scan-search-path-unknown") from None
         found = self._search[key] = parse_search_list(err.decode(errors="replace"), cwd)
         return found
 
