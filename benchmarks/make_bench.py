@@ -333,6 +333,9 @@ def main() -> None:
     parser.add_argument(
         "--discovery-only", action="store_true", help="only input discovery CPU, deps vs scan"
     )
+    parser.add_argument(
+        "--sides", default="gcc,ccache,distcc,deps,scan", help="comma-separated sides to time"
+    )
     args = parser.parse_args()
     for tool in ("ccache", "distcc", "distccd", "make", "gcc"):
         if shutil.which(tool) is None:
@@ -356,11 +359,18 @@ def main() -> None:
         "deps": lambda: bench.reapi("deps"),
         "scan": lambda: bench.reapi("scan"),
     }
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    chosen = args.sides.split(",")
+    if unknown := set(chosen) - set(sides):
+        sys.exit(f"make_bench: unknown sides {sorted(unknown)}; choose from {sorted(sides)}")
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in chosen}
     for round_ in range(args.rounds):
-        for name, side in sides.items():
-            runs[name].append(side())
+        for name in chosen:
+            runs[name].append(sides[name]())
             print(f"round {round_ + 1} {name}: {runs[name][-1]}", flush=True)
+    if set(chosen) != set(sides):  # a partial run: medians only, no ratios
+        for name, side_runs in runs.items():
+            print(name, {key: round(median(side_runs, key), 3) for key in side_runs[0]})
+        return
     distcc_bytes = bench.distcc(proxy=True)
     reapi_bytes = bench.reapi("deps", proxy=True)
     print(f"bytes: distcc {distcc_bytes}, reapi {reapi_bytes}", flush=True)

@@ -63,9 +63,9 @@ class DiskActionResultStore:
         path = self._path(action)
         try:
             data = path.read_bytes()
+            os.utime(path)  # its last use: `reapi cas gc` keeps recently used entries
         except FileNotFoundError:
-            return None
-        os.utime(path)
+            return None  # none, or removed by a gc just now
         return data
 
     async def put(self, action: Digest, result: bytes) -> None:

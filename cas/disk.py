@@ -18,9 +18,10 @@ file in tmp/ and renamed into place, which is atomic; what is left in tmp/ is
 swept on the next start. Concurrent writers of one blob each write their own
 temp file, and the last rename wins with identical bytes.
 
-A blob's last use is its row's last_access or its file's mtime; lookups refresh
-it at most every TOUCH_AFTER seconds, so a busy FindMissingBlobs reads and
-rarely writes.
+A blob's last use is its row's last_access or its file's mtime; lookups, reads
+and repeated uploads refresh it at most every TOUCH_AFTER seconds, so a busy
+FindMissingBlobs reads and rarely writes. `reapi cas gc` (cas/gc.py) evicts
+by it, from another connection or process, safely against this one.
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ class DiskStore:
             return False
         return True
 
-    def _large_get(self, digest: Digest) -> bytes | None:
+    def _large_get(self, digest: Digest, now: float) -> bytes | None:
         try:
             with open(self._path(digest), "rb") as file:
+                _touch_if_stale(file.fileno(), now)
                 data = file.read()
         except FileNotFoundError:
             return None
@@ -144,12 +146,13 @@ class DiskStore:
         return missing
 
     async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        found = self._small.get([d for d in digests if 0 < d.size <= SMALL_BLOB])
+        now = time.time()
+        found = self._small.get([d for d in digests if 0 < d.size <= SMALL_BLOB], now)
         for digest in digests:
             if digest.is_empty:
                 found[digest] = b""
             elif digest.size > SMALL_BLOB:
-                data = self._large_get(digest)
+                data = self._large_get(digest, now)
                 if data is not None:
                     found[digest] = data
         return found
@@ -171,6 +174,7 @@ class DiskStore:
         try:
             if os.fstat(fd).st_size != digest.size:
                 raise NotFound(f"blob {digest} not found")
+            _touch_if_stale(fd, time.time())
             check_offset(digest, offset, limit)
             end = digest.size if limit == 0 else min(digest.size, offset + limit)
             position = offset
@@ -292,6 +296,12 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _touch_if_stale(fd: int, now: float) -> None:
+    """Mark an open blob file used now, if its last use is older than TOUCH_AFTER."""
+    if os.fstat(fd).st_mtime < now - TOUCH_AFTER:
+        os.utime(fd)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS blob_data (
     data BLOB NOT NULL
 );
 """
+_REFRESH = "UPDATE blob_keys SET last_access = ? WHERE function = ? AND hash = ?"
 
 
 def open_small_db(root: Path) -> sqlite3.Connection:
@@ -100,25 +101,42 @@ class SmallBlobs:
                     found.add(digest)
                     if last_access < now - TOUCH_AFTER:  # type: ignore[operator]
                         stale.append(key)
-            if stale:
-                self._db.executemany(
-                    "UPDATE blob_keys SET last_access = ? WHERE function = ? AND hash = ?",
-                    [(now, function.value, key) for key in stale],
-                )
+            gone = self._touch(function, stale, now)
+            found.difference_update(wanted[key] for key in gone)  # type: ignore[index]
         return found
 
-    def get(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+    def get(self, digests: Sequence[Digest], now: float) -> dict[Digest, bytes]:
+        """The stored blobs among `digests`; refreshes stale last uses."""
         found: dict[Digest, bytes] = {}
         for function, wanted in _by_function(digests).items():
+            stale = []
             query = (
-                "SELECT k.hash, d.data FROM blob_keys AS k JOIN blob_data AS d "
+                "SELECT k.hash, k.last_access, d.data FROM blob_keys AS k JOIN blob_data AS d "
                 "ON d.id = k.data_id WHERE k.function = ? AND k.hash IN ({marks})"
             )
-            for key, data in self._rows(function, list(wanted), query):
+            for key, last_access, data in self._rows(function, list(wanted), query):
                 digest = wanted[key]  # type: ignore[index]
                 if len(data) == digest.size:  # type: ignore[arg-type]
                     found[digest] = data  # type: ignore[assignment]
+                    if last_access < now - TOUCH_AFTER:  # type: ignore[operator]
+                        stale.append(key)
+            self._touch(function, stale, now)
         return found
+
+    def _touch(self, function: DigestFunction, keys: list[object], now: float) -> list[object]:
+        """Set the last use of these rows to `now`; returns the keys whose rows
+        are gone. A gc deletes a row in a transaction that first checks it is
+        still old, so a blob refreshed here is not deleted after this
+        returns, and one deleted since it was read is reported."""
+        gone = []
+        if keys:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                for key in keys:
+                    cursor = self._db.execute(_REFRESH, (now, function.value, key))
+                    if cursor.rowcount == 0:
+                        gone.append(key)
+        return gone
 
     def put(self, blobs: Sequence[tuple[Digest, bytes]]) -> None:
         """Store verified blobs, in one transaction. Blobs already stored (or
@@ -131,9 +149,16 @@ class SmallBlobs:
                 fresh.setdefault((digest.function, bytes.fromhex(digest.hash)), data)
             for function in {function for function, _ in fresh}:
                 keys = [key for fn, key in fresh if fn is function]
-                query = "SELECT hash FROM blob_keys WHERE function = ? AND hash IN ({marks})"
-                for (key,) in self._rows(function, keys, query):
+                stale = []
+                query = (
+                    "SELECT hash, last_access FROM blob_keys "
+                    "WHERE function = ? AND hash IN ({marks})"
+                )
+                for key, last_access in self._rows(function, keys, query):
                     del fresh[(function, key)]  # type: ignore[arg-type]
+                    if last_access < now - TOUCH_AFTER:  # type: ignore[operator]
+                        stale.append(key)  # stored again: as good as used
+                self._db.executemany(_REFRESH, [(now, function.value, key) for key in stale])
             if not fresh:
                 return
             (first,) = self._db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM blob_data").fetchone()

@@ -2,10 +2,11 @@
 
     reapi serve [--listen 127.0.0.1:8980] [--storage DIR] [--config FILE]
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
-                [--workers N] [--sandbox bwrap|none]
+                [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
     reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
                  [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
+    reapi cas gc | stats | verify ...      (see reapi/cas_commands.py)
 
 A config file is TOML whose keys are the long option names (`listen = "..."`,
 `tls-cert = "..."`); options given on the command line win over the file.
@@ -24,7 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cas.gc import parse_size
+from cas.inventory import StorageError
 from executor.worker import Worker, WorkerConfig
+from reapi import cas_commands
 from reapi.security import ConfigError, TlsFiles, load_tokens
 from reapi.server import ServerConfig, default_storage, reapi_home, serve
 
@@ -39,6 +43,8 @@ SERVE_OPTIONS = (
     "workers",
     "sandbox",
     "heartbeat-timeout",
+    "max-size",
+    "gc-interval",
 )
 
 
@@ -80,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of silence after which a worker is taken for dead (default 30)",
     )
 
+    serve_cmd.add_argument(
+        "--max-size",
+        help="keep the stored blobs under this size (500M, 10G): a background gc "
+        "evicts least recently used blobs past it, down to 90%%",
+    )
+    serve_cmd.add_argument(
+        "--gc-interval",
+        type=float,
+        help="seconds between two checks of the size, with --max-size (default 60)",
+    )
+
     worker_cmd = commands.add_parser("worker", help="run actions for a server")
     worker_cmd.add_argument("--server", required=True, help="grpc://HOST:PORT or grpcs://...")
     worker_cmd.add_argument("--slots", type=int, default=1, help="actions run at once")
@@ -100,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         "--auth-token-file", type=Path, help="file whose first token is sent as a bearer token"
     )
     worker_cmd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    cas_commands.add_parsers(commands)
     return parser
 
 
@@ -148,6 +166,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.sandbox = str(settings["sandbox"])
     if settings.get("heartbeat-timeout"):
         config.heartbeat_timeout = float(settings["heartbeat-timeout"])
+    if settings.get("max-size") is not None:
+        try:
+            config.max_size = parse_size(str(settings["max-size"]))
+        except ValueError as error:
+            raise ConfigError(f"--max-size {error}") from None
+    if settings.get("gc-interval"):
+        config.gc_interval = float(settings["gc-interval"])
     return config
 
 
@@ -204,7 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(server_config(args)))
         elif args.command == "worker":
             asyncio.run(_work(worker_config(args)))
-    except ConfigError as error:
+        elif args.command == "cas":
+            return cas_commands.run(args)
+    except (ConfigError, StorageError) as error:
         print(f"reapi: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"reapi: {args.command} interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cas.action_cache import ActionCache, DiskActionResultStore
 from cas.disk import DiskStore
+from cas.gc import HIGH_WATERMARK, LOW_WATERMARK
 from executor.scheduler import Job, Scheduler
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import worker_pb2_grpc as worker_grpc
@@ -41,6 +42,8 @@ MAX_BATCH_TOTAL_SIZE = 4 * 1024 * 1024
 # Room for a full batch plus its digests and framing.
 MAX_MESSAGE = MAX_BATCH_TOTAL_SIZE + 4 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 10.0
+# Seconds between two looks at the store's size, with --max-size.
+GC_INTERVAL = 60.0
 
 
 def reapi_home() -> Path:
@@ -64,6 +67,9 @@ class ServerConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     sandbox: str = "bwrap"
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    # Background gc: keep the store's blobs under max_size bytes (None: no limit).
+    max_size: int | None = None
+    gc_interval: float = GC_INTERVAL
 
 
 class Server:
@@ -179,14 +185,45 @@ async def serve(config: ServerConfig) -> None:
     workers = [await _start_local_worker(config, port, n) for n in range(config.workers)]
     if workers:
         log.info("started %d local worker(s), sandbox %s", len(workers), config.sandbox)
-    await stopping.wait()
-    log.info("stopping")
+    async with asyncio.TaskGroup() as group:
+        if config.max_size is not None:
+            collector = group.create_task(_keep_under(config, config.max_size))
+        await stopping.wait()
+        log.info("stopping")
+        if config.max_size is not None:
+            collector.cancel()
     for worker in workers:
         if worker.returncode is None:
             worker.terminate()
     for worker in workers:
         await worker.wait()
     await server.stop()
+
+
+async def _keep_under(config: ServerConfig, max_size: int) -> None:
+    """The background gc: every gc_interval, `reapi cas gc` in a child process
+    (the same code as by hand, on the other core, with its own database
+    connection) brings the store from above HIGH_WATERMARK of max_size down to
+    LOW_WATERMARK of it. It runs alongside the services; see cas/gc.py."""
+    high, low = int(max_size * HIGH_WATERMARK), int(max_size * LOW_WATERMARK)
+    command = [
+        sys.executable, "-m", "reapi", "cas", "gc", "--storage", str(config.storage),
+        "--max-size", str(low), "--if-above", str(high),
+    ]  # fmt: skip
+    while True:
+        await asyncio.sleep(config.gc_interval)
+        pipe = asyncio.subprocess.PIPE
+        process = await asyncio.create_subprocess_exec(*command, stdout=pipe, stderr=pipe)
+        try:
+            out, err = await process.communicate()
+        except asyncio.CancelledError:
+            process.terminate()  # an interrupted gc leaves a consistent store
+            await process.wait()
+            raise
+        if process.returncode != 0:
+            log.warning("background gc failed: %s", err.decode(errors="replace").strip())
+        elif not out.startswith(b"nothing to do"):
+            log.info("background gc:\n%s", out.decode(errors="replace").rstrip())
 
 
 async def _start_local_worker(

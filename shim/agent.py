@@ -66,6 +66,8 @@ from shim.scan import Scanner, ScanUncertain, search_arguments
 log = logging.getLogger("reapi.agent")
 
 IDLE_SECONDS = 600.0
+# How long the server's word that it holds a blob is trusted before asking again.
+PRESENT_SECONDS = 600.0
 SHA256 = DigestFunction.SHA256
 MANIFEST = ".reapi/system-files"
 # Environment variables that change what gcc does: their presence keeps a compile local.
@@ -152,7 +154,14 @@ class Remote:
         self.store = RemoteStore(self.channel)
         self.cache: Any = re_grpc.ActionCacheStub(self.channel)  # type: ignore[no-untyped-call]
         self.execution: Any = re_grpc.ExecutionStub(self.channel)  # type: ignore[no-untyped-call]
-        self.present: set[Digest] = set()
+        # Blobs the server said it holds, and when (time.monotonic()).
+        self.present: dict[Digest, float] = {}
+
+    def known(self, digest: Digest, now: float) -> bool:
+        """Whether the server said it holds `digest` recently enough to trust:
+        its gc keeps blobs a client was told about for GRACE - TOUCH_AFTER
+        (cas/gc.py), far longer than PRESENT_SECONDS."""
+        return now - self.present.get(digest, -PRESENT_SECONDS) < PRESENT_SECONDS
 
 
 class Agent:
@@ -390,7 +399,8 @@ class Agent:
     async def _upload(
         self, remote: Remote, blobs: dict[Digest, bytes], files: list[Digest]
     ) -> None:
-        wanted = [d for d in {*blobs, *files} if d not in remote.present]
+        now = time.monotonic()
+        wanted = [d for d in {*blobs, *files} if not remote.known(d, now)]
         missing = set(await remote.store.find_missing(wanted))
         payload = []
         for digest in missing:
@@ -402,7 +412,7 @@ class Agent:
             if error is not None:
                 raise error
         self.stats.add("bytes_uploaded", sum(len(data) for _, data in payload))
-        remote.present.update(wanted)
+        remote.present.update(dict.fromkeys(wanted, now))
 
     async def _execute(self, remote: Remote, action: Digest) -> re_pb2.ActionResult:
         request = re_pb2.ExecuteRequest(

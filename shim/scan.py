@@ -238,6 +238,7 @@ class Scanner:
         self._parsed: dict[str, tuple[tuple[int, ...], Parsed | str]] = {}
         self._search: dict[tuple[str, ...], SearchPath] = {}
         self._lookups: dict[SearchPath, dict[tuple[str, int, str], _Lookup]] = {}
+        self._listings = _Listings()
         self.files_parsed = 0  # for tests and benchmarks: how much work was done
 
     async def search_path(
@@ -296,7 +297,7 @@ class Scanner:
         failed remote compile is rerun locally): it is skipped. A NAME some
         file #defines would need the preprocessor: ScanUncertain."""
         lookups = self._lookups.setdefault(search, {})
-        view = _DirectoryView()
+        view = _DirectoryView(self._listings)
         result = ScanResult()
         # (path, index in the chain where it was found: -1 beside its
         # includer, None for the main source and -include files).
@@ -312,10 +313,8 @@ class Scanner:
                 start = 0
             key = (include.name, start, here)
             lookup = lookups.get(key)
-            if lookup is None or not view.unchanged(lookup.directories):
-                lookup = _look_up(include.name, here, search.chain, start, view)
-                if not view.racy(lookup.directories):
-                    lookups[key] = lookup
+            if lookup is None or not view.unchanged(lookup.listings):
+                lookup = lookups[key] = _look_up(include.name, here, search.chain, start, view)
             if lookup.found is None:
                 if not implicit:  # a file gcc reads unasked may be missing anywhere
                     result.absent.extend(lookup.absent)
@@ -359,11 +358,11 @@ class Scanner:
 
 @dataclass(frozen=True)
 class _Lookup:
-    """Where one include name led, and the directories whose contents decided it."""
+    """Where one include name led, and the directory listings that decided it."""
 
     found: tuple[str, int] | None  # (path, index in the chain)
     absent: tuple[str, ...]  # every place tried, when nothing was found
-    directories: tuple[tuple[str, int | None], ...]  # (directory, mtime_ns or None)
+    listings: tuple[tuple[str, frozenset[str]], ...]  # (directory, its files then)
 
 
 def _look_up(
@@ -377,36 +376,64 @@ def _look_up(
         places = [(-1, here)] if here else []
         places += list(enumerate(chain))[start:]
     tried: list[str] = []
-    directories: list[tuple[str, int | None]] = []
+    listings: list[tuple[str, frozenset[str]]] = []
     for index, directory in places:
         path = os.path.normpath(os.path.join(directory, name))
-        parent = os.path.dirname(path)
-        directories.append((parent, view.mtime(parent)))
+        parent, base = os.path.split(path)
+        files = view.files(parent)
+        listings.append((parent, files))
         tried.append(path)
-        if os.path.isfile(path):
-            return _Lookup((path, index), (), tuple(directories))
-    return _Lookup(None, tuple(tried), tuple(directories))
+        if base in files:
+            return _Lookup((path, index), (), tuple(listings))
+    return _Lookup(None, tuple(tried), tuple(listings))
+
+
+class _Listings:
+    """The names of the files in each directory, kept across scans and read
+    again when the directory's mtime changes (or changed too recently to be
+    trusted). One listing answers every lookup in its directory, where asking
+    for each candidate path cost a system call each (and a build writes its
+    objects beside its sources, so directory times change all the time)."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[int | None, frozenset[str]]] = {}
+
+    def files(self, directory: str, now: int) -> frozenset[str]:
+        try:
+            mtime: int | None = os.stat(directory).st_mtime_ns
+        except OSError:
+            mtime = None
+        known = self._known.get(directory)
+        if known is not None and mtime is not None and known[0] == mtime and now - mtime >= RACY_NS:
+            return known[1]
+        files = _list_files(directory) if mtime is not None else frozenset()
+        if known is not None and known[1] == files:
+            files = known[1]  # the same object: lookups that saw it stay valid
+        self._known[directory] = (mtime, files)
+        return files
+
+
+def _list_files(directory: str) -> frozenset[str]:
+    try:
+        with os.scandir(directory) as entries:
+            return frozenset(entry.name for entry in entries if entry.is_file())
+    except OSError:
+        return frozenset()
 
 
 class _DirectoryView:
-    """Directory modification times, read once per scan: a remembered lookup
-    stays valid while every directory it looked in is unchanged."""
+    """One scan's view of the directories: each listed at most once."""
 
-    def __init__(self) -> None:
-        self._mtimes: dict[str, int | None] = {}
+    def __init__(self, listings: _Listings) -> None:
+        self._listings = listings
+        self._seen: dict[str, frozenset[str]] = {}
         self._now = time.time_ns()
 
-    def mtime(self, directory: str) -> int | None:
-        if directory not in self._mtimes:
-            try:
-                self._mtimes[directory] = os.stat(directory).st_mtime_ns
-            except OSError:
-                self._mtimes[directory] = None
-        return self._mtimes[directory]
+    def files(self, directory: str) -> frozenset[str]:
+        found = self._seen.get(directory)
+        if found is None:
+            found = self._seen[directory] = self._listings.files(directory, self._now)
+        return found
 
-    def unchanged(self, directories: Sequence[tuple[str, int | None]]) -> bool:
-        return all(self.mtime(d) == mtime for d, mtime in directories)
-
-    def racy(self, directories: Sequence[tuple[str, int | None]]) -> bool:
-        """Changed so recently that a further change may keep the same time."""
-        return any(m is not None and self._now - m < RACY_NS for _, m in directories)
+    def unchanged(self, listings: Sequence[tuple[str, frozenset[str]]]) -> bool:
+        return all(self.files(d) is files for d, files in listings)
