@@ -205,16 +205,19 @@ def _evict_small(
     progress: Progress | None,
 ) -> None:
     db = storage.db
+    after: tuple[int, bytes] = (-1, b"")  # walk the key order once: each batch goes on from here
     while True:
         with db:  # one transaction per batch: commits, or rolls back on any error
             db.execute("BEGIN IMMEDIATE")  # nobody refreshes these rows until we commit
             rows = db.execute(
                 "SELECT function, hash, size, data_id FROM blob_keys "
-                "WHERE (last_access, function, hash) <= (?, ?, ?) LIMIT ?",
-                (*limit, BATCH),
+                "WHERE (function, hash) > (?, ?) AND (last_access, function, hash) <= (?, ?, ?) "
+                "ORDER BY function, hash LIMIT ?",
+                (*after, *limit, BATCH),
             ).fetchall()
             if not rows:
                 return
+            after = (rows[-1][0], rows[-1][1])
             keys = [(DigestFunction(function), hash_.hex()) for function, hash_, _, _ in rows]
             _unlink_entries(index, index.naming(keys) - dropped, dropped)
             db.executemany(
