@@ -122,7 +122,7 @@ def _collect(
 ) -> GcReport:
     report = GcReport(dry_run=dry_run)
     small = storage.small_totals()
-    large = sorted(storage.large_blobs(), key=lambda blob: blob.last_access)
+    large = sorted(storage.large_blobs(), key=_place)  # the eviction order, as the rows
     report.blobs_before = small.blobs + len(large)
     report.bytes_before = small.bytes + sum(blob.digest.size for blob in large)
     threshold = max_size if if_above is None else if_above
