@@ -129,20 +129,14 @@ class ActionCache:
     async def _referenced_blobs(
         self, function: DigestFunction, result: re_pb2.ActionResult
     ) -> list[Digest]:
-        digests = [Digest.from_proto(function, f.digest) for f in result.output_files]
-        for field in ("stdout_digest", "stderr_digest"):
-            if result.HasField(field):
-                digests.append(Digest.from_proto(function, getattr(result, field)))
+        protos = named_blobs(result)
         for directory in result.output_directories:
             tree_digest = Digest.from_proto(function, directory.tree_digest)
-            digests.append(tree_digest)
             try:
-                tree = re_pb2.Tree.FromString(await get_blob(self._cas, tree_digest))
-            except (NotFound, DecodeError):
-                continue  # reported missing (or found unreadable) by the caller's check
-            for node_dir in [tree.root, *tree.children]:
-                digests.extend(Digest.from_proto(function, f.digest) for f in node_dir.files)
-        return digests
+                protos += tree_files(await get_blob(self._cas, tree_digest))
+            except NotFound:
+                continue  # reported missing by the caller's check
+        return [Digest.from_proto(function, proto) for proto in protos]
 
     async def inline(
         self,
@@ -168,3 +162,25 @@ class ActionCache:
             budget -= proto.size_bytes
             data = await get_blob(self._cas, Digest.from_proto(function, proto))
             setattr(output if output is not None else result, field, data)
+
+
+def named_blobs(result: re_pb2.ActionResult) -> list[re_pb2.Digest]:
+    """The digests `result` names itself: output files, stdout, stderr, and
+    output directories' trees (whose files `tree_files` lists)."""
+    digests = [f.digest for f in result.output_files]
+    digests += [
+        getattr(result, f) for f in ("stdout_digest", "stderr_digest") if result.HasField(f)
+    ]
+    digests += [directory.tree_digest for directory in result.output_directories]
+    return digests
+
+
+def tree_files(data: bytes) -> list[re_pb2.Digest]:
+    """The file digests in a serialized Tree; none if it does not parse (the
+    tree's own digest is then the one the caller finds wrong)."""
+    tree = re_pb2.Tree()
+    try:
+        tree.ParseFromString(data)
+    except DecodeError:
+        return []
+    return [f.digest for node in [tree.root, *tree.children] for f in node.files]

@@ -109,7 +109,7 @@ class DiskStore:
     def _large_get(self, digest: Digest, now: float) -> bytes | None:
         try:
             with open(self._path(digest), "rb") as file:
-                _touch_if_stale(file.fileno(), now)
+                _touch_if_stale(file.fileno(), os.fstat(file.fileno()).st_mtime, now)
                 data = file.read()
         except FileNotFoundError:
             return None
@@ -172,9 +172,10 @@ class DiskStore:
         except FileNotFoundError:
             raise NotFound(f"blob {digest} not found") from None
         try:
-            if os.fstat(fd).st_size != digest.size:
+            stat = os.fstat(fd)
+            if stat.st_size != digest.size:
                 raise NotFound(f"blob {digest} not found")
-            _touch_if_stale(fd, time.time())
+            _touch_if_stale(fd, stat.st_mtime, time.time())
             check_offset(digest, offset, limit)
             end = digest.size if limit == 0 else min(digest.size, offset + limit)
             position = offset
@@ -298,9 +299,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _touch_if_stale(fd: int, now: float) -> None:
-    """Mark an open blob file used now, if its last use is older than TOUCH_AFTER."""
-    if os.fstat(fd).st_mtime < now - TOUCH_AFTER:
+def _touch_if_stale(fd: int, mtime: float, now: float) -> None:
+    """Mark an open blob file used now, if its last use (`mtime`) is older than TOUCH_AFTER."""
+    if mtime < now - TOUCH_AFTER:
         os.utime(fd)
 
 

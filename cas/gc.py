@@ -139,7 +139,7 @@ def _collect(
                 _count_small(storage, index, limit, report, dropped)
                 _count_large(large, index, limit, report, dropped)
             else:
-                _unlink_entries(index, dropped)
+                index.remove(dropped)
                 _evict_small(storage, index, limit, report, dropped, progress)
                 _evict_large(storage, large, index, limit, report, dropped, progress)
             report.dropped_action_results = len(dropped)
@@ -219,7 +219,7 @@ def _evict_small(
                 return
             after = (rows[-1][0], rows[-1][1])
             keys = [(DigestFunction(function), hash_.hex()) for function, hash_, _, _ in rows]
-            _unlink_entries(index, index.naming(keys) - dropped, dropped)
+            _drop_naming(index, keys, dropped)
             db.executemany(
                 "DELETE FROM blob_keys WHERE function = ? AND hash = ?",
                 [(function, hash_) for function, hash_, _, _ in rows],
@@ -243,7 +243,7 @@ def _evict_large(
     victims = [blob for blob in large if _place(blob) <= limit]
     for start in range(0, len(victims), FILE_BATCH):
         batch = victims[start : start + FILE_BATCH]
-        _unlink_entries(index, index.naming(_key(b) for b in batch) - dropped, dropped)
+        _drop_naming(index, [_key(b) for b in batch], dropped)
         for blob in batch:
             if _unlink_if_unused(storage, blob, limit):
                 report.evicted_blobs += 1
@@ -269,10 +269,11 @@ def _unlink_if_unused(storage: Storage, blob: LargeBlob, limit: Limit) -> bool:
     return True
 
 
-def _unlink_entries(index: ActionIndex, numbers: set[int], dropped: set[int] | None = None) -> None:
-    index.remove(numbers)
-    if dropped is not None:
-        dropped.update(numbers)
+def _drop_naming(index: ActionIndex, keys: list[BlobKey], dropped: set[int]) -> None:
+    """Unlink the entries naming any of `keys` that are not gone already."""
+    fresh = index.naming(keys) - dropped
+    index.remove(fresh)
+    dropped.update(fresh)
 
 
 def _key(blob: LargeBlob) -> BlobKey:

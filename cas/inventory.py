@@ -26,6 +26,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from cas.action_cache import named_blobs, tree_files
 from cas.small_blobs import SMALL_DB, open_small_db
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -101,15 +102,11 @@ class Storage:
 
     # ------------------------------------------------------------ small tier
 
-    def small_totals(self, before: float | None = None) -> Totals:
-        """Count, bytes and access range of the small blobs (last used at or before `before`)."""
-        where, parameters = (
-            ("WHERE last_access <= ?", (before,)) if before is not None else ("", ())
-        )
+    def small_totals(self) -> Totals:
+        """Count, bytes and access range of the small blobs."""
         (count, size, oldest, newest) = self.db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(last_access), MAX(last_access) "
-            f"FROM blob_keys {where}",
-            parameters,
+            "FROM blob_keys"
         ).fetchone()
         totals = Totals()
         totals.add(count, size, oldest, newest)
@@ -225,22 +222,11 @@ class Storage:
             result.ParseFromString(data)
         except DecodeError:
             return None
-        digests = [f.digest for f in result.output_files]
-        digests += [
-            getattr(result, f) for f in ("stdout_digest", "stderr_digest") if result.HasField(f)
-        ]
+        digests = named_blobs(result)
         for directory in result.output_directories:
-            digests.append(directory.tree_digest)
             tree_data = self.read((function, directory.tree_digest.hash))
-            if tree_data is None:
-                continue  # the tree is gone, and the entry with it (its key is listed)
-            tree = re_pb2.Tree()
-            try:
-                tree.ParseFromString(tree_data)
-            except DecodeError:
-                continue
-            for node in [tree.root, *tree.children]:
-                digests.extend(f.digest for f in node.files)
+            if tree_data is not None:  # else the tree is gone, and the entry with it
+                digests += tree_files(tree_data)
         return frozenset((function, d.hash) for d in digests if d.size_bytes > 0)
 
 

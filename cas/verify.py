@@ -18,6 +18,8 @@ from cas.inventory import ActionIndex, BlobKey, Storage
 from reapi.digests import DigestFunction
 
 READ_CHUNK = 1 << 20
+# Blobs checked between two calls of the progress callback (which decides what to show).
+PROGRESS_EVERY = 1000
 
 
 @dataclass
@@ -81,7 +83,6 @@ def _check_small(
         "SELECT k.function, k.hash, k.size, k.data_id, d.data FROM blob_keys AS k "
         "LEFT JOIN blob_data AS d ON d.id = k.data_id"
     )
-    last = time.monotonic()
     for function_value, raw_hash, size, data_id, data in rows:
         function = DigestFunction(function_value)
         key = (function, raw_hash.hex())
@@ -93,15 +94,13 @@ def _check_small(
         problem = _mismatch(function, key[1], size, [data])
         if problem:
             report.corrupt.append(Corrupt(key, size, problem, data_id=data_id))
-        if progress and time.monotonic() - last > 1.0:
-            last = time.monotonic()
+        if progress and report.blobs % PROGRESS_EVERY == 0:
             progress(report)
 
 
 def _check_large(
     storage: Storage, report: VerifyReport, progress: Callable[[VerifyReport], None] | None
 ) -> None:
-    last = time.monotonic()
     for blob in storage.large_blobs():
         key = (blob.digest.function, blob.digest.hash)
         report.blobs += 1
@@ -119,8 +118,7 @@ def _check_large(
             continue  # evicted meanwhile
         if problem:
             report.corrupt.append(Corrupt(key, blob.digest.size, problem, inode=inode))
-        if progress and time.monotonic() - last > 1.0:
-            last = time.monotonic()
+        if progress and report.blobs % PROGRESS_EVERY == 0:
             progress(report)
 
 

@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     """Run a `reapi cas` command; raises ConfigError or StorageError on bad input."""
     root = Path(args.storage) if args.storage else default_storage()
     if args.cas_command == "gc":
-        max_size = _size("--max-size", args.max_size)
-        if_above = _size("--if-above", args.if_above) if args.if_above else None
+        max_size = size_option("--max-size", args.max_size)
+        if_above = size_option("--if-above", args.if_above) if args.if_above else None
         try:
             grace = float(args.grace)
         except ValueError:
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         storage.close()
 
 
-def _size(option: str, text: str) -> int:
+def size_option(option: str, text: str) -> int:
+    """`text` parsed as a size; ConfigError naming `option` if it is not one."""
     try:
         return parse_size(text)
     except ValueError as error:

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cas.gc import parse_size
 from cas.inventory import StorageError
 from executor.worker import Worker, WorkerConfig
 from reapi import cas_commands
@@ -167,10 +166,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     if settings.get("heartbeat-timeout"):
         config.heartbeat_timeout = float(settings["heartbeat-timeout"])
     if settings.get("max-size") is not None:
-        try:
-            config.max_size = parse_size(str(settings["max-size"]))
-        except ValueError as error:
-            raise ConfigError(f"--max-size {error}") from None
+        config.max_size = cas_commands.size_option("--max-size", str(settings["max-size"]))
     if settings.get("gc-interval"):
         config.gc_interval = float(settings["gc-interval"])
     return config
