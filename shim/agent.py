@@ -51,6 +51,7 @@ from shim.inputs import (
     preprocess,
     preprocessor_dependencies,
 )
+from shim.memo import Depends, DirectMemo
 from shim.options import Kind, lookup
 from shim.protocol import (
     HEADER_SIZE,
@@ -84,6 +85,9 @@ COMPILER_ENVIRONMENT = (
 # Passed to the remote compile so it behaves as the local one would.
 PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "LC_MESSAGES", "LC_CTYPE", "SOURCE_DATE_EPOCH")
 REMOTE_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Environment a compile's action depends on (PASSED_ENVIRONMENT among it): part of
+# the key under which direct mode remembers the action.
+MEMO_ENVIRONMENT = PASSED_ENVIRONMENT
 
 
 @dataclass
@@ -96,6 +100,16 @@ class Prepared:
     arguments: list[str]  # for the remote compiler
     outputs: list[str]  # relative to workdir
     uncacheable: bool
+    depends: Depends | None = None  # what the action came from, when direct mode may reuse it
+
+
+@dataclass
+class Built:
+    """A compile's Action: its digest and the blobs it names (files aside)."""
+
+    action: Digest
+    blobs: dict[Digest, bytes]  # the Action, Command, Directories and generated files
+    prepared: Prepared
 
 
 def _outputs(decision: RemoteCompile) -> list[str]:
@@ -169,6 +183,7 @@ class Agent:
         self.stats = stats
         self.digests = DigestCache()
         self.scanner = Scanner()
+        self.memo = DirectMemo()
         self._remotes: dict[str, Remote] = {}
         self._identities: dict[tuple[str, int, int], list[str]] = {}
         self.last_used = time.monotonic()
@@ -223,7 +238,50 @@ class Agent:
         decision: RemoteCompile,
         env: dict[str, str],
     ) -> dict[str, Any]:
+        started_ns = time.time_ns()
         mode = env.get("REAPI_CC_MODE", "deps")
+        remote = self.remote(request.get("server") or "grpc://127.0.0.1:8980")
+        memo_key = None
+        if mode == "scan":
+            memo_key = (cwd, compiler, *decision.arguments, *(env.get(k) for k in MEMO_ENVIRONMENT))
+        remembered = self.memo.get(memo_key, self.scanner.still_seen) if memo_key else None
+        result = None
+        if remembered is not None:
+            result = await self._cached_result(remote, remembered, _outputs(decision))
+        built = None
+        if result is not None:
+            self.stats.add("cache_hits")
+            self.stats.add("direct_hits")
+        else:
+            # Execute answers from the action cache itself when it can: asking the
+            # cache first would cost every new compile one more round trip.
+            built = await self._build(cwd, compiler, decision, env, mode)
+            await self._upload(remote, built.blobs, [d for d, _ in built.prepared.files.values()])
+            executed = await self._execute(remote, built.action, built.prepared.outputs)
+            result = executed.result
+            self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
+        if result.exit_code == 0 and decision.output not in {f.path for f in result.output_files}:
+            return self.stats.local("remote-output-missing")
+        if result.exit_code != 0 and mode == "scan":
+            # Most likely a real error, but a header the scanner missed looks the
+            # same: the local compiler has the last word.
+            return self.stats.local("scan-remote-failed")
+        await self._write_outputs(remote, cwd, result)
+        if memo_key and built and built.prepared.depends and result.exit_code == 0:
+            self.memo.put(memo_key, built.action, built.prepared.depends, started_ns)
+        stdout = result.stdout_raw or await self._blob(remote, result, "stdout_digest")
+        stderr = result.stderr_raw or await self._blob(remote, result, "stderr_digest")
+        return {
+            "do": "exit",
+            "code": result.exit_code,
+            "stdout": stdout,
+            "stderr": stderr,
+        }
+
+    async def _build(
+        self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str], mode: str
+    ) -> Built:
+        """The compile's Action, laid out by its input mode, and every blob it names."""
         # A debug build from preprocessed text differs from the local compile (its line
         # tables name the .i file), even on this machine: debug builds take `deps` inputs.
         debug = any(a.startswith("-g") and a != "-g0" for a in decision.arguments)
@@ -236,8 +294,11 @@ class Agent:
             prepared = self._prepare_files(cwd, compiler, decision, env, read, [])
         function = SHA256
         files = dict(prepared.files)
+        blobs: dict[Digest, bytes] = {}
         for path, data in prepared.contents.items():
-            files[path] = (function.digest_of(data), False)
+            digest = function.digest_of(data)
+            files[path] = (digest, False)
+            blobs[digest] = data
         root_digest, directories = build_tree(files, function)
         environment = {"PATH": REMOTE_PATH, MANIFEST_VARIABLE: MANIFEST}
         environment.update({k: env[k] for k in PASSED_ENVIRONMENT if k in env})
@@ -259,41 +320,26 @@ class Agent:
         )
         action_data = action.SerializeToString(deterministic=True)
         action_digest = function.digest_of(action_data)
+        blobs.update(directories)
+        blobs[command_digest] = command_data
+        blobs[action_digest] = action_data
+        return Built(action_digest, blobs, prepared)
 
-        remote = self.remote(request.get("server") or "grpc://127.0.0.1:8980")
-        result: re_pb2.ActionResult | None = None
-        if not prepared.uncacheable:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                result = await remote.cache.GetActionResult(
-                    re_pb2.GetActionResultRequest(
-                        action_digest=action_digest.to_proto(),
-                        inline_stdout=True,
-                        inline_stderr=True,
-                    )
-                )
-        if result is not None:
-            self.stats.add("cache_hits")
-        else:
-            blobs = {**directories, command_digest: command_data, action_digest: action_data}
-            blobs.update({function.digest_of(d): d for d in prepared.contents.values()})
-            await self._upload(remote, blobs, [d for d, _ in prepared.files.values()])
-            result = await self._execute(remote, action_digest)
-            self.stats.add("remote_executions")
-        if result.exit_code == 0 and decision.output not in {f.path for f in result.output_files}:
-            return self.stats.local("remote-output-missing")
-        if result.exit_code != 0 and mode == "scan":
-            # Most likely a real error, but a header the scanner missed looks the
-            # same: the local compiler has the last word.
-            return self.stats.local("scan-remote-failed")
-        await self._write_outputs(remote, cwd, result)
-        stdout = result.stdout_raw or await self._blob(remote, result, "stdout_digest")
-        stderr = result.stderr_raw or await self._blob(remote, result, "stderr_digest")
-        return {
-            "do": "exit",
-            "code": result.exit_code,
-            "stdout": stdout,
-            "stderr": stderr,
-        }
+    async def _cached_result(
+        self, remote: Remote, action: Digest, outputs: list[str]
+    ) -> re_pb2.ActionResult | None:
+        """The action cache's result for `action` (outputs inlined), or None."""
+        request = re_pb2.GetActionResultRequest(
+            action_digest=action.to_proto(),
+            inline_stdout=True,
+            inline_stderr=True,
+            inline_output_files=outputs,
+        )
+        try:
+            result: re_pb2.ActionResult = await remote.cache.GetActionResult(request)
+        except grpc.aio.AioRpcError:
+            return None
+        return result
 
     async def _prepare_scan(
         self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
@@ -311,7 +357,16 @@ class Agent:
             read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
             return self._prepare_files(cwd, compiler, decision, env, read, [])
         absent = [p for p in found.absent if is_system(p)]
-        return self._prepare_files(cwd, compiler, decision, env, found.files, absent)
+        prepared = self._prepare_files(cwd, compiler, decision, env, found.files, absent)
+        if prepared.uncacheable:  # nothing to find in the action cache next time
+            return prepared
+        prepared.depends = Depends(
+            files=[*found.files, compiler, *self._programs(compiler)],
+            statuses=found.statuses,
+            missing=list(path.skipped),
+            seen=found.seen,
+        )
+        return prepared
 
     def _prepare_files(
         self,
@@ -376,9 +431,8 @@ class Agent:
             uncacheable=False,  # __DATE__ and __TIME__ are already expanded in the text
         )
 
-    def _manifest(self, compiler: str, system_files: list[str], absent: list[str]) -> bytes:
-        """`HASH SIZE PATH` lines for the compiler's programs and the system files
-        read, `ABSENT 0 PATH` for system paths the compile found missing."""
+    def _programs(self, compiler: str) -> list[str]:
+        """The files that make up the compiler: its binary, cc1, cc1plus, as."""
         stat = os.stat(compiler)
         key = (compiler, stat.st_mtime_ns, stat.st_ino)
         if key not in self._identities:
@@ -388,8 +442,13 @@ class Agent:
                 if found:
                     programs.append(os.path.realpath(found))
             self._identities[key] = programs
+        return self._identities[key]
+
+    def _manifest(self, compiler: str, system_files: list[str], absent: list[str]) -> bytes:
+        """`HASH SIZE PATH` lines for the compiler's programs and the system files
+        read, `ABSENT 0 PATH` for system paths the compile found missing."""
         lines = []
-        for path in sorted({*self._identities[key], *system_files}):
+        for path in sorted({*self._programs(compiler), *system_files}):
             identity = file_identity(path)
             if identity is not None:
                 lines.append(f"{identity[0]} {identity[1]} {path}")
@@ -414,9 +473,14 @@ class Agent:
         self.stats.add("bytes_uploaded", sum(len(data) for _, data in payload))
         remote.present.update(dict.fromkeys(wanted, now))
 
-    async def _execute(self, remote: Remote, action: Digest) -> re_pb2.ActionResult:
+    async def _execute(
+        self, remote: Remote, action: Digest, outputs: list[str]
+    ) -> re_pb2.ExecuteResponse:
         request = re_pb2.ExecuteRequest(
-            action_digest=action.to_proto(), inline_stdout=True, inline_stderr=True
+            action_digest=action.to_proto(),
+            inline_stdout=True,
+            inline_stderr=True,
+            inline_output_files=outputs,
         )
         last = None
         async for operation in remote.execution.Execute(request, timeout=3600):
@@ -426,7 +490,7 @@ class Agent:
             raise ValueError("the Execute stream ended without a result")
         if response.status.code != 0:
             raise ValueError(f"remote execution failed: {response.status.message}")
-        return response.result
+        return response
 
     async def _blob(self, remote: Remote, result: re_pb2.ActionResult, field: str) -> bytes:
         if not result.HasField(field):
@@ -437,7 +501,14 @@ class Agent:
 
     async def _write_outputs(self, remote: Remote, cwd: str, result: re_pb2.ActionResult) -> None:
         digests = [Digest.from_proto(SHA256, f.digest) for f in result.output_files]
-        found = await remote.store.get_many(digests)
+        found = {
+            digest: output.contents
+            for output, digest in zip(result.output_files, digests, strict=True)
+            if digest.size == 0 or SHA256.digest_of(output.contents) == digest
+        }
+        missing = [digest for digest in digests if digest not in found]
+        if missing:
+            found.update(await remote.store.get_many(missing))
         for output, digest in zip(result.output_files, digests, strict=True):
             data = found[digest]
             self.stats.add("bytes_downloaded", len(data))

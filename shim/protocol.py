@@ -29,6 +29,7 @@ HEADER_SIZE = 4  # big-endian length of the body
 STAT_KEYS = (
     "invocations",
     "cache_hits",
+    "direct_hits",  # cache hits whose action direct mode remembered (shim/memo.py)
     "remote_executions",
     "local_fallbacks",
     "bytes_uploaded",

@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shim.inputs import InputsUnknown, run_preprocessor
@@ -112,10 +112,41 @@ class SearchPath:
         return self.quote + self.bracket
 
 
+# A file's (size, mtime_ns, ctime_ns, inode): it has not changed while these have not.
+StatKey = tuple[int, int, int, int]
+
+
+def stat_key(path: str) -> StatKey | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino)
+
+
+# (directory, file name, whether the directory held it): one fact a lookup relied on.
+Probe = tuple[str, str, bool]
+# The same facts by directory: the names it held, and the names it lacked.
+Seen = dict[str, tuple[frozenset[str], frozenset[str]]]
+
+
+def _by_directory(probes: Iterable[Probe]) -> Seen:
+    held: dict[str, set[str]] = {}
+    lacked: dict[str, set[str]] = {}
+    for directory, name, present in probes:
+        (held if present else lacked).setdefault(directory, set()).add(name)
+    return {
+        directory: (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ())))
+        for directory in held.keys() | lacked.keys()
+    }
+
+
 @dataclass
 class ScanResult:
     files: list[str] = field(default_factory=list)  # absolute paths, in order found
     absent: list[str] = field(default_factory=list)  # paths that must not exist
+    seen: Seen = field(default_factory=dict)  # every fact the lookups relied on
+    statuses: dict[str, StatKey] = field(default_factory=dict)  # each file's, when read
 
 
 def parse_includes(data: bytes) -> Parsed:
@@ -265,8 +296,13 @@ class Scanner:
         found = self._search[key] = parse_search_list(err.decode(errors="replace"), cwd)
         return found
 
-    def parse(self, path: str) -> Parsed:
-        """What the file at `path` (absolute) includes and defines, memoized."""
+    def still_seen(self, seen: Seen) -> bool:
+        """Whether the directories still hold and lack what a scan saw."""
+        return _DirectoryView(self._listings).matches(seen)
+
+    def parse(self, path: str) -> tuple[StatKey, Parsed]:
+        """What the file at `path` (absolute) includes and defines, memoized,
+        and the file's status before it was read."""
         stat = os.stat(path)
         key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
         known = self._parsed.get(path)
@@ -284,7 +320,7 @@ class Scanner:
                 self._parsed[path] = known
         if isinstance(known[1], str):
             raise ScanUncertain(known[1])
-        return known[1]
+        return key, known[1]
 
     def scan(
         self, cwd: str, source: str, arguments: SearchArguments, search: SearchPath
@@ -303,6 +339,7 @@ class Scanner:
         # includer, None for the main source and -include files).
         queue: list[tuple[str, int | None]] = []
         seen: set[tuple[str, int | None]] = set()
+        used: dict[tuple[str, int, str], _Lookup] = {}  # this scan's lookups, each checked once
 
         def resolve(include: Include, here: str, index: int | None, implicit: bool = False) -> None:
             if include.next and index is not None:
@@ -312,9 +349,12 @@ class Scanner:
             else:
                 start = 0
             key = (include.name, start, here)
-            lookup = lookups.get(key)
-            if lookup is None or not view.unchanged(lookup.listings):
-                lookup = lookups[key] = _look_up(include.name, here, search.chain, start, view)
+            lookup = used.get(key)
+            if lookup is None:
+                lookup = lookups.get(key)
+                if lookup is None or not view.holds(lookup.probes):
+                    lookup = lookups[key] = _look_up(include.name, here, search.chain, start, view)
+                used[key] = lookup
             if lookup.found is None:
                 if not implicit:  # a file gcc reads unasked may be missing anywhere
                     result.absent.extend(lookup.absent)
@@ -335,7 +375,8 @@ class Scanner:
         while queue:
             while queue:
                 path, index = queue.pop()
-                files[path] = parsed = self.parse(path)
+                result.statuses[path], parsed = self.parse(path)
+                files[path] = parsed
                 here = os.path.dirname(path)
                 for include in parsed.includes:
                     if include.macro:
@@ -353,6 +394,7 @@ class Scanner:
                     raise ScanUncertain("scan-computed-include")
             macros.clear()
         result.files = list(files)
+        result.seen = _by_directory(p for lookup in used.values() for p in lookup.probes)
         return result
 
 
@@ -362,7 +404,7 @@ class _Lookup:
 
     found: tuple[str, int] | None  # (path, index in the chain)
     absent: tuple[str, ...]  # every place tried, when nothing was found
-    listings: tuple[tuple[str, frozenset[str]], ...]  # (directory, its files then)
+    probes: tuple[Probe, ...]  # what each place tried held: the answer holds while they do
 
 
 def _look_up(
@@ -376,16 +418,16 @@ def _look_up(
         places = [(-1, here)] if here else []
         places += list(enumerate(chain))[start:]
     tried: list[str] = []
-    listings: list[tuple[str, frozenset[str]]] = []
+    probes: list[Probe] = []
     for index, directory in places:
         path = os.path.normpath(os.path.join(directory, name))
         parent, base = os.path.split(path)
-        files = view.files(parent)
-        listings.append((parent, files))
+        present = base in view.files(parent)
+        probes.append((parent, base, present))
         tried.append(path)
-        if base in files:
-            return _Lookup((path, index), (), tuple(listings))
-    return _Lookup(None, tuple(tried), tuple(listings))
+        if present:
+            return _Lookup((path, index), (), tuple(probes))
+    return _Lookup(None, tuple(tried), tuple(probes))
 
 
 class _Listings:
@@ -407,8 +449,6 @@ class _Listings:
         if known is not None and mtime is not None and known[0] == mtime and now - mtime >= RACY_NS:
             return known[1]
         files = _list_files(directory) if mtime is not None else frozenset()
-        if known is not None and known[1] == files:
-            files = known[1]  # the same object: lookups that saw it stay valid
         self._known[directory] = (mtime, files)
         return files
 
@@ -435,5 +475,14 @@ class _DirectoryView:
             found = self._seen[directory] = self._listings.files(directory, self._now)
         return found
 
-    def unchanged(self, listings: Sequence[tuple[str, frozenset[str]]]) -> bool:
-        return all(self.files(d) is files for d, files in listings)
+    def holds(self, probes: Iterable[Probe]) -> bool:
+        """Whether every directory still holds (or lacks) the file each probe saw."""
+        return all((name in self.files(d)) is present for d, name, present in probes)
+
+    def matches(self, seen: Seen) -> bool:
+        """`holds`, for the facts of many lookups grouped by directory."""
+        for directory, (held, lacked) in seen.items():
+            files = self.files(directory)
+            if not (held <= files and files.isdisjoint(lacked)):
+                return False
+        return True

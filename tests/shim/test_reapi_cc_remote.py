@@ -99,6 +99,46 @@ def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str], mode: s
     assert stats(shim_env)["cache_hits"] - again["cache_hits"] == 3
 
 
+def test_direct_mode_in_scan_mode(tmp_path: Path, shim_env: dict[str, str]) -> None:
+    """A rebuild goes straight to the cache; an edited header, and a new one
+    that shadows another, are seen: objects always match gcc's."""
+    shim_env = shim_env | {"REAPI_CC_MODE": "scan"}
+    plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
+    project = write_project(tmp_path / "project")
+    reference = write_project(tmp_path / "reference")
+    time.sleep(2.1)  # files changed in the last 2 s are not trusted by direct mode
+
+    def build_both() -> None:
+        for tree, env in ((reference, plain_env), (project, shim_env)):
+            make(tree, env, "clean")
+            make(tree, env)
+        assert objects(project) == objects(reference)
+
+    build_both()
+    first = stats(shim_env)
+    assert (first["remote_executions"], first["direct_hits"]) == (3, 0), first
+    build_both()
+    again = stats(shim_env)
+    assert again["direct_hits"] == 3, again
+    assert again["remote_executions"] == 3, again
+
+    for tree in (project, reference):  # an edit, then a header shadowing include/config.h
+        (tree / "include/config.h").write_text('#define GREETING "howdy"\n')
+    time.sleep(2.1)  # so that main.c's new action is remembered
+    build_both()
+    edited = stats(shim_env)
+    assert edited["remote_executions"] == 4, edited  # main.c again; the others unchanged
+    assert edited["direct_hits"] == 5, edited
+    for tree in (project, reference):
+        (tree / "config.h").write_text('#define GREETING "shadowed"\n')
+    build_both()
+    shadowing = stats(shim_env)
+    assert shadowing["remote_executions"] == 5, shadowing
+    assert shadowing["direct_hits"] == 7, shadowing
+    shadowed = subprocess.run([project / "app"], capture_output=True, text=True).stdout
+    assert shadowed == "shadowed 42 X\n"
+
+
 @pytest.mark.parametrize("mode", ["deps", "cpp", "scan"])
 def test_debug_builds_match_too(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
     """Debug info names the compile's directory, so compare builds in one place."""

@@ -1,0 +1,82 @@
+"""Direct mode: a compile seen before is not analysed again.
+
+In `scan` mode the agent remembers, for each compile (working directory,
+arguments, and the environment that shapes the action), the digest of the
+action it built, with everything that digest came from: the status (size,
+mtime, ctime, inode) of every file read (the source, its headers, the
+compiler's programs), the paths that had to be missing (directories the
+compiler's search path skipped), and the probes of the include lookups
+(which directory held or lacked which name). While all of them hold, building
+the action again would give the same digest, so a repeated compile (a
+rebuild after `make clean`) goes straight to the action cache with a stat
+per file, as ccache's direct mode does, instead of a scan, a tree and hashes.
+
+A file changed less than RACY_NS before the compile began may change again
+without its status changing: a compile that read one is not remembered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+
+from reapi.digests import Digest
+from shim.scan import RACY_NS, Seen, StatKey, stat_key
+
+# Compiles remembered; the least recently used are forgotten first.
+MEMO_ENTRIES = 50_000
+
+
+@dataclass(frozen=True)
+class Depends:
+    """What a compile's action was built from, beyond its arguments."""
+
+    files: list[str]  # absolute paths read
+    statuses: Mapping[str, StatKey]  # the status of some of them before they were read
+    missing: list[str]  # absolute paths that did not exist
+    seen: Seen  # what the include lookups found in each directory
+
+
+@dataclass(frozen=True)
+class _Entry:
+    action: Digest
+    statuses: tuple[tuple[str, StatKey | None], ...]  # None: must not exist
+    seen: Seen
+
+
+class DirectMemo:
+    def __init__(self, limit: int = MEMO_ENTRIES) -> None:
+        self._limit = limit
+        self._entries: dict[Hashable, _Entry] = {}  # in order of use, oldest first
+
+    def get(self, key: Hashable, still_seen: Callable[[Seen], bool]) -> Digest | None:
+        """The action remembered for `key`, if everything it came from is
+        unchanged; `still_seen` checks the lookups' facts against the directories."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        if not all(stat_key(path) == status for path, status in entry.statuses):
+            return None
+        if not still_seen(entry.seen):
+            return None
+        self._entries[key] = entry
+        return entry.action
+
+    def put(self, key: Hashable, action: Digest, depends: Depends, started_ns: int) -> bool:
+        """Remember `action` for `key`, unless a file it came from changed too
+        recently (after started_ns - RACY_NS) to be trusted."""
+        statuses: list[tuple[str, StatKey | None]] = []
+        for path in dict.fromkeys(depends.files):
+            status = depends.statuses.get(path) or stat_key(path)
+            if status is None or max(status[1], status[2]) > started_ns - RACY_NS:
+                return False
+            statuses.append((path, status))
+        for path in depends.missing:
+            if stat_key(path) is not None:
+                return False
+            statuses.append((path, None))
+        self._entries.pop(key, None)
+        self._entries[key] = _Entry(action, tuple(statuses), depends.seen)
+        while len(self._entries) > self._limit:
+            del self._entries[next(iter(self._entries))]
+        return True
