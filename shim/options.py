@@ -22,6 +22,7 @@ Kinds, combined as flags:
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 
@@ -119,6 +120,7 @@ FAMILIES = ("-W", "-f", "-m", "-O", "-g")
 NATIVE = ("-march=native", "-mtune=native", "-mcpu=native")
 
 
+@functools.lru_cache(maxsize=8192)  # a build repeats the same few hundred arguments
 def lookup(argument: str) -> tuple[Option | None, str | None]:
     """The table entry `argument` starts with, and its joined value (None
     when the option stands alone). The longest matching name wins, so
