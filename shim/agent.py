@@ -5,10 +5,13 @@ $REAPI_HOME/shim/agent.sock, keeps the gRPC channel, the digest cache and
 what the server is known to hold, and exits after IDLE_SECONDS without work.
 One agent per user: a lock file keeps a second one from starting.
 
-For each compile: classify; find the inputs (`deps` mode); build the Action;
-an action-cache hit writes the outputs at once; a miss executes remotely and
-uploads only the blobs the server lacks. Anything that goes wrong on the
-remote side answers "local", and `reapi-cc` runs the real compiler.
+For each compile: classify; in `scan` mode, ask direct mode (shim/memo.py)
+for the action of an unchanged compile and look it up in the action cache.
+Otherwise find the inputs (by REAPI_CC_MODE), build the Action, upload only
+the blobs the server lacks and Execute it (the server answers from its
+action cache when it can). Outputs come back inline and are written at once.
+Anything that goes wrong on the remote side answers "local", and `reapi-cc`
+runs the real compiler.
 """
 
 from __future__ import annotations
@@ -85,9 +88,6 @@ COMPILER_ENVIRONMENT = (
 # Passed to the remote compile so it behaves as the local one would.
 PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "LC_MESSAGES", "LC_CTYPE", "SOURCE_DATE_EPOCH")
 REMOTE_PATH = "/usr/local/bin:/usr/bin:/bin"
-# Environment a compile's action depends on (PASSED_ENVIRONMENT among it): part of
-# the key under which direct mode remembers the action.
-MEMO_ENVIRONMENT = PASSED_ENVIRONMENT
 
 
 @dataclass
@@ -243,7 +243,8 @@ class Agent:
         remote = self.remote(request.get("server") or "grpc://127.0.0.1:8980")
         memo_key = None
         if mode == "scan":
-            memo_key = (cwd, compiler, *decision.arguments, *(env.get(k) for k in MEMO_ENVIRONMENT))
+            # What the action depends on besides files: PASSED_ENVIRONMENT reaches it.
+            memo_key = (cwd, compiler, *decision.arguments, *map(env.get, PASSED_ENVIRONMENT))
         remembered = self.memo.get(memo_key, self.scanner.still_seen) if memo_key else None
         result = None
         if remembered is not None:

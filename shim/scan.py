@@ -126,8 +126,8 @@ def stat_key(path: str) -> StatKey | None:
 
 # (directory, file name, whether the directory held it): one fact a lookup relied on.
 Probe = tuple[str, str, bool]
-# The same facts by directory: the names it held, and the names it lacked.
-Seen = dict[str, tuple[frozenset[str], frozenset[str]]]
+# The same facts by directory: (directory, (the names it held, the names it lacked)).
+Seen = tuple[tuple[str, tuple[frozenset[str], frozenset[str]]], ...]
 
 
 def _by_directory(probes: Iterable[Probe]) -> Seen:
@@ -135,17 +135,17 @@ def _by_directory(probes: Iterable[Probe]) -> Seen:
     lacked: dict[str, set[str]] = {}
     for directory, name, present in probes:
         (held if present else lacked).setdefault(directory, set()).add(name)
-    return {
-        directory: (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ())))
+    return tuple(
+        (directory, (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ()))))
         for directory in held.keys() | lacked.keys()
-    }
+    )
 
 
 @dataclass
 class ScanResult:
     files: list[str] = field(default_factory=list)  # absolute paths, in order found
     absent: list[str] = field(default_factory=list)  # paths that must not exist
-    seen: Seen = field(default_factory=dict)  # every fact the lookups relied on
+    seen: Seen = ()  # every fact the lookups relied on
     statuses: dict[str, StatKey] = field(default_factory=dict)  # each file's, when read
 
 
@@ -481,7 +481,7 @@ class _DirectoryView:
 
     def matches(self, seen: Seen) -> bool:
         """`holds`, for the facts of many lookups grouped by directory."""
-        for directory, (held, lacked) in seen.items():
+        for directory, (held, lacked) in seen:
             files = self.files(directory)
             if not (held <= files and files.isdisjoint(lacked)):
                 return False
