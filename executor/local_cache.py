@@ -1,7 +1,8 @@
 """The worker-local cache of input files, which action trees hard-link to.
 
 Files live at CACHE/{function}/{hash[:2]}/{hash}-{r|x} (x: executable), each
-verified against its digest when fetched, then made read-only. When the worker
+verified against its digest when fetched, then made read-only. Several
+workers on one machine may share a cache: a file, once there, is never replaced. When the worker
 runs as root they are also owned by `nobody`: actions run in a user namespace
 mapped to that root without its capabilities, so they can neither write nor
 chmod a cached file through their hard link. (Unlinking their own link is fine.)
@@ -76,7 +77,11 @@ class LocalCache:
             os.chmod(tmp, 0o555 if executable else 0o444)
             if self._protect:
                 os.chown(tmp, NOBODY, NOBODY)
-            os.replace(tmp, final)
+            # Never replace a file already there: another worker sharing this
+            # cache may be hard-linking it, and link() fails with ENOENT when
+            # the name's inode is unlinked under it (its bytes are the same).
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

@@ -1,0 +1,54 @@
+"""The worker-local input cache (executor/local_cache.py) on an in-memory CAS."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cas.memory import MemoryStore
+from cas.store import put_blob
+from executor.local_cache import LocalCache
+from reapi.digests import DigestFunction
+from reapi.errors import NotFound
+
+SHA256 = DigestFunction.SHA256
+
+
+async def test_fetches_verified_read_only_files(tmp_path: Path) -> None:
+    cas = MemoryStore()
+    data = b"int main(void) { return 0; }\n"
+    digest = SHA256.digest_of(data)
+    await put_blob(cas, digest, data)
+    cache = LocalCache(tmp_path, cas)
+    await cache.ensure([(digest, False), (digest, True)])
+    plain, executable = cache.path(digest, False), cache.path(digest, True)
+    assert plain.read_bytes() == executable.read_bytes() == data
+    assert plain.stat().st_mode & 0o777 == 0o444
+    assert executable.stat().st_mode & 0o777 == 0o555
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+async def test_a_file_already_cached_is_never_replaced(tmp_path: Path) -> None:
+    """Two workers sharing the cache fetch the same blob at once: the second
+    must leave the first one's file (the inode other actions are linking) alone."""
+    cas = MemoryStore()
+    data = b"#define SHARED 1\n"
+    digest = SHA256.digest_of(data)
+    await put_blob(cas, digest, data)
+    first, second = LocalCache(tmp_path, cas), LocalCache(tmp_path, cas)
+    await first.ensure([(digest, False)])
+    inode = first.path(digest, False).stat().st_ino
+    await second._fetch([digest], {(digest, False)})  # as if it had checked before first stored
+    assert second.path(digest, False).stat().st_ino == inode
+    assert second.path(digest, False).read_bytes() == data
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+async def test_a_blob_the_cas_lacks_is_not_found(tmp_path: Path) -> None:
+    cache = LocalCache(tmp_path, MemoryStore())
+    digest = SHA256.digest_of(b"never uploaded")
+    with pytest.raises(NotFound, match="missing from the CAS"):
+        await cache.ensure([(digest, False)])
+    assert not cache.path(digest, False).exists()
