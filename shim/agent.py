@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -59,9 +60,9 @@ from shim.options import Kind, lookup
 from shim.protocol import (
     HEADER_SIZE,
     STAT_KEYS,
-    decode,
     decode_length,
-    encode,
+    encode_reply,
+    parse_request,
     socket_path,
     state_dir,
 )
@@ -70,6 +71,8 @@ from shim.scan import Scanner, ScanUncertain, search_arguments
 log = logging.getLogger("reapi.agent")
 
 IDLE_SECONDS = 600.0
+DEFAULT_SERVER = "grpc://127.0.0.1:8980"
+NATIVE_SOURCE = Path(__file__).parent / "native" / "reapi-cc.c"
 # How long the server's word that it holds a blob is trusted before asking again.
 PRESENT_SECONDS = 600.0
 SHA256 = DigestFunction.SHA256
@@ -228,19 +231,14 @@ class Agent:
             return self.stats.local("compiler-environment")
         if _absolute_project_path(arguments):
             return self.stats.local("absolute-project-path")
-        return await self._remote_compile(request, cwd, compiler, decision, env)
+        return await self._remote_compile(cwd, compiler, decision, env)
 
     async def _remote_compile(
-        self,
-        request: Mapping[str, Any],
-        cwd: str,
-        compiler: str,
-        decision: RemoteCompile,
-        env: dict[str, str],
+        self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
     ) -> dict[str, Any]:
         started_ns = time.time_ns()
         mode = env.get("REAPI_CC_MODE", "deps")
-        remote = self.remote(request.get("server") or "grpc://127.0.0.1:8980")
+        remote = self.remote(env.get("REAPI_SERVER") or DEFAULT_SERVER)
         memo_key = None
         if mode == "scan":
             # What the action depends on besides files: PASSED_ENVIRONMENT reaches it.
@@ -551,14 +549,46 @@ async def _serve_connection(
 ) -> None:
     try:
         length = decode_length(await reader.readexactly(HEADER_SIZE))
-        request = decode(await reader.readexactly(length))
+        request = parse_request(await reader.readexactly(length))
         reply = await agent.handle(request)
-        writer.write(encode(reply))
+        writer.write(encode_reply(reply))
         await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, ValueError) as error:
         log.warning("bad request: %s", error)
     finally:
         writer.close()
+
+
+async def build_native_client(directory: Path) -> None:
+    """Compile the native client (shim/native/reapi-cc.c) into `directory`,
+    where the reapi-cc script looks for it, unless the one there was built
+    from the same source. A failure only leaves the Python client in use."""
+    source = NATIVE_SOURCE.read_bytes()
+    stamp = hashlib.sha256(source).hexdigest()
+    target, stamp_path = directory / "reapi-cc-native", directory / "reapi-cc-native.sha256"
+    with contextlib.suppress(OSError):
+        if target.exists() and stamp_path.read_text() == stamp:
+            return
+    building = directory / f"reapi-cc-native.{os.getpid()}"
+    # cc may be reapi-cc itself (a masquerade symlink early on PATH): keep it local.
+    env = dict(os.environ, REAPI_CC_DISABLE="1")
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "cc", "-O2", "-o", str(building), str(NATIVE_SOURCE), env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        output, _ = await process.communicate()
+        if process.returncode != 0:
+            log.warning("native client not built, using Python's: %s", output.decode()[-2000:])
+            return
+        os.replace(building, target)
+        stamp_path.write_text(stamp)
+        log.info("native client built: %s", target)
+    except OSError as error:
+        log.warning("native client not built, using Python's: %s", error)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            building.unlink()
 
 
 async def run_agent(idle_seconds: float = IDLE_SECONDS) -> None:
@@ -578,11 +608,13 @@ async def run_agent(idle_seconds: float = IDLE_SECONDS) -> None:
             lambda r, w: _serve_connection(agent, r, w), path=str(path)
         )
         log.info("agent listening on %s", path)
+        native = asyncio.create_task(build_native_client(directory))
         async with server:
             while time.monotonic() - agent.last_used < idle_seconds:
                 await asyncio.sleep(1.0)
                 agent.stats.flush()
         agent.stats.flush()
+        native.cancel()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 

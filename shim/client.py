@@ -14,6 +14,10 @@ with "local". Whenever the answer is local, or the agent cannot be reached,
 the real compiler runs here with the same arguments, streams and exit
 status: a build never breaks because of us. REAPI_CC_DISABLE=1 always
 compiles locally; REAPI_SERVER names the server (default grpc://127.0.0.1:8980).
+
+For compiles, the installed script prefers the native twin of this module
+(shim/native/reapi-cc.c, built by the agent), which behaves the same; this one
+serves until it is built, and whenever the native client finds no agent.
 """
 
 from __future__ import annotations
@@ -85,11 +89,11 @@ def start_agent() -> None:
         )
 
 
-def ask_agent(message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+def ask_agent(request: bytes, timeout: float) -> dict[str, Any] | None:
     """The agent's reply, starting the agent if it is not running; None when
     it cannot be reached (the caller then compiles locally)."""
     try:
-        return protocol.call(message, timeout)
+        return protocol.call(request, timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         start_agent()
     except (OSError, ValueError):
@@ -98,7 +102,7 @@ def ask_agent(message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     while time.monotonic() < deadline:
         time.sleep(0.02)
         try:
-            return protocol.call(message, timeout)
+            return protocol.call(request, timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             continue
         except (OSError, ValueError):
@@ -108,7 +112,7 @@ def ask_agent(message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
 
 def show_stats(arguments: Sequence[str]) -> int:
     op = "zero-stats" if arguments[0] == "--zero-stats" else "stats"
-    reply = ask_agent({"op": op}, timeout=10)
+    reply = ask_agent(protocol.frame(op.encode() + b"\0"), timeout=10)
     if reply is None:
         print("reapi-cc: the agent is not reachable", file=sys.stderr)
         return 1
@@ -135,16 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(command, file=sys.stderr)
         return 2
     if os.environ.get("REAPI_CC_DISABLE") != "1":
-        reply = ask_agent(
-            {
-                "op": "compile",
-                "cwd": os.getcwd(),
-                "argv": command,
-                "env": dict(os.environ),
-                "server": os.environ.get("REAPI_SERVER", "grpc://127.0.0.1:8980"),
-            },
-            COMPILE_TIMEOUT,
-        )
+        request = protocol.compile_request(os.getcwd(), command, os.environb)
+        reply = ask_agent(request, COMPILE_TIMEOUT)
         if reply is not None and reply.get("do") == "exit":
             sys.stdout.buffer.write(reply["stdout"])
             sys.stderr.buffer.write(reply["stderr"])

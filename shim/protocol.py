@@ -1,27 +1,33 @@
-"""The client-agent protocol: length-prefixed `marshal` data over a Unix socket.
+"""The client-agent protocol: length-prefixed messages over a Unix socket.
 
-Imported by `reapi-cc` on every compile, so only modules built into the
-interpreter: `marshal` and `_socket` cost nothing to import, where `json`
-and `socket` cost several milliseconds each. Both ends are the same user's
-processes, so the socket (in a per-user directory) is the trust boundary;
-marshal's format is stable across Python 3 versions for these plain types.
+Two clients speak it: `reapi-cc` in Python (shim/client.py) and its native
+twin (shim/native/reapi-cc.c), so it is a format a C program writes and reads
+without a library, and Python with nothing that is slow to import. Both ends
+are the same user's processes: the socket (in a per-user directory) is the
+trust boundary.
 
-    request  {"op": "compile", "cwd": ..., "argv": [compiler, args...], "env": {...}}
-             {"op": "stats"} | {"op": "zero-stats"}
-    reply    {"do": "local", "reason": ...}
-             {"do": "exit", "code": N, "stdout": bytes, "stderr": bytes}
-             {"stats": {...}}
+Each message is a 4-byte big-endian length, then the body:
+
+    request  OP NUL [CWD NUL ARGC NUL ARG NUL ... NAME=VALUE NUL ...]
+             OP is "compile" (with the rest: the working directory, the
+             command as [compiler, args...], then the whole environment),
+             "stats" or "zero-stats"
+    reply    "L" REASON                              compile locally
+             "X" CODE STDOUT-SIZE STDOUT STDERR      the compile's result
+             "S" JSON                                the statistics
+
+CODE (signed) and STDOUT-SIZE are 4 bytes, big-endian.
 """
 
 from __future__ import annotations
 
 import _socket
-import marshal
 import os
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (7 ms)
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
 HEADER_SIZE = 4  # big-endian length of the body
@@ -37,6 +43,7 @@ STAT_KEYS = (
     "scan_fallbacks",  # `scan` mode compiles that used `deps` (scan_fallback_reasons)
 )
 MAX_MESSAGE = 64 * 1024 * 1024
+OPS = ("compile", "stats", "zero-stats")
 
 
 def state_dir() -> str:
@@ -49,8 +56,7 @@ def socket_path() -> str:
     return os.path.join(state_dir(), "agent.sock")
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    body = marshal.dumps(message)
+def frame(body: bytes) -> bytes:
     return len(body).to_bytes(HEADER_SIZE, "big") + body
 
 
@@ -61,15 +67,64 @@ def decode_length(header: bytes) -> int:
     return length
 
 
-def decode(body: bytes) -> dict[str, Any]:
-    """A message's body; raises ValueError if it is not one."""
-    try:
-        message = marshal.loads(body)
-    except (EOFError, TypeError) as error:
-        raise ValueError(f"unreadable message: {error}") from None
-    if not isinstance(message, dict):
-        raise ValueError("a message must be a dict")
-    return message
+def compile_request(cwd: str, argv: Sequence[str], environ: Mapping[bytes, bytes]) -> bytes:
+    fields = [b"compile", os.fsencode(cwd), b"%d" % len(argv), *map(os.fsencode, argv)]
+    fields += [name + b"=" + value for name, value in environ.items()]
+    return frame(b"\0".join(fields) + b"\0")
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """{"op": ...}, with "cwd", "argv" and "env" for a compile; raises
+    ValueError if `body` is not a request."""
+    if not body.endswith(b"\0"):
+        raise ValueError("a request must end with NUL")
+    op, *fields = [os.fsdecode(field) for field in body[:-1].split(b"\0")]
+    if op not in OPS:
+        raise ValueError(f"unknown request {op[:40]!r}")
+    if op != "compile":
+        return {"op": op}
+    if len(fields) < 2 or not fields[1].isdigit() or len(fields) < 2 + int(fields[1]):
+        raise ValueError("a compile request needs a directory and a command")
+    count = int(fields[1])
+    argv, entries = fields[2 : 2 + count], fields[2 + count :]
+    if not argv or not all("=" in entry for entry in entries):
+        raise ValueError("a compile request needs a command and NAME=VALUE entries")
+    env = dict(entry.split("=", 1) for entry in entries)
+    return {"op": op, "cwd": fields[0], "argv": argv, "env": env}
+
+
+def encode_reply(reply: Mapping[str, Any]) -> bytes:
+    if "stats" in reply:
+        import json
+
+        return frame(b"S" + json.dumps(reply["stats"]).encode())
+    if reply["do"] == "local":
+        return frame(b"L" + reply["reason"].encode())
+    stdout: bytes = reply["stdout"]
+    code = reply["code"].to_bytes(4, "big", signed=True)
+    return frame(b"X" + code + len(stdout).to_bytes(4, "big") + stdout + reply["stderr"])
+
+
+def parse_reply(body: bytes) -> dict[str, Any]:
+    """The reply as a dict ({"do": "local"|"exit", ...} or {"stats": ...});
+    raises ValueError if it is not one."""
+    kind, rest = body[:1], body[1:]
+    if kind == b"L":
+        return {"do": "local", "reason": rest.decode(errors="replace")}
+    if kind == b"X" and len(rest) >= 8:
+        size = int.from_bytes(rest[4:8], "big")
+        if 8 + size <= len(rest):
+            return {
+                "do": "exit",
+                "code": int.from_bytes(rest[:4], "big", signed=True),
+                "stdout": rest[8 : 8 + size],
+                "stderr": rest[8 + size :],
+            }
+    if kind == b"S":
+        import json
+
+        return {"stats": json.loads(rest)}
+    raise ValueError("unreadable reply from the agent")
 
 
 def _receive_exactly(sock: _socket.socket, size: int) -> bytes:
@@ -83,14 +138,15 @@ def _receive_exactly(sock: _socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def call(message: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request to the agent; raises OSError if it cannot be reached."""
+def call(request: bytes, timeout: float) -> dict[str, Any]:
+    """Send a framed request to the agent and parse its reply; raises OSError
+    if the agent cannot be reached, ValueError if the reply is unreadable."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(socket_path())
-        sock.sendall(encode(message))
+        sock.sendall(request)
         length = decode_length(_receive_exactly(sock, HEADER_SIZE))
-        return decode(_receive_exactly(sock, length))
+        return parse_reply(_receive_exactly(sock, length))
     finally:
         sock.close()
