@@ -33,22 +33,28 @@ ABSENT = "ABSENT"
 _digests: dict[tuple[str, int, int, int], str] = {}
 
 
-def file_identity(path: str) -> tuple[str, int] | None:
-    """(SHA256, size) of the file at `path`, from one stat when it is unchanged;
+def file_identity(path: str, status: tuple[int, int, int] | None = None) -> tuple[str, int] | None:
+    """(SHA256, size) of the file at `path`, from one stat when it is unchanged
+    (none when the caller has just taken its `status`: size, mtime_ns, inode);
     None if it is missing."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if status is None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        status = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    key = (path, *status)
     digest = _digests.get(key)
     if digest is None:
         hasher = hashlib.sha256()
-        with open(path, "rb") as file:
-            while chunk := file.read(1 << 20):
-                hasher.update(chunk)
+        try:
+            with open(path, "rb") as file:
+                while chunk := file.read(1 << 20):
+                    hasher.update(chunk)
+        except OSError:
+            return None
         digest = _digests[key] = hasher.hexdigest()
-    return digest, stat.st_size
+    return digest, status[0]
 
 
 def file_sha256(path: str) -> str | None:

@@ -66,7 +66,7 @@ from shim.protocol import (
     socket_path,
     state_dir,
 )
-from shim.scan import Scanner, ScanUncertain, search_arguments
+from shim.scan import Scanner, ScanUncertain, StatKey, search_arguments
 
 log = logging.getLogger("reapi.agent")
 
@@ -356,7 +356,9 @@ class Agent:
             read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
             return self._prepare_files(cwd, compiler, decision, env, read, [])
         absent = [p for p in found.absent if is_system(p)]
-        prepared = self._prepare_files(cwd, compiler, decision, env, found.files, absent)
+        prepared = self._prepare_files(
+            cwd, compiler, decision, env, found.files, absent, found.statuses
+        )
         if prepared.uncacheable:  # nothing to find in the action cache next time
             return prepared
         prepared.depends = Depends(
@@ -375,24 +377,28 @@ class Agent:
         env: dict[str, str],
         read: list[str],
         absent: list[str],
+        statuses: Mapping[str, StatKey] | None = None,
     ) -> Prepared:
         """`deps` and `scan`: ship the source and the project files in `read`
         (absolute paths); system files in it, and the system paths in `absent`,
-        go to the manifest the worker checks."""
+        go to the manifest the worker checks. `statuses` are the files' as the
+        scanner took them just before (saving a stat each)."""
+        statuses = statuses or {}
         project = [path for path in read if not is_system(path)]
         outputs = _outputs(decision)
         root = input_root(cwd, [*project, *(os.path.join(cwd, o) for o in outputs)])
         files: dict[str, tuple[Digest, bool]] = {}
         dated = False
         for path in project:
-            info = self.digests.info(path)
+            info = self.digests.info(path, _status(statuses.get(path)))
             files[os.path.relpath(path, root)] = (info.digest, False)
             dated = dated or info.uses_date_time
         arguments = list(decision.arguments)
         if any(a.startswith("-g") and a != "-g0" for a in arguments):
             # Debug info names the compile's directory: make it this machine's.
             arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
-        manifest = self._manifest(compiler, [p for p in read if is_system(p)], absent)
+        system = [p for p in read if is_system(p)]
+        manifest = self._manifest(compiler, system, absent, statuses)
         return Prepared(
             files=files,
             contents={MANIFEST: manifest},
@@ -422,7 +428,7 @@ class Agent:
             files={},
             contents={
                 os.path.normpath(os.path.join(workdir, preprocessed)): text,
-                MANIFEST: self._manifest(compiler, [], []),
+                MANIFEST: self._manifest(compiler, [], [], {}),
             },
             workdir=workdir,
             arguments=arguments,
@@ -443,12 +449,18 @@ class Agent:
             self._identities[key] = programs
         return self._identities[key]
 
-    def _manifest(self, compiler: str, system_files: list[str], absent: list[str]) -> bytes:
+    def _manifest(
+        self,
+        compiler: str,
+        system_files: list[str],
+        absent: list[str],
+        statuses: Mapping[str, StatKey],
+    ) -> bytes:
         """`HASH SIZE PATH` lines for the compiler's programs and the system files
         read, `ABSENT 0 PATH` for system paths the compile found missing."""
         lines = []
         for path in sorted({*self._programs(compiler), *system_files}):
-            identity = file_identity(path)
+            identity = file_identity(path, _status(statuses.get(path)))
             if identity is not None:
                 lines.append(f"{identity[0]} {identity[1]} {path}")
         lines.extend(f"{ABSENT} 0 {path}" for path in sorted(set(absent)))
@@ -517,6 +529,11 @@ class Agent:
             tmp.write_bytes(data)
             os.chmod(tmp, 0o755 if output.is_executable else 0o644)
             os.replace(tmp, target)
+
+
+def _status(key: StatKey | None) -> tuple[int, int, int] | None:
+    """A scanner's StatKey as the digest caches' (size, mtime_ns, inode)."""
+    return None if key is None else (key[0], key[1], key[3])
 
 
 def _print_prog_name(compiler: str, program: str) -> str | None:

@@ -40,9 +40,13 @@ class DigestCache:
         self._known: dict[tuple[str, int, int, int], FileInfo] = {}
         self.data: dict[Digest, str] = {}  # digest -> a path holding it, for uploads
 
-    def info(self, path: str) -> FileInfo:
-        stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    def info(self, path: str, status: tuple[int, int, int] | None = None) -> FileInfo:
+        """The file's digest; `status` (size, mtime_ns, inode), when the caller
+        has just taken it, saves a stat."""
+        if status is None:
+            stat = os.stat(path)
+            status = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        key = (path, *status)
         found = self._known.get(key)
         if found is None:
             with open(path, "rb") as file:
