@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,6 +90,11 @@ async def load_then_kill(server: ServerProcess, rng: random.Random, delay: float
             function = DigestFunction.BLAKE3 if index % 3 == 0 else DigestFunction.SHA256
             jobs.append(stream_uploads(channel, rng, function, index % 4 == 1, done))
         tasks = [asyncio.create_task(job) for job in jobs]
+        # `delay` counts from the first upload in flight, not from the start: a
+        # loaded machine can take longer than the shortest delay to get there.
+        uploads, deadline = server.storage / "tmp", time.monotonic() + 30
+        while not (uploads.is_dir() and any(uploads.iterdir())) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
         await asyncio.sleep(delay)
         server.kill()
         results = await asyncio.gather(*tasks, return_exceptions=True)
