@@ -598,6 +598,11 @@ async def build_native_client(directory: Path) -> None:
         if process.returncode != 0:
             log.warning("native client not built, using Python's: %s", output.decode()[-2000:])
             return
+        # It must run from here (not a noexec mount): without arguments it exits 2.
+        probe = await asyncio.create_subprocess_exec(str(building), stdin=subprocess.DEVNULL)
+        if await probe.wait() != 2:
+            log.warning("native client does not run from %s, using Python's", directory)
+            return
         os.replace(building, target)
         stamp_path.write_text(stamp)
         log.info("native client built: %s", target)
