@@ -66,7 +66,7 @@ from shim.protocol import (
     socket_path,
     state_dir,
 )
-from shim.scan import Scanner, ScanUncertain, StatKey, search_arguments
+from shim.scan import Scanner, ScanUncertain, StatKey, search_arguments, stat_key
 
 log = logging.getLogger("reapi.agent")
 
@@ -361,9 +361,9 @@ class Agent:
         )
         if prepared.uncacheable:  # nothing to find in the action cache next time
             return prepared
+        programs = [compiler, *self._programs(compiler)]
         prepared.depends = Depends(
-            files=[*found.files, compiler, *self._programs(compiler)],
-            statuses=found.statuses,
+            files=(*found.read, *((path, stat_key(path)) for path in programs)),
             missing=list(path.skipped),
             seen=found.seen,
         )
@@ -384,20 +384,24 @@ class Agent:
         go to the manifest the worker checks. `statuses` are the files' as the
         scanner took them just before (saving a stat each)."""
         statuses = statuses or {}
-        project = [path for path in read if not is_system(path)]
+        project: list[str] = []
+        system: list[str] = []
+        for path in read:
+            (system if is_system(path) else project).append(path)
         outputs = _outputs(decision)
         root = input_root(cwd, [*project, *(os.path.join(cwd, o) for o in outputs)])
+        inside = root.rstrip("/") + "/"
         files: dict[str, tuple[Digest, bool]] = {}
         dated = False
         for path in project:
             info = self.digests.info(path, _status(statuses.get(path)))
-            files[os.path.relpath(path, root)] = (info.digest, False)
+            # Under the root by its choice: relpath's work is not needed.
+            files[path[len(inside) :]] = (info.digest, False)
             dated = dated or info.uses_date_time
         arguments = list(decision.arguments)
         if any(a.startswith("-g") and a != "-g0" for a in arguments):
             # Debug info names the compile's directory: make it this machine's.
             arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
-        system = [p for p in read if is_system(p)]
         manifest = self._manifest(compiler, system, absent, statuses)
         return Prepared(
             files=files,

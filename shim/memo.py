@@ -17,7 +17,7 @@ without its status changing: a compile that read one is not remembered.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +36,8 @@ SHARED_FACTS = 1_000_000
 class Depends:
     """What a compile's action was built from, beyond its arguments."""
 
-    files: list[str]  # absolute paths read
-    statuses: Mapping[str, StatKey]  # the status of some of them before they were read
+    files: Collection[tuple[str, StatKey | None]]  # each file read (absolute) and its
+    # status before it was read (None: missing)
     missing: list[str]  # absolute paths that did not exist
     seen: Seen  # what the include lookups found in each directory
 
@@ -73,23 +73,19 @@ class DirectMemo:
     def put(self, key: Hashable, action: Digest, depends: Depends, started_ns: int) -> bool:
         """Remember `action` for `key`, unless a file it came from changed too
         recently (after started_ns - RACY_NS) to be trusted."""
-        statuses: list[tuple[str, StatKey | None]] = []
-        for path in dict.fromkeys(depends.files):
-            status = depends.statuses.get(path) or stat_key(path)
-            if status is None or max(status[1], status[2]) > started_ns - RACY_NS:
-                return False
-            statuses.append((path, status))
-        for path in depends.missing:
-            if stat_key(path) is not None:
-                return False
-            statuses.append((path, None))
+        files = tuple(depends.files)
+        recent = started_ns - RACY_NS
+        if any(key is None or max(key[1], key[2]) > recent for _, key in files):
+            return False
+        if any(stat_key(path) is not None for path in depends.missing):
+            return False
         if len(self._shared) > SHARED_FACTS:
             self._shared.clear()
         share = self._shared.setdefault
         entry = _Entry(
             action,
-            tuple(share(status, status) for status in statuses),
-            tuple(share(facts, facts) for facts in depends.seen),
+            (*files, *((path, None) for path in depends.missing)),
+            frozenset(share(facts, facts) for facts in depends.seen),
         )
         self._entries.pop(key, None)
         self._entries[key] = entry

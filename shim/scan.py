@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shim.inputs import InputsUnknown, run_preprocessor
@@ -126,27 +126,37 @@ def stat_key(path: str) -> StatKey | None:
 
 # (directory, file name, whether the directory held it): one fact a lookup relied on.
 Probe = tuple[str, str, bool]
-# The same facts by directory: (directory, (the names it held, the names it lacked)).
-Seen = tuple[tuple[str, tuple[frozenset[str], frozenset[str]]], ...]
+# The facts of one directory: (the names it held, the names it lacked).
+Names = tuple[frozenset[str], frozenset[str]]
+# The facts of many lookups, one entry per directory.
+Seen = frozenset[tuple[str, Names]]
 
 
-def _by_directory(probes: Iterable[Probe]) -> Seen:
+def _by_directory(
+    probes: Iterable[Probe], more: Iterable[dict[str, Names]] = ()
+) -> dict[str, Names]:
+    """Facts gathered by directory: the probes', and those of `more`."""
     held: dict[str, set[str]] = {}
     lacked: dict[str, set[str]] = {}
     for directory, name, present in probes:
         (held if present else lacked).setdefault(directory, set()).add(name)
-    return tuple(
-        (directory, (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ()))))
+    for facts in more:
+        for directory, (has, lacks) in facts.items():
+            held.setdefault(directory, set()).update(has)
+            lacked.setdefault(directory, set()).update(lacks)
+    return {
+        directory: (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ())))
         for directory in held.keys() | lacked.keys()
-    )
+    }
 
 
 @dataclass
 class ScanResult:
     files: list[str] = field(default_factory=list)  # absolute paths, in order found
     absent: list[str] = field(default_factory=list)  # paths that must not exist
-    seen: Seen = ()  # every fact the lookups relied on
+    seen: Seen = frozenset()  # every fact the lookups relied on
     statuses: dict[str, StatKey] = field(default_factory=dict)  # each file's, when read
+    read: Collection[tuple[str, StatKey]] = ()  # the same, as (path, status) pairs
 
 
 def parse_includes(data: bytes) -> Parsed:
@@ -269,6 +279,8 @@ class Scanner:
         self._parsed: dict[str, tuple[tuple[int, ...], Parsed | str]] = {}
         self._search: dict[tuple[str, ...], SearchPath] = {}
         self._lookups: dict[SearchPath, dict[tuple[str, int, str], _Lookup]] = {}
+        self._closures: dict[SearchPath, dict[Node, _Closure]] = {}
+        self._met: dict[SearchPath, set[Node]] = {}
         self._listings = _Listings()
         self.files_parsed = 0  # for tests and benchmarks: how much work was done
 
@@ -300,11 +312,12 @@ class Scanner:
         """Whether the directories still hold and lack what a scan saw."""
         return _DirectoryView(self._listings).matches(seen)
 
-    def parse(self, path: str) -> tuple[StatKey, Parsed]:
+    def parse(self, path: str, key: StatKey | None = None) -> tuple[StatKey, Parsed]:
         """What the file at `path` (absolute) includes and defines, memoized,
-        and the file's status before it was read."""
-        stat = os.stat(path)
-        key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+        and the file's status before it was read (`key`, if taken already)."""
+        key = key or stat_key(path)
+        if key is None:
+            raise FileNotFoundError(path)
         known = self._parsed.get(path)
         if known is None or known[0] != key:
             with open(path, "rb") as file:
@@ -316,7 +329,7 @@ class Scanner:
             except ScanUncertain as uncertain:
                 parsed = str(uncertain)
             known = (key, parsed)
-            if time.time_ns() - stat.st_mtime_ns > RACY_NS:
+            if time.time_ns() - key[1] > RACY_NS:
                 self._parsed[path] = known
         if isinstance(known[1], str):
             raise ScanUncertain(known[1])
@@ -327,75 +340,252 @@ class Scanner:
     ) -> ScanResult:
         """Every file a compile of `source` (relative to `cwd`) may read.
 
+        Each header the source includes leads to the same files in every
+        compile: that closure is kept, and taken whole while its files and
+        directories are unchanged, so a compile costs about a stat per file.
+
         `#include NAME` follows NAME's definition on the command line (git's
         `-DSHA1DC_CUSTOM_INCLUDE_SHA1_C="cache.h"`). A NAME that no file read
         and no option defines cannot be included without an error (and a
         failed remote compile is rerun locally): it is skipped. A NAME some
         file #defines would need the preprocessor: ScanUncertain."""
-        lookups = self._lookups.setdefault(search, {})
-        view = _DirectoryView(self._listings)
-        result = ScanResult()
-        # (path, index in the chain where it was found: -1 beside its
-        # includer, None for the main source and -include files).
-        queue: list[tuple[str, int | None]] = []
-        seen: set[tuple[str, int | None]] = set()
-        used: dict[tuple[str, int, str], _Lookup] = {}  # this scan's lookups, each checked once
-
-        def resolve(include: Include, here: str, index: int | None, implicit: bool = False) -> None:
-            if include.next and index is not None:
-                start, here = index + 1, ""  # found beside its includer (-1): the whole chain
-            elif include.angle:
-                start, here = len(search.quote), ""
-            else:
-                start = 0
-            key = (include.name, start, here)
-            lookup = used.get(key)
-            if lookup is None:
-                lookup = lookups.get(key)
-                if lookup is None or not view.holds(lookup.probes):
-                    lookup = lookups[key] = _look_up(include.name, here, search.chain, start, view)
-                used[key] = lookup
-            if lookup.found is None:
-                if not implicit:  # a file gcc reads unasked may be missing anywhere
-                    result.absent.extend(lookup.absent)
-            elif lookup.found not in seen:
-                seen.add(lookup.found)
-                queue.append(lookup.found)
-
         source_path = os.path.normpath(os.path.join(cwd, source))
         if not os.path.isfile(source_path):
             raise ScanUncertain("scan-source-missing")
-        for name in IMPLICIT_INCLUDES:
-            resolve(Include(name, angle=True), "", None, implicit=True)
+        if len(self._closures.get(search, ())) > CLOSURES:
+            del self._closures[search], self._met[search]
+        return _Scan(self, search).run(source_path, cwd, arguments)
+
+
+# A file, and where it was found: its index in the search chain, -1 beside its
+# includer, None for the source and -include files.
+Node = tuple[str, int | None]
+# `#include NAME` in a file: (NAME, the file's directory, the file's index).
+Macro = tuple[str, str, int | None]
+# Closures kept per search path (each about 16 bytes per file it holds); beyond
+# this many the table starts again.
+CLOSURES = 4096
+
+
+@dataclass(frozen=True)
+class _Closure:
+    """Every file one file leads to, itself included, and all the facts that
+    decided it: it holds while they do. Its macro includes are left to the
+    compile (they follow its -D options)."""
+
+    nodes: frozenset[Node]
+    statuses: frozenset[tuple[str, StatKey]]  # each file's when read
+    absent: frozenset[str]  # what its lookups sought and did not find
+    facts: dict[str, Names]  # what its lookups found in each directory
+    macros: frozenset[Macro]
+    read: tuple[Parsed, ...]  # the files its walk read one by one
+    parts: tuple[_Closure, ...]  # the closures its walk took whole
+    racy: bool  # a file in it changed too recently to be trusted: not kept
+    _defined: dict[str, bool] = field(default_factory=dict, compare=False)
+    # The listing of each directory its facts were last checked against.
+    checked: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
+
+    def defines(self, name: str) -> bool:
+        """Whether one of its files #defines `name`."""
+        if name not in self._defined:
+            self._defined[name] = any(name in parsed.defines for parsed in self.read) or any(
+                part.defines(name) for part in self.parts
+            )
+        return self._defined[name]
+
+
+@dataclass
+class _Walk:
+    """The files reached from some roots, and what reaching them relied on."""
+
+    queue: list[Node] = field(default_factory=list)
+    reached: set[Node] = field(default_factory=set)
+    files: set[tuple[str, StatKey]] = field(default_factory=set)  # each file's status when read
+    absent: set[str] = field(default_factory=set)
+    used: dict[tuple[str, int, str], _Lookup] = field(default_factory=dict)
+    read: list[Parsed] = field(default_factory=list)  # the files read one by one
+    taken: list[_Closure] = field(default_factory=list)
+    covered: set[Node] = field(default_factory=set)  # the nodes of the closures taken
+    macros: set[Macro] = field(default_factory=set)  # not yet followed
+    racy: bool = False  # a file read changed too recently to be trusted
+
+    def take(self, closure: _Closure) -> None:
+        self.reached |= closure.nodes
+        self.covered |= closure.nodes
+        self.files |= closure.statuses
+        self.absent |= closure.absent
+        self.taken.append(closure)
+        self.macros |= closure.macros
+        self.racy = self.racy or closure.racy
+
+    def facts(self) -> dict[str, Names]:
+        probes = (p for lookup in self.used.values() for p in lookup.probes)
+        return _by_directory(probes, (closure.facts for closure in self.taken))
+
+
+class _Scan:
+    """One compile's scan: each lookup, file status and closure checked at most once."""
+
+    def __init__(self, scanner: Scanner, search: SearchPath) -> None:
+        self.scanner = scanner
+        self.search = search
+        self.lookups = scanner._lookups.setdefault(search, {})
+        self.closures = scanner._closures.setdefault(search, {})
+        self.met = scanner._met.setdefault(search, set())  # files read in some walk before
+        self.walking: set[Node] = set()  # the closures being walked, outermost first
+        self.view = _DirectoryView(scanner._listings)
+        self.checked: dict[tuple[str, int, str], _Lookup] = {}
+        self.statuses: dict[str, StatKey | None] = {}
+        self.valid: dict[Node, _Closure] = {}
+        # The files the closures checked so far relied on, found unchanged.
+        self.files_held: set[tuple[str, StatKey]] = set()
+
+    def run(self, source: str, cwd: str, arguments: SearchArguments) -> ScanResult:
+        walk = _Walk()
+        for name in IMPLICIT_INCLUDES:  # may be missing anywhere: never absent
+            self.follow(Include(name, angle=True), "", None, walk, implicit=True)
         for name in arguments.forced:
-            resolve(Include(name, angle=False), cwd, None)
-        queue.append((source_path, None))
-        files: dict[str, Parsed] = {}
-        macros: list[tuple[str, str, int | None]] = []  # (macro, here, index)
-        while queue:
-            while queue:
-                path, index = queue.pop()
-                result.statuses[path], parsed = self.parse(path)
-                files[path] = parsed
-                here = os.path.dirname(path)
-                for include in parsed.includes:
-                    if include.macro:
-                        macros.append((include.name, here, index))
-                    else:
-                        resolve(include, here, index)
+            self.follow(Include(name, angle=False), cwd, None, walk)
+        walk.reached.add((source, None))
+        self.expand((source, None), walk)
+        while walk.queue:
+            while walk.queue:
+                node = walk.queue.pop()
+                if node not in walk.covered:  # else its closure is part of one taken
+                    walk.take(self.closure(node))
+            macros, walk.macros = walk.macros, set()
             for name, here, index in macros:
                 definition = arguments.defines.get(name)
                 if definition is not None:
                     named = _delimited(definition.encode(), next_=False)
                     if named is None:
                         raise ScanUncertain("scan-computed-include")
-                    resolve(named, here, index)
-                elif any(name in parsed.defines for parsed in files.values()):
+                    self.follow(named, here, index, walk)
+                elif self.defined_in_a_file(name, walk):
                     raise ScanUncertain("scan-computed-include")
-            macros.clear()
-        result.files = list(files)
-        result.seen = _by_directory(p for lookup in used.values() for p in lookup.probes)
-        return result
+        statuses = dict(walk.files)
+        seen = frozenset(walk.facts().items())
+        return ScanResult(list(statuses), list(walk.absent), seen, statuses, walk.files)
+
+    def defined_in_a_file(self, name: str, walk: _Walk) -> bool:
+        if any(name in parsed.defines for parsed in walk.read):
+            return True
+        return any(closure.defines(name) for closure in walk.taken)
+
+    def closure(self, node: Node) -> _Closure:
+        found = self.kept(node)
+        if found is None:
+            found = self.valid[node] = self.walk_closure(node)
+        return found
+
+    def kept(self, node: Node) -> _Closure | None:
+        """The closure kept for `node`, if it still holds."""
+        found = self.valid.get(node)
+        if found is None:
+            found = self.closures.get(node)
+            if found is None:
+                return None
+            status = self.status
+            files = found.statuses - self.files_held  # most were in a closure checked before
+            if not all(status(path) == key for path, key in files):
+                return None
+            self.files_held |= files
+            if not self.still_holds(found):
+                return None
+            self.valid[node] = found
+        return found
+
+    def still_holds(self, closure: _Closure) -> bool:
+        """Whether the directories still hold and lack what the closure's lookups
+        saw: checked again only where a listing changed since the last time."""
+        files = self.view.files
+        checked = closure.checked
+        for directory, (held, lacked) in closure.facts.items():
+            listing = files(directory)
+            if checked.get(directory) is not listing:
+                if not (held <= listing and listing.isdisjoint(lacked)):
+                    return False
+                checked[directory] = listing
+        return True
+
+    def walk_closure(self, node: Node) -> _Closure:
+        """Everything `node` leads to. On the way, the closures of files that
+        are kept are taken whole, and a file met in an earlier walk gets its
+        own closure (unless this walk is within its own)."""
+        walk = _Walk(queue=[node], reached={node})
+        self.walking.add(node)
+        while walk.queue:
+            current = walk.queue.pop()
+            if current in walk.covered:
+                continue
+            found = self.kept(current) if current != node else None
+            if found is None and current in self.met and current not in self.walking:
+                found = self.closure(current)
+            if found is not None:
+                walk.take(found)
+            else:
+                self.expand(current, walk)
+                self.met.add(current)
+        self.walking.discard(node)
+        closure = _Closure(
+            frozenset(walk.reached),
+            frozenset(walk.files),
+            frozenset(walk.absent),
+            walk.facts(),
+            frozenset(walk.macros),
+            tuple(walk.read),
+            tuple(walk.taken),
+            walk.racy,
+        )
+        if not walk.racy:
+            self.closures[node] = closure
+        return closure
+
+    def expand(self, node: Node, walk: _Walk) -> None:
+        """Read `node`'s file into `walk` and follow its includes (its macro
+        includes wait in walk.macros)."""
+        path, index = node
+        key, parsed = self.scanner.parse(path, self.status(path))
+        walk.files.add((path, key))
+        walk.read.append(parsed)
+        walk.racy = walk.racy or max(key[1], key[2]) >= self.view.now - RACY_NS
+        here = os.path.dirname(path)
+        for include in parsed.includes:
+            if include.macro:
+                walk.macros.add((include.name, here, index))
+            else:
+                self.follow(include, here, index, walk)
+
+    def follow(
+        self, include: Include, here: str, index: int | None, walk: _Walk, implicit: bool = False
+    ) -> None:
+        """Look `include` up from a file in `here`, found at `index` in the chain."""
+        if include.next and index is not None:
+            start, here = index + 1, ""  # found beside its includer (-1): the whole chain
+        elif include.angle:
+            start, here = len(self.search.quote), ""
+        else:
+            start = 0
+        key = (include.name, start, here)
+        lookup = self.checked.get(key)
+        if lookup is None:
+            lookup = self.lookups.get(key)
+            if lookup is None or not self.view.holds(lookup.probes):
+                lookup = _look_up(include.name, here, self.search.chain, start, self.view)
+                self.lookups[key] = lookup
+            self.checked[key] = lookup
+        walk.used[key] = lookup
+        if lookup.found is None:
+            if not implicit:
+                walk.absent.update(lookup.absent)
+        elif lookup.found not in walk.reached:
+            walk.reached.add(lookup.found)
+            walk.queue.append(lookup.found)
+
+    def status(self, path: str) -> StatKey | None:
+        if path not in self.statuses:
+            self.statuses[path] = stat_key(path)
+        return self.statuses[path]
 
 
 @dataclass(frozen=True)
@@ -467,12 +657,12 @@ class _DirectoryView:
     def __init__(self, listings: _Listings) -> None:
         self._listings = listings
         self._seen: dict[str, frozenset[str]] = {}
-        self._now = time.time_ns()
+        self.now = time.time_ns()
 
     def files(self, directory: str) -> frozenset[str]:
         found = self._seen.get(directory)
         if found is None:
-            found = self._seen[directory] = self._listings.files(directory, self._now)
+            found = self._seen[directory] = self._listings.files(directory, self.now)
         return found
 
     def holds(self, probes: Iterable[Probe]) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from reapi.digests import DigestFunction
 from shim.memo import Depends, DirectMemo
-from shim.scan import Seen
+from shim.scan import Seen, stat_key
 
 ACTION = DigestFunction.SHA256.digest_of(b"an action")
 AN_HOUR_NS = 3600 * 10**9
@@ -20,7 +20,7 @@ def old_file(path: Path, text: str) -> str:
 
 
 def depends(*files: str, missing: tuple[str, ...] = ()) -> Depends:
-    return Depends(files=list(files), statuses={}, missing=list(missing), seen=())
+    return Depends(files=[(f, stat_key(f)) for f in files], missing=list(missing), seen=frozenset())
 
 
 def always(_: Seen) -> bool:
@@ -61,8 +61,8 @@ def test_a_path_that_appears_forgets_the_compile(tmp_path: Path) -> None:
 def test_the_lookups_facts_are_checked(tmp_path: Path) -> None:
     header = old_file(tmp_path / "a.h", "int a;\n")
     memo = DirectMemo()
-    seen: Seen = ((str(tmp_path), (frozenset({"a.h"}), frozenset({"b.h"}))),)
-    facts = Depends(files=[header], statuses={}, missing=[], seen=seen)
+    seen: Seen = frozenset({(str(tmp_path), (frozenset({"a.h"}), frozenset({"b.h"})))})
+    facts = Depends(files=[(header, stat_key(header))], missing=[], seen=seen)
     assert memo.put("key", ACTION, facts, time.time_ns() + AN_HOUR_NS)
     checked: list[Seen] = []
 
@@ -83,7 +83,7 @@ def test_the_status_seen_before_reading_is_the_one_kept(tmp_path: Path) -> None:
     status = (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino)
     Path(header).write_text("int changed;\n")
     memo = DirectMemo()
-    facts = Depends(files=[header], statuses={header: status}, missing=[], seen=())
+    facts = Depends(files=[(header, status)], missing=[], seen=frozenset())
     assert memo.put("key", ACTION, facts, time.time_ns() + AN_HOUR_NS)
     assert memo.get("key", always) is None
 

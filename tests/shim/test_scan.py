@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import shim.scan
 from shim.scan import (
     Include,
     Scanner,
@@ -229,3 +230,60 @@ def test_a_macro_include_follows_the_command_line(tmp_path: Path) -> None:
     defined_badly = ["-DCUSTOM_C=OTHER_MACRO", "-c", "sha1.c"]
     with pytest.raises(ScanUncertain, match="scan-computed-include"):
         scan(Scanner(), tmp_path, defined_badly)
+
+
+DEEP = {
+    "a.c": '#include "top.h"\n',
+    "b.c": '#include "top.h"\n',
+    "top.h": '#include "mid.h"\n',
+    "mid.h": '#include "leaf.h"\n#include <lib.h>\n#ifdef TRAILER\n#include TRAILER\n#endif\n',
+    "leaf.h": "\n",
+    "second/lib.h": "\n",
+    "extra.h": "\n",
+    "other.h": "\n",
+}
+
+
+def settled(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files old enough for closures to be kept: `age` cannot set the change
+    time, so the racy window shrinks to 50 ms and the test waits it out."""
+    age(root)
+    monkeypatch.setattr(shim.scan, "RACY_NS", 50_000_000)
+    time.sleep(0.1)
+
+
+def test_kept_closures_see_changes_deep_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """top.h's closure is kept after the first compiles; an edit two levels
+    down, and a header that now shadows one found deep inside, are both seen."""
+    write(tmp_path, DEEP)
+    (tmp_path / "first").mkdir()
+    settled(tmp_path, monkeypatch)
+    scanner = Scanner()
+    arguments = ["-Ifirst", "-Isecond", "-c"]
+    assert scan(scanner, tmp_path, [*arguments, "a.c"])[0] == {
+        "a.c", "top.h", "mid.h", "leaf.h", "second/lib.h",
+    }  # fmt: skip
+    parsed = scanner.files_parsed
+    scan(scanner, tmp_path, [*arguments, "b.c"])
+    assert scanner.files_parsed == parsed + 1  # b.c alone: top.h's closure was taken whole
+    write(tmp_path, {"first/lib.h": "\n"})
+    found, _ = scan(scanner, tmp_path, [*arguments, "a.c"])
+    assert "first/lib.h" in found and "second/lib.h" not in found
+    assert found >= gcc_reads(tmp_path, [*arguments, "a.c"])
+    (tmp_path / "leaf.h").write_text('#include "extra.h"\n')
+    assert "extra.h" in scan(scanner, tmp_path, [*arguments, "b.c"])[0]
+
+
+def test_a_macro_include_in_a_kept_closure_follows_each_compile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path, DEEP)
+    settled(tmp_path, monkeypatch)
+    scanner = Scanner()
+    assert "other.h" not in scan(scanner, tmp_path, ["-Isecond", "-c", "a.c"])[0]
+    with_trailer = ['-DTRAILER="other.h"', "-Isecond", "-c", "b.c"]
+    found, _ = scan(scanner, tmp_path, with_trailer)
+    assert "other.h" in found and found >= gcc_reads(tmp_path, with_trailer)
+    assert "other.h" not in scan(scanner, tmp_path, ["-Isecond", "-c", "a.c"])[0]
