@@ -208,6 +208,12 @@ class Bench:
         try:
             subprocess.run([self.reapi_cc, "--zero-stats"], env=env, capture_output=True)
             agent = int((home / "shim" / "agent.pid").read_text())
+            # The agent builds the native client once when it starts: setup, not
+            # per-compile CPU, so the count starts after it.
+            native = home / "shim" / "reapi-cc-native.sha256"
+            deadline = time.monotonic() + 60
+            while not native.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
             cpu = agent_cpu(agent)
             result = {"cold": self.make(cc, env)}
             compiles = self.stats(env)["invocations"]
