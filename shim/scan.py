@@ -135,19 +135,33 @@ Seen = frozenset[tuple[str, Names]]
 def _by_directory(
     probes: Iterable[Probe], more: Iterable[dict[str, Names]] = ()
 ) -> dict[str, Names]:
-    """Facts gathered by directory: the probes', and those of `more`."""
+    """Facts gathered by directory: the probes', and those of `more`. A
+    directory only one of `more` knows keeps its entry (closures nest: most
+    of a closure's facts are one part's)."""
+    found: dict[str, list[Names]] = {}
     held: dict[str, set[str]] = {}
     lacked: dict[str, set[str]] = {}
     for directory, name, present in probes:
         (held if present else lacked).setdefault(directory, set()).add(name)
+    for directory in held.keys() | lacked.keys():
+        found[directory] = [
+            (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ())))
+        ]
     for facts in more:
-        for directory, (has, lacks) in facts.items():
-            held.setdefault(directory, set()).update(has)
-            lacked.setdefault(directory, set()).update(lacks)
-    return {
-        directory: (frozenset(held.get(directory, ())), frozenset(lacked.get(directory, ())))
-        for directory in held.keys() | lacked.keys()
-    }
+        for directory, names in facts.items():
+            entries = found.setdefault(directory, [])
+            if names not in entries:
+                entries.append(names)
+    return {directory: _union(entries) for directory, entries in found.items()}
+
+
+def _union(entries: list[Names]) -> Names:
+    if len(entries) == 1:
+        return entries[0]
+    return (
+        frozenset().union(*(held for held, _ in entries)),
+        frozenset().union(*(lacked for _, lacked in entries)),
+    )
 
 
 @dataclass
