@@ -379,6 +379,8 @@ Macro = tuple[str, str, int | None]
 # Closures kept per search path (each about 16 bytes per file it holds); beyond
 # this many the table starts again.
 CLOSURES = 4096
+# Closures walked within one another at most (each a few Python frames deep).
+MAX_NESTING = 64
 
 
 @dataclass(frozen=True)
@@ -533,7 +535,8 @@ class _Scan:
             if current in walk.covered:
                 continue
             found = self.kept(current) if current != node else None
-            if found is None and current in self.met and current not in self.walking:
+            nested = current in self.met and current not in self.walking
+            if found is None and nested and len(self.walking) < MAX_NESTING:
                 found = self.closure(current)
             if found is not None:
                 walk.take(found)

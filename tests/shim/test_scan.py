@@ -287,3 +287,19 @@ def test_a_macro_include_in_a_kept_closure_follows_each_compile(
     found, _ = scan(scanner, tmp_path, with_trailer)
     assert "other.h" in found and found >= gcc_reads(tmp_path, with_trailer)
     assert "other.h" not in scan(scanner, tmp_path, ["-Isecond", "-c", "a.c"])[0]
+
+
+def test_a_long_include_chain_changed_at_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 headers, each including the next: when the last one changes, every
+    closure on the chain is walked again, nested no deeper than MAX_NESTING."""
+    chain = {f"h{i}.h": f'#include "h{i + 1}.h"\n' for i in range(600)}
+    sources = {"a.c": '#include "h0.h"\n', "b.c": '#include "h0.h"\n'}
+    write(tmp_path, chain | sources | {"h600.h": "\n"})
+    settled(tmp_path, monkeypatch)
+    scanner = Scanner()
+    assert len(scan(scanner, tmp_path, ["-c", "a.c"])[0]) == 602
+    (tmp_path / "h600.h").write_text('#include "end.h"\n')
+    (tmp_path / "end.h").write_text("\n")
+    assert "end.h" in scan(scanner, tmp_path, ["-c", "b.c"])[0]
