@@ -6,7 +6,9 @@ taking every branch of every `#if` (so it finds a superset of what the
 compile reads). What it learns is kept across compiles: the directives of a
 file (until the file changes) and the search path of a set of options (until
 a directory the compiler skipped appears), so a header included by hundreds
-of sources is read about once.
+of sources is read about once. And for each header, the closure it leads to
+(every file, with the facts that decided it) is taken whole by the next
+compile that reaches it, while those facts hold.
 
 Where the scanner cannot be certain it gives up with a reason, and the agent
 uses `deps` mode for that compile: computed includes (`#include MACRO`),
