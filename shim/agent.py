@@ -75,11 +75,6 @@ DEFAULT_SERVER = "grpc://127.0.0.1:8980"
 NATIVE_SOURCE = Path(__file__).parent / "native" / "reapi-cc.c"
 # How long the server's word that it holds a blob is trusted before asking again.
 PRESENT_SECONDS = 600.0
-# Blobs the server is not known to hold, this small in all, are sent without
-# asking which it lacks: a FindMissingBlobs round trip (about 1 ms of CPU on
-# each side) costs more than sending a source file and a few small messages
-# again. A new checkout's first compiles are far above it, and ask.
-BLIND_UPLOAD_BYTES = 64 * 1024
 SHA256 = DigestFunction.SHA256
 MANIFEST = ".reapi/system-files"
 # Environment variables that change what gcc does: their presence keeps a compile local.
@@ -480,10 +475,7 @@ class Agent:
     ) -> None:
         now = time.monotonic()
         wanted = [d for d in {*blobs, *files} if not remote.known(d, now)]
-        if sum(d.size for d in wanted) <= BLIND_UPLOAD_BYTES:
-            missing = set(wanted)  # cheaper to send than to ask about
-        else:
-            missing = set(await remote.store.find_missing(wanted))
+        missing = set(await remote.store.find_missing(wanted))
         payload = []
         for digest in missing:
             data = blobs.get(digest)

@@ -4,9 +4,11 @@ checkout, compile errors as gcc reports them, and a dead server changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -137,6 +139,27 @@ def test_direct_mode_in_scan_mode(tmp_path: Path, shim_env: dict[str, str]) -> N
     assert shadowing["direct_hits"] == 7, shadowing
     shadowed = subprocess.run([project / "app"], capture_output=True, text=True).stdout
     assert shadowed == "shadowed 42 X\n"
+
+
+@pytest.mark.parametrize("mode", ["deps", "scan"])
+def test_only_blobs_the_server_lacks_are_uploaded(
+    tmp_path: Path, shim_env: dict[str, str], mode: str
+) -> None:
+    """Another user's agent, which knows nothing of what the server holds,
+    builds a second checkout: every blob is already there, so none is sent."""
+    shim_env = shim_env | {"REAPI_CC_MODE": mode}
+    make(write_project(tmp_path / "project"), shim_env)
+    assert stats(shim_env)["bytes_uploaded"] > 0
+    other_home = tmp_path / "other-home"
+    other_env = shim_env | {"REAPI_HOME": str(other_home)}
+    try:
+        make(write_project(tmp_path / "other" / "checkout"), other_env)
+        other = stats(other_env)
+    finally:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
+            os.kill(int((other_home / "shim" / "agent.pid").read_text()), signal.SIGTERM)
+    assert other["cache_hits"] == 3, other
+    assert other["bytes_uploaded"] == 0, other
 
 
 @pytest.mark.parametrize("mode", ["deps", "cpp", "scan"])
