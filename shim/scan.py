@@ -392,7 +392,7 @@ class _Closure:
     compile (they follow its -D options)."""
 
     nodes: frozenset[Node]
-    statuses: frozenset[tuple[str, StatKey]]  # each file's when read
+    files: frozenset[tuple[str, StatKey]]  # each file and its status when read
     absent: frozenset[str]  # what its lookups sought and did not find
     facts: dict[str, Names]  # what its lookups found in each directory
     macros: frozenset[Macro]
@@ -430,7 +430,7 @@ class _Walk:
     def take(self, closure: _Closure) -> None:
         self.reached |= closure.nodes
         self.covered |= closure.nodes
-        self.files |= closure.statuses
+        self.files |= closure.files
         self.absent |= closure.absent
         self.taken.append(closure)
         self.macros |= closure.macros
@@ -504,7 +504,7 @@ class _Scan:
             if found is None:
                 return None
             status = self.status
-            files = found.statuses - self.files_held  # most were in a closure checked before
+            files = found.files - self.files_held  # most were in a closure checked before
             if not all(status(path) == key for path, key in files):
                 return None
             self.files_held |= files
