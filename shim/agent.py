@@ -77,6 +77,9 @@ NATIVE_SOURCE = Path(__file__).parent / "native" / "reapi-cc.c"
 PRESENT_SECONDS = 600.0
 SHA256 = DigestFunction.SHA256
 MANIFEST = ".reapi/system-files"
+# Sets of system files whose manifest lines are kept (one per set of headers a
+# project's compiles read: a few for most projects).
+SYSTEM_LINE_SETS = 256
 # Environment variables that change what gcc does: their presence keeps a compile local.
 COMPILER_ENVIRONMENT = (
     "CPATH",
@@ -189,6 +192,7 @@ class Agent:
         self.memo = DirectMemo()
         self._remotes: dict[str, Remote] = {}
         self._identities: dict[tuple[str, int, int], list[str]] = {}
+        self._system_lines: dict[object, list[tuple[str, str]]] = {}
         self.last_used = time.monotonic()
 
     def remote(self, target: str) -> Remote:
@@ -243,7 +247,7 @@ class Agent:
         if mode == "scan":
             # What the action depends on besides files: PASSED_ENVIRONMENT reaches it.
             memo_key = (cwd, compiler, *decision.arguments, *map(env.get, PASSED_ENVIRONMENT))
-        remembered = self.memo.get(memo_key, self.scanner.still_seen) if memo_key else None
+        remembered = self.memo.get(memo_key, self.scanner.unchanged) if memo_key else None
         result = None
         if remembered is not None:
             result = await self._cached_result(remote, remembered, _outputs(decision))
@@ -361,11 +365,19 @@ class Agent:
         )
         if prepared.uncacheable:  # nothing to find in the action cache next time
             return prepared
-        programs = [compiler, *self._programs(compiler)]
+        programs = []
+        newest = found.newest
+        for program in (compiler, *self._programs(compiler)):
+            status = stat_key(program)
+            if status is None:  # being replaced: nothing to remember
+                return prepared
+            programs.append((program, status))
+            newest = max(newest, status[1], status[2])
         prepared.depends = Depends(
-            files=(*found.read, *((path, stat_key(path)) for path in programs)),
+            files=(*found.read, *programs),
             missing=list(path.skipped),
             seen=found.seen,
+            newest=newest,
         )
         return prepared
 
@@ -462,13 +474,33 @@ class Agent:
     ) -> bytes:
         """`HASH SIZE PATH` lines for the compiler's programs and the system files
         read, `ABSENT 0 PATH` for system paths the compile found missing."""
-        lines = []
-        for path in sorted({*self._programs(compiler), *system_files}):
-            identity = file_identity(path, _status(statuses.get(path)))
-            if identity is not None:
-                lines.append(f"{identity[0]} {identity[1]} {path}")
-        lines.extend(f"{ABSENT} 0 {path}" for path in sorted(set(absent)))
+        files = [(path, statuses.get(path)) for path in system_files]
+        if files and all(status is not None for _, status in files):
+            # Most compiles of a project read the same system headers: their lines
+            # are made once for each set of (path, status).
+            key = (frozenset(files), frozenset(absent))
+            system = self._system_lines.get(key)
+            if system is None:
+                if len(self._system_lines) >= SYSTEM_LINE_SETS:
+                    self._system_lines.clear()
+                system = self._system_lines[key] = self._lines(files, absent)
+        else:
+            system = self._lines(files, absent)
+        programs = self._lines([(path, None) for path in self._programs(compiler)], [])
+        lines = [line for _, line in sorted({*programs, *system})]
         return ("\n".join(lines) + "\n").encode()
+
+    def _lines(
+        self, files: list[tuple[str, StatKey | None]], absent: list[str]
+    ) -> list[tuple[str, str]]:
+        """(path, manifest line) of each file that exists, and of each absent path."""
+        lines = []
+        for path, status in files:
+            identity = file_identity(path, _status(status))
+            if identity is not None:
+                lines.append((path, f"{identity[0]} {identity[1]} {path}"))
+        lines.extend((path, f"{ABSENT} 0 {path}") for path in set(absent))
+        return lines
 
     async def _upload(
         self, remote: Remote, blobs: dict[Digest, bytes], files: list[Digest]

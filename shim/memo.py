@@ -17,13 +17,14 @@ without its status changing: a compile that read one is not remembered.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from reapi.digests import Digest
 from shim.scan import RACY_NS, Seen, StatKey, stat_key
 
+Unchanged = Callable[[Iterable[tuple[str, StatKey | None]], Seen], bool]
 # Compiles remembered; the least recently used are forgotten first. An entry holds
 # references to facts shared with other entries: about 5 KiB for a compile that
 # reads 400 files (measured on git), so 100 MB at most.
@@ -36,10 +37,11 @@ SHARED_FACTS = 1_000_000
 class Depends:
     """What a compile's action was built from, beyond its arguments."""
 
-    files: Collection[tuple[str, StatKey | None]]  # each file read (absolute) and its
-    # status before it was read (None: missing)
+    files: Collection[tuple[str, StatKey]]  # each file read (absolute) and its
+    # status before it was read
     missing: list[str]  # absolute paths that did not exist
     seen: Seen  # what the include lookups found in each directory
+    newest: int  # the files' latest mtime or ctime (ns)
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,14 @@ class DirectMemo:
         # of a build read the same headers and search the same directories.
         self._shared: dict[object, Any] = {}
 
-    def get(self, key: Hashable, still_seen: Callable[[Seen], bool]) -> Digest | None:
+    def get(self, key: Hashable, unchanged: Unchanged) -> Digest | None:
         """The action remembered for `key`, if everything it came from is
-        unchanged; `still_seen` checks the lookups' facts against the directories."""
+        unchanged: `unchanged` checks the files' statuses and the lookups'
+        facts (Scanner.unchanged)."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return None
-        if not all(stat_key(path) == status for path, status in entry.statuses):
-            return None
-        if not still_seen(entry.seen):
+        if not unchanged(entry.statuses, entry.seen):
             return None
         self._entries[key] = entry
         return entry.action
@@ -73,10 +74,9 @@ class DirectMemo:
     def put(self, key: Hashable, action: Digest, depends: Depends, started_ns: int) -> bool:
         """Remember `action` for `key`, unless a file it came from changed too
         recently (after started_ns - RACY_NS) to be trusted."""
-        files = tuple(depends.files)
-        recent = started_ns - RACY_NS
-        if any(key is None or max(key[1], key[2]) > recent for _, key in files):
+        if depends.newest > started_ns - RACY_NS:
             return False
+        files = tuple(depends.files)
         if any(stat_key(path) is not None for path in depends.missing):
             return False
         if len(self._shared) > SHARED_FACTS:

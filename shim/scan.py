@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 
 from shim.inputs import InputsUnknown, run_preprocessor
 from shim.options import lookup
+from shim.watch import StatKey, Watcher, list_files, stat_key
+
+__all__ = ["StatKey", "stat_key"]  # shared with shim.memo and shim.agent
 
 # Options that shape the include search path, passed to `COMPILER -E -v`.
 SEARCH_OPTIONS = frozenset(
@@ -114,18 +117,6 @@ class SearchPath:
         return self.quote + self.bracket
 
 
-# A file's (size, mtime_ns, ctime_ns, inode): it has not changed while these have not.
-StatKey = tuple[int, int, int, int]
-
-
-def stat_key(path: str) -> StatKey | None:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return (found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_ino)
-
-
 # (directory, file name, whether the directory held it): one fact a lookup relied on.
 Probe = tuple[str, str, bool]
 # The facts of one directory: (the names it held, the names it lacked).
@@ -173,6 +164,7 @@ class ScanResult:
     seen: Seen = frozenset()  # every fact the lookups relied on
     statuses: dict[str, StatKey] = field(default_factory=dict)  # each file's, when read
     read: Collection[tuple[str, StatKey]] = ()  # the same, as (path, status) pairs
+    newest: int = 0  # the latest mtime or ctime (ns) among them
 
 
 def parse_includes(data: bytes) -> Parsed:
@@ -297,7 +289,8 @@ class Scanner:
         self._lookups: dict[SearchPath, dict[tuple[str, int, str], _Lookup]] = {}
         self._closures: dict[SearchPath, dict[Node, _Closure]] = {}
         self._met: dict[SearchPath, set[Node]] = {}
-        self._listings = _Listings()
+        self.watcher = Watcher()
+        self._listings = _Listings(self.watcher)
         self.files_parsed = 0  # for tests and benchmarks: how much work was done
 
     async def search_path(
@@ -324,8 +317,13 @@ class Scanner:
         found = self._search[key] = parse_search_list(err.decode(errors="replace"), cwd)
         return found
 
-    def still_seen(self, seen: Seen) -> bool:
-        """Whether the directories still hold and lack what a scan saw."""
+    def unchanged(self, files: Iterable[tuple[str, StatKey | None]], seen: Seen) -> bool:
+        """Whether each file still has its status (None: still missing) and the
+        directories still hold and lack what a scan saw."""
+        self.watcher.refresh()
+        status = self.watcher.status
+        if not all(status(path) == key for path, key in files):
+            return False
         return _DirectoryView(self._listings).matches(seen)
 
     def parse(self, path: str, key: StatKey | None = None) -> tuple[StatKey, Parsed]:
@@ -370,6 +368,7 @@ class Scanner:
             raise ScanUncertain("scan-source-missing")
         if len(self._closures.get(search, ())) > CLOSURES:
             del self._closures[search], self._met[search]
+        self.watcher.refresh()
         return _Scan(self, search).run(source_path, cwd, arguments)
 
 
@@ -398,7 +397,7 @@ class _Closure:
     macros: frozenset[Macro]
     read: tuple[Parsed, ...]  # the files its walk read one by one
     parts: tuple[_Closure, ...]  # the closures its walk took whole
-    racy: bool  # a file in it changed too recently to be trusted: not kept
+    newest: int  # its files' latest mtime or ctime (ns): too recent, it is not kept
     _defined: dict[str, bool] = field(default_factory=dict, compare=False)
     # The listing of each directory its facts were last checked against.
     checked: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
@@ -425,7 +424,7 @@ class _Walk:
     taken: list[_Closure] = field(default_factory=list)
     covered: set[Node] = field(default_factory=set)  # the nodes of the closures taken
     macros: set[Macro] = field(default_factory=set)  # not yet followed
-    racy: bool = False  # a file read changed too recently to be trusted
+    newest: int = 0  # the files' latest mtime or ctime (ns)
 
     def take(self, closure: _Closure) -> None:
         self.reached |= closure.nodes
@@ -434,7 +433,7 @@ class _Walk:
         self.absent |= closure.absent
         self.taken.append(closure)
         self.macros |= closure.macros
-        self.racy = self.racy or closure.racy
+        self.newest = max(self.newest, closure.newest)
 
     def facts(self) -> dict[str, Names]:
         probes = (p for lookup in self.used.values() for p in lookup.probes)
@@ -483,7 +482,9 @@ class _Scan:
                     raise ScanUncertain("scan-computed-include")
         statuses = dict(walk.files)
         seen = frozenset(walk.facts().items())
-        return ScanResult(list(statuses), list(walk.absent), seen, statuses, walk.files)
+        return ScanResult(
+            list(statuses), list(walk.absent), seen, statuses, walk.files, walk.newest
+        )
 
     def defined_in_a_file(self, name: str, walk: _Walk) -> bool:
         if any(name in parsed.defines for parsed in walk.read):
@@ -554,9 +555,9 @@ class _Scan:
             frozenset(walk.macros),
             tuple(walk.read),
             tuple(walk.taken),
-            walk.racy,
+            walk.newest,
         )
-        if not walk.racy:
+        if walk.newest < self.view.now - RACY_NS:  # else it may change unseen
             self.closures[node] = closure
         return closure
 
@@ -567,7 +568,7 @@ class _Scan:
         key, parsed = self.scanner.parse(path, self.status(path))
         walk.files.add((path, key))
         walk.read.append(parsed)
-        walk.racy = walk.racy or max(key[1], key[2]) >= self.view.now - RACY_NS
+        walk.newest = max(walk.newest, key[1], key[2])
         here = os.path.dirname(path)
         for include in parsed.includes:
             if include.macro:
@@ -603,7 +604,7 @@ class _Scan:
 
     def status(self, path: str) -> StatKey | None:
         if path not in self.statuses:
-            self.statuses[path] = stat_key(path)
+            self.statuses[path] = self.scanner.watcher.status(path)
         return self.statuses[path]
 
 
@@ -640,16 +641,20 @@ def _look_up(
 
 
 class _Listings:
-    """The names of the files in each directory, kept across scans and read
-    again when the directory's mtime changes (or changed too recently to be
-    trusted). One listing answers every lookup in its directory, where asking
-    for each candidate path cost a system call each (and a build writes its
-    objects beside its sources, so directory times change all the time)."""
+    """The names of the files in each directory, kept across scans: the
+    watcher's while it trusts the directory, else read again when the
+    directory's mtime changes (or changed too recently to be trusted). One
+    listing answers every lookup in its directory, where asking for each
+    candidate path cost a system call each."""
 
-    def __init__(self) -> None:
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
         self._known: dict[str, tuple[int | None, frozenset[str]]] = {}
 
     def files(self, directory: str, now: int) -> frozenset[str]:
+        watched = self._watcher.listing(directory)
+        if watched is not None:
+            return watched
         try:
             mtime: int | None = os.stat(directory).st_mtime_ns
         except OSError:
@@ -657,17 +662,9 @@ class _Listings:
         known = self._known.get(directory)
         if known is not None and mtime is not None and known[0] == mtime and now - mtime >= RACY_NS:
             return known[1]
-        files = _list_files(directory) if mtime is not None else frozenset()
+        files = list_files(directory) if mtime is not None else frozenset()
         self._known[directory] = (mtime, files)
         return files
-
-
-def _list_files(directory: str) -> frozenset[str]:
-    try:
-        with os.scandir(directory) as entries:
-            return frozenset(entry.name for entry in entries if entry.is_file())
-    except OSError:
-        return frozenset()
 
 
 class _DirectoryView:
