@@ -8,8 +8,9 @@ compiler's programs), the paths that had to be missing (directories the
 compiler's search path skipped), and the probes of the include lookups
 (which directory held or lacked which name). While all of them hold, building
 the action again would give the same digest, so a repeated compile (a
-rebuild after `make clean`) goes straight to the action cache with a stat
-per file, as ccache's direct mode does, instead of a scan, a tree and hashes.
+rebuild after `make clean`) goes straight to the action cache, as ccache's
+direct mode does, instead of a scan, a tree and hashes: the scanner checks each
+status (a stat per file, unless its watcher already knows it is unchanged).
 
 A file changed less than RACY_NS before the compile began may change again
 without its status changing: a compile that read one is not remembered.
