@@ -25,7 +25,9 @@ from typing import Any
 from reapi.digests import Digest
 from shim.scan import RACY_NS, Seen, StatKey, stat_key
 
+# Whether files still have their statuses and directories their facts (Scanner.unchanged).
 Unchanged = Callable[[Iterable[tuple[str, StatKey | None]], Seen], bool]
+
 # Compiles remembered; the least recently used are forgotten first. An entry holds
 # references to facts shared with other entries: about 5 KiB for a compile that
 # reads 400 files (measured on git), so 100 MB at most.
@@ -77,7 +79,6 @@ class DirectMemo:
         recently (after started_ns - RACY_NS) to be trusted."""
         if depends.newest > started_ns - RACY_NS:
             return False
-        files = tuple(depends.files)
         if any(stat_key(path) is not None for path in depends.missing):
             return False
         if len(self._shared) > SHARED_FACTS:
@@ -85,7 +86,7 @@ class DirectMemo:
         share = self._shared.setdefault
         entry = _Entry(
             action,
-            (*files, *((path, None) for path in depends.missing)),
+            (*depends.files, *((path, None) for path in depends.missing)),
             frozenset(share(facts, facts) for facts in depends.seen),
         )
         self._entries.pop(key, None)

@@ -128,10 +128,10 @@ class Watcher:
         return found
 
     def _watch(self, directory: str) -> bool:
-        if self._inotify is None or directory != os.path.normpath(directory):
-            return False  # "..": the watched path may not be the one looked in
-        if not os.path.isabs(directory):
+        if self._inotify is None or not os.path.isabs(directory):
             return False
+        if directory != os.path.normpath(directory):
+            return False  # "..": the watched path may not be the one looked in
         parent, name = os.path.split(directory)
         if name:  # not the root
             if not self.trusts(parent):
