@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -19,6 +20,8 @@ class TreeRead:
 
     directories: dict[Digest, re_pb2.Directory] = field(default_factory=dict)
     missing: list[Digest] = field(default_factory=list)
+    # The found directories' blobs, as stored.
+    blobs: dict[Digest, bytes] = field(default_factory=dict)
 
     def files(self) -> set[tuple[Digest, bool]]:
         """Every (file digest, is_executable) the found directories list."""
@@ -29,16 +32,22 @@ class TreeRead:
         }
 
 
-async def read_tree(cas: BlobStore, root: Digest) -> TreeRead:
+async def read_tree(
+    cas: BlobStore, root: Digest, at_hand: Mapping[Digest, bytes] | None = None
+) -> TreeRead:
     """Every Directory under `root`, one CAS batch read per level, each distinct
     directory once, children in the order their parents list them (so the
     order is stable, for paging). Subtrees below a missing directory are not
-    visited. Raises InvalidArgument for a blob that is not a Directory."""
+    visited. Raises InvalidArgument for a blob that is not a Directory.
+    Blobs in `at_hand` (by their true digests) are not read from the CAS."""
+    at_hand = at_hand or {}
     read = TreeRead()
     seen = {root}
     level = [root]
     while level:
-        found = await cas.get_many(level)
+        found = {digest: at_hand[digest] for digest in level if digest in at_hand}
+        if len(found) < len(level):
+            found.update(await cas.get_many([d for d in level if d not in found]))
         next_level = []
         for digest in level:
             if digest not in found:
@@ -49,6 +58,7 @@ async def read_tree(cas: BlobStore, root: Digest) -> TreeRead:
             except DecodeError:
                 raise InvalidArgument(f"blob {digest} is not a Directory message") from None
             read.directories[digest] = directory
+            read.blobs[digest] = found[digest]
             for child in directory.directories:
                 child_digest = Digest.from_proto(root.function, child.digest)
                 if child_digest not in seen:

@@ -129,7 +129,20 @@ class OutputCollector:
     def add_blob(self, data: bytes) -> Digest:
         return self._uploads.add(data)
 
-    async def upload(self, store: BlobStore) -> None:
-        """Send every collected blob the CAS lacks."""
-        missing = set(await store.find_missing(list(self._uploads.blobs)))
-        await store.put_many([(d, data) for d, data in self._uploads.blobs.items() if d in missing])
+    async def upload(self, store: BlobStore, keep_bytes: int = 0) -> list[bytes]:
+        """Send every collected blob the CAS lacks, except the smallest, up to
+        `keep_bytes` in all: those are returned, for the caller to deliver."""
+        kept: list[bytes] = []
+        rest = {}
+        for digest, data in sorted(self._uploads.blobs.items(), key=lambda item: item[0].size):
+            if digest.size <= keep_bytes:
+                kept.append(data)
+                keep_bytes -= digest.size
+            else:
+                rest[digest] = data
+        if rest:
+            missing = set(await store.find_missing(list(rest)))
+            for error in await store.put_many([(d, b) for d, b in rest.items() if d in missing]):
+                if error is not None:
+                    raise error
+        return kept

@@ -25,6 +25,10 @@ from reapi.protos import worker_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 900.0
+# Output blobs up to this many bytes in all travel in the Finished message
+# (the server stores them); the rest are uploaded to the CAS first. Far below
+# gRPC's default 4 MiB message limit.
+INLINE_OUTPUT_BYTES = 1 << 20
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -67,13 +71,16 @@ class ActionRunner:
         self._workdir = Path(workdir)
         self._name = worker_name
 
-    async def run(self, assign: worker_pb2.Assign) -> re_pb2.ExecuteResponse:
-        metadata = re_pb2.ExecutedActionMetadata(worker=self._name, worker_start_timestamp=_now())
-        result = re_pb2.ActionResult(execution_metadata=metadata)
+    async def run(self, assign: worker_pb2.Assign) -> worker_pb2.Finished:
+        """Run the leased action; its outcome, for the server."""
+        finished = worker_pb2.Finished(lease_id=assign.lease_id)
+        metadata = finished.response.result.execution_metadata
+        metadata.worker = self._name
+        metadata.worker_start_timestamp.CopyFrom(_now())
         status = status_pb2.Status(code=code_pb2.OK)
         place = self._workdir / f"action-{uuid.uuid4().hex}"
         try:
-            status = await self._run(assign, place, result)
+            status = await self._run(assign, place, finished)
         except ReapiError as error:
             status = status_pb2.Status(code=error.code, message=error.message)
         except Exception as error:
@@ -84,20 +91,24 @@ class ActionRunner:
         finally:
             shutil.rmtree(place, ignore_errors=True)
         metadata.worker_completed_timestamp.CopyFrom(_now())
-        return re_pb2.ExecuteResponse(result=result, status=status)
+        finished.response.status.CopyFrom(status)
+        return finished
 
     async def _run(
-        self, assign: worker_pb2.Assign, place: Path, result: re_pb2.ActionResult
+        self, assign: worker_pb2.Assign, place: Path, finished: worker_pb2.Finished
     ) -> status_pb2.Status:
+        """Fill in `finished` (its result, and the output blobs it carries)."""
         function = DigestFunction.from_wire(assign.digest_function)
         action, command = assign.action, assign.command
+        result = finished.response.result
         metadata = result.execution_metadata
         root = place / "root"
         place.mkdir(parents=True)
 
         metadata.input_fetch_start_timestamp.CopyFrom(_now())
         root_digest = Digest.from_proto(function, action.input_root_digest)
-        tree = await read_tree(self._store, root_digest)
+        sent = {function.digest_of(blob): blob for blob in assign.input_directories}
+        tree = await read_tree(self._store, root_digest, at_hand=sent)
         if tree.missing:
             raise FailedPrecondition(f"input directory {tree.missing[0]} is missing from the CAS")
         try:
@@ -132,7 +143,7 @@ class ActionRunner:
         result.stderr_digest.CopyFrom(collector.add_blob(stderr.read_bytes()).to_proto())
         if not outcome.timed_out:
             collector.collect(command, result)
-        await collector.upload(self._store)
+        finished.output_blobs.extend(await collector.upload(self._store, INLINE_OUTPUT_BYTES))
         metadata.output_upload_completed_timestamp.CopyFrom(_now())
         if outcome.timed_out:
             return status_pb2.Status(

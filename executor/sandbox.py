@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,11 +101,11 @@ class Sandbox:
         cwd = root / workdir if self.kind == "none" else root
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
+                process = subprocess.Popen(
+                    argv,
                     cwd=cwd,
                     env=environment if self.kind == "none" else {},
-                    stdin=asyncio.subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
                     start_new_session=True,
@@ -114,14 +115,37 @@ class Sandbox:
                 return Outcome(exit_code=127, timed_out=False)
             try:
                 async with asyncio.timeout(timeout):
-                    code = await process.wait()
+                    code = await _exit_code(process)
             except (TimeoutError, asyncio.CancelledError) as stopped:
                 _kill_group(process.pid)
-                await process.wait()
+                process.wait()
                 if isinstance(stopped, asyncio.CancelledError):
                     raise
                 return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
         return Outcome(exit_code=code, timed_out=False)
+
+
+async def _exit_code(process: subprocess.Popen[bytes]) -> int:
+    """Wait for `process` without a thread: its pidfd becomes readable when it
+    exits (asyncio's own child watcher starts a thread for every process)."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except OSError:  # a kernel before 5.3
+        return await asyncio.to_thread(process.wait)
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await exited
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return process.wait()
 
 
 def _kill_group(pid: int) -> None:

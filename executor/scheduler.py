@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from google.rpc import code_pb2, status_pb2
@@ -56,6 +56,8 @@ class Job:
     requirements: Properties
     priority: int
     cacheable: bool
+    # The input tree's Directory blobs, for the worker (it need not read them).
+    input_directories: Sequence[bytes] = ()
     stage: int = QUEUED
     response: re_pb2.ExecuteResponse | None = None
     attempts: int = 0
@@ -124,6 +126,7 @@ class Scheduler:
         instance_name: str,
         requirements: Properties,
         priority: int = 0,
+        input_directories: Sequence[bytes] = (),
     ) -> Job:
         """The job that will run the action: an identical one already queued
         or running, unless the action may not be cached (then always new)."""
@@ -142,6 +145,7 @@ class Scheduler:
             requirements=requirements,
             priority=priority,
             cacheable=cacheable,
+            input_directories=input_directories,
         )
         self._jobs[job.name] = job
         if cacheable:

@@ -139,11 +139,10 @@ class Worker:
     ) -> None:
         log.info("running %s/%d", assign.action_digest.hash, assign.action_digest.size_bytes)
         try:
-            response = await runner.run(assign)
+            finished = await runner.run(assign)
         except asyncio.CancelledError:
             log.info("lease %s cancelled", assign.lease_id)
             return
         finally:
             running.pop(assign.lease_id, None)
-        finished = worker_pb2.Finished(lease_id=assign.lease_id, response=response)
         outgoing.put_nowait(worker_pb2.WorkerMessage(finished=finished))

@@ -121,7 +121,7 @@ class Server:
         operations_pb2_grpc.add_OperationsServicer_to_server(
             OperationsService(self.scheduler), self._grpc
         )
-        self.workers = WorkersService(self.scheduler, config.heartbeat_timeout)
+        self.workers = WorkersService(self.scheduler, store, config.heartbeat_timeout)
         worker_grpc.add_WorkersServicer_to_server(self.workers, self._grpc)
         add_bytestream_to_server(self.bytestream, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)

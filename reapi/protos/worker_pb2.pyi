@@ -32,12 +32,14 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("lease_id", "response")
+    __slots__ = ("lease_id", "response", "output_blobs")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BLOBS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     response: _remote_execution_pb2.ExecuteResponse
-    def __init__(self, lease_id: _Optional[str] = ..., response: _Optional[_Union[_remote_execution_pb2.ExecuteResponse, _Mapping]] = ...) -> None: ...
+    output_blobs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, lease_id: _Optional[str] = ..., response: _Optional[_Union[_remote_execution_pb2.ExecuteResponse, _Mapping]] = ..., output_blobs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("assign", "cancel")
@@ -48,20 +50,22 @@ class ServerMessage(_message.Message):
     def __init__(self, assign: _Optional[_Union[Assign, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("lease_id", "action_digest", "digest_function", "action", "command", "instance_name")
+    __slots__ = ("lease_id", "action_digest", "digest_function", "action", "command", "instance_name", "input_directories")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     action_digest: _remote_execution_pb2.Digest
     digest_function: _remote_execution_pb2.DigestFunction.Value
     action: _remote_execution_pb2.Action
     command: _remote_execution_pb2.Command
     instance_name: str
-    def __init__(self, lease_id: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., digest_function: _Optional[_Union[_remote_execution_pb2.DigestFunction.Value, str]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., instance_name: _Optional[str] = ...) -> None: ...
+    input_directories: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, lease_id: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., digest_function: _Optional[_Union[_remote_execution_pb2.DigestFunction.Value, str]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., instance_name: _Optional[str] = ..., input_directories: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("lease_id",)

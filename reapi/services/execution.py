@@ -21,7 +21,7 @@ from google.rpc import error_details_pb2
 
 from cas.action_cache import ActionCache
 from cas.store import BlobStore
-from cas.tree import read_tree
+from cas.tree import TreeRead, read_tree
 from executor.scheduler import COMPLETED, Job, Properties, Scheduler
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -48,7 +48,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
     ) -> AsyncIterator[operations_pb2.Operation]:
         function = DigestFunction.from_wire(request.digest_function)
         action_digest = Digest.from_proto(function, request.action_digest)
-        action, command = await self._load(action_digest)
+        action, command, directories = await self._load(action_digest)
         if not request.skip_cache_lookup and not action.do_not_cache:
             try:
                 cached = await self._cache.get(
@@ -72,6 +72,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
             request.instance_name,
             platform_requirements(action, command),
             request.execution_policy.priority,
+            directories,
         )
         async for snapshot in self._scheduler.watch(job):
             yield await self._job_operation(snapshot, request)
@@ -104,9 +105,12 @@ class ExecutionService(re_grpc.ExecutionServicer):
             )
         return _operation(job.name, job.action_digest, job.stage, response)
 
-    async def _load(self, action_digest: Digest) -> tuple[re_pb2.Action, re_pb2.Command]:
-        """The Action and Command, checked; raises FailedPrecondition listing
-        every missing blob (action, command, directories, files)."""
+    async def _load(
+        self, action_digest: Digest
+    ) -> tuple[re_pb2.Action, re_pb2.Command, list[bytes]]:
+        """The Action, the Command and the input tree's Directory blobs, checked;
+        raises FailedPrecondition listing every missing blob (action, command,
+        directories, files)."""
         found = await self._store.get_many([action_digest])
         if action_digest not in found:
             raise _missing([action_digest])
@@ -121,20 +125,20 @@ class ExecutionService(re_grpc.ExecutionServicer):
                     f"Action.timeout {timeout:g}s is outside what this server allows "
                     f"(0 to {MAX_TIMEOUT:g}s)"
                 )
-        missing = await missing_inputs(self._store, command_digest, root_digest)
+        tree = await read_tree(self._store, root_digest)
+        missing = await missing_inputs(self._store, command_digest, tree)
         if missing:
             raise _missing(missing)
         command_blob = await self._store.get_many([command_digest])
         command = _parse(re_pb2.Command, command_blob[command_digest], "Command")
         if not command.arguments:
             raise InvalidArgument("Command.arguments is empty")
-        return action, command
+        return action, command, list(tree.blobs.values())
 
 
-async def missing_inputs(store: BlobStore, command: Digest, root: Digest) -> list[Digest]:
+async def missing_inputs(store: BlobStore, command: Digest, tree: TreeRead) -> list[Digest]:
     """Every blob an action needs that the CAS lacks: the command, and the
     input tree's directories and files."""
-    tree = await read_tree(store, root)
     for directory in tree.directories.values():
         for link in directory.symlinks:
             if link.target.startswith("/"):

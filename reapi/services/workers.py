@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.rpc import code_pb2, status_pb2
 
+from cas.store import BlobStore
 from executor.scheduler import Scheduler, WorkerHandle
 from reapi.errors import InvalidArgument
+from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
 from reapi.services.status import grpc_errors
@@ -28,8 +31,11 @@ class _WorkerGone(Exception):
 
 
 class WorkersService(worker_grpc.WorkersServicer):
-    def __init__(self, scheduler: Scheduler, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+    def __init__(
+        self, scheduler: Scheduler, store: BlobStore, heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+    ) -> None:
         self._scheduler = scheduler
+        self._store = store
         self._heartbeat_timeout = heartbeat_timeout
         self._closing = asyncio.Event()
 
@@ -77,7 +83,27 @@ class WorkersService(worker_grpc.WorkersServicer):
                 raise _WorkerGone("stream ended")
             if message.WhichOneof("kind") == "finished":
                 finished = message.finished
-                await self._scheduler.finish(worker, finished.lease_id, finished.response)
+                response = await self._store_outputs(worker, finished)
+                await self._scheduler.finish(worker, finished.lease_id, response)
+
+    async def _store_outputs(
+        self, worker: WorkerHandle, finished: worker_pb2.Finished
+    ) -> re_pb2.ExecuteResponse:
+        """Put the blobs that came with the result in the CAS; the response, or
+        an error in its place when they could not all be stored."""
+        job = worker.leases.get(finished.lease_id)
+        if not finished.output_blobs or job is None:
+            return finished.response
+        function = job.action_digest.function
+        blobs = [(function.digest_of(data), data) for data in finished.output_blobs]
+        errors = [error for error in await self._store.put_many(blobs) if error is not None]
+        if not errors:
+            return finished.response
+        log.error("outputs of %s not stored: %s", job.action_digest, errors[0].message)
+        status = status_pb2.Status(
+            code=code_pb2.INTERNAL, message=f"storing the outputs failed: {errors[0].message}"
+        )
+        return re_pb2.ExecuteResponse(status=status)
 
     async def _until_closing(self) -> None:
         await self._closing.wait()
@@ -93,6 +119,7 @@ class WorkersService(worker_grpc.WorkersServicer):
                 action=job.action,
                 command=job.command,
                 instance_name=job.instance_name,
+                input_directories=job.input_directories,
             )
             await context.write(worker_pb2.ServerMessage(assign=assign))
 

@@ -119,6 +119,28 @@ async def test_timeout_kills_the_action(channel: grpc.aio.Channel) -> None:
     assert again.status.code == code_pb2.DEADLINE_EXCEEDED and not again.cached_result
 
 
+async def test_timed_out_output_is_kept(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(channel, ["/bin/sh", "-c", "echo started; sleep 30"], timeout=1)
+    _ops, response = await execute(channel, action)
+    assert response.status.code == code_pb2.DEADLINE_EXCEEDED
+    assert await read_blob(channel, response.result.stdout_digest) == b"started\n"
+
+
+async def test_small_and_large_outputs_reach_the_cas(channel: grpc.aio.Channel) -> None:
+    """Small output blobs travel with the worker's Finished message, the rest
+    through the CAS (executor/runner.py, INLINE_OUTPUT_BYTES): both must be there."""
+    script = "head -c 3000000 /dev/urandom > big && echo small > small && cat small"
+    action = await upload_action(channel, ["/bin/sh", "-c", script], outputs=["big", "small"])
+    _ops, response = await execute(channel, action)
+    assert response.status.code == code_pb2.OK, response.status
+    outputs = {f.path: f.digest for f in response.result.output_files}
+    assert outputs["big"].size_bytes == 3_000_000
+    big = await read_blob(channel, outputs["big"])
+    assert SHA256.digest_of(big).to_proto() == outputs["big"]
+    assert await read_blob(channel, outputs["small"]) == b"small\n"
+    assert await read_blob(channel, response.result.stdout_digest) == b"small\n"
+
+
 async def test_unmatchable_platform_fails_fast(channel: grpc.aio.Channel) -> None:
     warmup = await upload_action(channel, ["/bin/true"])
     await execute(channel, warmup)  # a worker is connected now
