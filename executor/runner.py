@@ -25,10 +25,6 @@ from reapi.protos import worker_pb2
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 900.0
-# Output blobs up to this many bytes in all travel in the Finished message
-# (the server stores them); the rest are uploaded to the CAS first. Far below
-# gRPC's default 4 MiB message limit.
-INLINE_OUTPUT_BYTES = 1 << 20
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -143,7 +139,7 @@ class ActionRunner:
         result.stderr_digest.CopyFrom(collector.add_blob(stderr.read_bytes()).to_proto())
         if not outcome.timed_out:
             collector.collect(command, result)
-        finished.output_blobs.extend(await collector.upload(self._store, INLINE_OUTPUT_BYTES))
+        finished.output_blobs.extend(await collector.upload(self._store, assign.output_blob_bytes))
         metadata.output_upload_completed_timestamp.CopyFrom(_now())
         if outcome.timed_out:
             return status_pb2.Status(

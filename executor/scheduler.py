@@ -261,6 +261,7 @@ class Scheduler:
         self._queue = [entry for entry in self._queue if entry[2] is not job]
         job.response = response
         job.completed_at = time.time()
+        job.input_directories = ()  # no worker needs them now
         if self._on_complete is not None and response.status.code == code_pb2.OK:
             try:
                 await self._on_complete(job)

@@ -50,7 +50,7 @@ class ServerMessage(_message.Message):
     def __init__(self, assign: _Optional[_Union[Assign, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("lease_id", "action_digest", "digest_function", "action", "command", "instance_name", "input_directories")
+    __slots__ = ("lease_id", "action_digest", "digest_function", "action", "command", "instance_name", "input_directories", "output_blob_bytes")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Assign(_message.Message):
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     action_digest: _remote_execution_pb2.Digest
     digest_function: _remote_execution_pb2.DigestFunction.Value
@@ -65,7 +66,8 @@ class Assign(_message.Message):
     command: _remote_execution_pb2.Command
     instance_name: str
     input_directories: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, lease_id: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., digest_function: _Optional[_Union[_remote_execution_pb2.DigestFunction.Value, str]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., instance_name: _Optional[str] = ..., input_directories: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    output_blob_bytes: int
+    def __init__(self, lease_id: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., digest_function: _Optional[_Union[_remote_execution_pb2.DigestFunction.Value, str]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., instance_name: _Optional[str] = ..., input_directories: _Optional[_Iterable[bytes]] = ..., output_blob_bytes: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("lease_id",)

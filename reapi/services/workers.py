@@ -24,6 +24,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 # A worker that sends nothing for this long is taken for dead (seconds).
 HEARTBEAT_TIMEOUT = 30.0
+# Output blobs up to this many bytes in all may come inside a Finished message
+# (the rest the worker uploads first): far below gRPC's 4 MiB message limit.
+OUTPUT_BLOB_BYTES = 1 << 20
 
 
 class _WorkerGone(Exception):
@@ -120,6 +123,7 @@ class WorkersService(worker_grpc.WorkersServicer):
                 command=job.command,
                 instance_name=job.instance_name,
                 input_directories=job.input_directories,
+                output_blob_bytes=OUTPUT_BLOB_BYTES,
             )
             await context.write(worker_pb2.ServerMessage(assign=assign))
 

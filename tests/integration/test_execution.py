@@ -128,7 +128,7 @@ async def test_timed_out_output_is_kept(channel: grpc.aio.Channel) -> None:
 
 async def test_small_and_large_outputs_reach_the_cas(channel: grpc.aio.Channel) -> None:
     """Small output blobs travel with the worker's Finished message, the rest
-    through the CAS (executor/runner.py, INLINE_OUTPUT_BYTES): both must be there."""
+    through the CAS (reapi/services/workers.py, OUTPUT_BLOB_BYTES): both must be there."""
     script = "head -c 3000000 /dev/urandom > big && echo small > small && cat small"
     action = await upload_action(channel, ["/bin/sh", "-c", script], outputs=["big", "small"])
     _ops, response = await execute(channel, action)

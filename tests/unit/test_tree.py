@@ -1,9 +1,11 @@
-"""Reading input trees (cas/tree.py), with and without directories at hand,
-and the server storing the output blobs a worker sends with its result."""
+"""Reading input trees (cas/tree.py), with and without directories at hand;
+a worker's output blobs, sent with its result or uploaded first; the server
+storing the ones sent with the result."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from google.rpc import code_pb2
 
@@ -11,6 +13,7 @@ from cas.memory import MemoryStore
 from cas.merkle import build_tree
 from cas.store import put_blob
 from cas.tree import read_tree
+from executor.outputs import OutputCollector
 from executor.scheduler import Scheduler
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import ReapiError, ResourceExhausted
@@ -62,6 +65,16 @@ async def test_missing_everywhere_is_reported() -> None:
     without_root = {d: b for d, b in directories.items() if d != root}
     tree = await read_tree(CountingStore(), root, at_hand=without_root)
     assert tree.missing == [root] and tree.directories == {}
+
+
+async def test_outputs_beyond_the_room_in_finished_are_uploaded(tmp_path: Path) -> None:
+    small, large = b"s" * 10, b"L" * 20
+    for room, kept_expected, uploaded in ((0, [], [small, large]), (15, [small], [large])):
+        store = MemoryStore()
+        collector = OutputCollector(tmp_path, "", SHA256)
+        digests = [collector.add_blob(large), collector.add_blob(small)]
+        assert await collector.upload(store, room) == kept_expected
+        assert sorted((await store.get_many(digests)).values()) == sorted(uploaded)
 
 
 class FullStore(MemoryStore):
