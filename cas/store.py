@@ -109,6 +109,19 @@ async def put_blob(store: BlobStore, digest: Digest, data: bytes) -> None:
         raise error
 
 
+async def put_missing(
+    store: BlobStore, digests: Sequence[Digest], data_of: Callable[[Digest], bytes]
+) -> int:
+    """Store those of `digests` that `store` lacks (it is asked first), each
+    one's bytes from `data_of`; raises the first error `put_many` reports.
+    Returns the bytes sent."""
+    blobs = [(digest, data_of(digest)) for digest in await store.find_missing(digests)]
+    for error in await store.put_many(blobs):
+        if error is not None:
+            raise error
+    return sum(len(data) for _, data in blobs)
+
+
 def verified(blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
     """`verify` for each blob, collecting the errors instead of raising."""
     errors: list[ReapiError | None] = []

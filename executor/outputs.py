@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cas.store import BlobStore
+from cas.store import BlobStore, put_missing
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -140,9 +140,5 @@ class OutputCollector:
                 keep_bytes -= digest.size
             else:
                 rest[digest] = data
-        if rest:
-            missing = set(await store.find_missing(list(rest)))
-            for error in await store.put_many([(d, b) for d, b in rest.items() if d in missing]):
-                if error is not None:
-                    raise error
+        await put_missing(store, list(rest), rest.__getitem__)
         return kept

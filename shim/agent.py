@@ -34,7 +34,7 @@ import grpc
 
 from cas.merkle import build_tree
 from cas.remote import RemoteStore, channel_for
-from cas.store import get_blob
+from cas.store import get_blob, put_missing
 from reapi.conventions import ABSENT, MANIFEST_VARIABLE, SANDBOX_ROOT, file_identity
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import ReapiError
@@ -507,17 +507,12 @@ class Agent:
     ) -> None:
         now = time.monotonic()
         wanted = [d for d in {*blobs, *files} if not remote.known(d, now)]
-        missing = set(await remote.store.find_missing(wanted))
-        payload = []
-        for digest in missing:
+
+        def data_of(digest: Digest) -> bytes:
             data = blobs.get(digest)
-            if data is None:
-                data = Path(self.digests.data[digest]).read_bytes()
-            payload.append((digest, data))
-        for error in await remote.store.put_many(payload):
-            if error is not None:
-                raise error
-        self.stats.add("bytes_uploaded", sum(len(data) for _, data in payload))
+            return Path(self.digests.data[digest]).read_bytes() if data is None else data
+
+        self.stats.add("bytes_uploaded", await put_missing(remote.store, wanted, data_of))
         remote.present.update(dict.fromkeys(wanted, now))
 
     async def _execute(
