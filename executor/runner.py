@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from google.protobuf import timestamp_pb2
@@ -15,7 +13,7 @@ from cas.store import BlobStore
 from cas.tree import read_tree
 from executor.local_cache import LocalCache
 from executor.outputs import OutputCollector
-from executor.sandbox import Sandbox
+from executor.sandbox import Slot
 from reapi.conventions import MANIFEST_VARIABLE, verify_system_files
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
@@ -58,25 +56,21 @@ def _materialize(
 
 
 class ActionRunner:
-    def __init__(
-        self, store: BlobStore, cache: LocalCache, sandbox: Sandbox, workdir: Path, worker_name: str
-    ) -> None:
+    def __init__(self, store: BlobStore, cache: LocalCache, worker_name: str) -> None:
         self._store = store
         self._cache = cache
-        self._sandbox = sandbox
-        self._workdir = Path(workdir)
         self._name = worker_name
 
-    async def run(self, assign: worker_pb2.Assign) -> worker_pb2.Finished:
-        """Run the leased action; its outcome, for the server."""
+    async def run(self, assign: worker_pb2.Assign, slot: Slot) -> worker_pb2.Finished:
+        """Run the leased action in `slot` (its tree empty); its outcome, for
+        the server. The caller empties the tree afterwards."""
         finished = worker_pb2.Finished(lease_id=assign.lease_id)
         metadata = finished.response.result.execution_metadata
         metadata.worker = self._name
         metadata.worker_start_timestamp.CopyFrom(_now())
         status = status_pb2.Status(code=code_pb2.OK)
-        place = self._workdir / f"action-{uuid.uuid4().hex}"
         try:
-            status = await self._run(assign, place, finished)
+            status = await self._run(assign, slot, finished)
         except ReapiError as error:
             status = status_pb2.Status(code=error.code, message=error.message)
         except Exception as error:
@@ -84,22 +78,19 @@ class ActionRunner:
             status = status_pb2.Status(
                 code=code_pb2.INTERNAL, message=f"worker: {type(error).__name__}: {error}"
             )
-        finally:
-            shutil.rmtree(place, ignore_errors=True)
         metadata.worker_completed_timestamp.CopyFrom(_now())
         finished.response.status.CopyFrom(status)
         return finished
 
     async def _run(
-        self, assign: worker_pb2.Assign, place: Path, finished: worker_pb2.Finished
+        self, assign: worker_pb2.Assign, slot: Slot, finished: worker_pb2.Finished
     ) -> status_pb2.Status:
         """Fill in `finished` (its result, and the output blobs it carries)."""
         function = DigestFunction.from_wire(assign.digest_function)
         action, command = assign.action, assign.command
         result = finished.response.result
         metadata = result.execution_metadata
-        root = place / "root"
-        place.mkdir(parents=True)
+        root = slot.root
 
         metadata.input_fetch_start_timestamp.CopyFrom(_now())
         root_digest = Digest.from_proto(function, action.input_root_digest)
@@ -125,18 +116,15 @@ class ActionRunner:
         environment = {v.name: v.value for v in command.environment_variables}
         if MANIFEST_VARIABLE in environment:
             verify_system_files(root, environment[MANIFEST_VARIABLE])
-        stdout, stderr = place / "stdout", place / "stderr"
         metadata.execution_start_timestamp.CopyFrom(_now())
-        outcome = await self._sandbox.run(
-            root, workdir, list(command.arguments), environment, stdout, stderr, timeout
-        )
+        outcome = await slot.run(workdir, list(command.arguments), environment, timeout)
         metadata.execution_completed_timestamp.CopyFrom(_now())
 
         metadata.output_upload_start_timestamp.CopyFrom(_now())
         collector = OutputCollector(root, workdir, function)
         result.exit_code = outcome.exit_code
-        result.stdout_digest.CopyFrom(collector.add_blob(stdout.read_bytes()).to_proto())
-        result.stderr_digest.CopyFrom(collector.add_blob(stderr.read_bytes()).to_proto())
+        result.stdout_digest.CopyFrom(collector.add_blob(slot.stdout.read_bytes()).to_proto())
+        result.stderr_digest.CopyFrom(collector.add_blob(slot.stderr.read_bytes()).to_proto())
         if not outcome.timed_out:
             collector.collect(command, result)
         finished.output_blobs.extend(await collector.upload(self._store, assign.output_blob_bytes))

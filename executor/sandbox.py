@@ -6,19 +6,42 @@ at /build, the only writable place besides a private /tmp; an environment that
 is exactly the Command's. `none`: the command runs directly in the action's
 tree, with the same environment; for machines without bubblewrap, and it says
 so in the log.
+
+Setting up and tearing down bubblewrap's namespaces costs about 4 ms of CPU,
+more than many actions take. So each slot keeps one bubblewrap sandbox alive
+(a "warm" sandbox) with a small helper inside (executor/sandbox_helper.py, run
+by this interpreter, whose installation is mounted read-only): the helper
+starts each command, and after it ends kills whatever the command left
+running and empties /tmp. The slot's tree is the same directory every time,
+emptied between actions. A sandbox whose command changed what a later command
+would see (the helper checks: its docstring says what), timed out or was
+cancelled, or whose tree could not be emptied, is thrown away and the next
+action gets a new one. Where the helper cannot start, every action gets its
+own bubblewrap.
+
+Use: `async with sandbox.slot() as slot:` lay the input tree out in
+`slot.root`, `await slot.run(...)`, collect outputs; leaving the block empties
+the tree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from reapi.conventions import SANDBOX_ROOT
 
@@ -27,6 +50,9 @@ log = logging.getLogger(__name__)
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 # Inside the user namespace the action runs as this (unprivileged) user.
 SANDBOX_UID = 1000
+HELPER_SOURCE = Path(__file__).with_name("sandbox_helper.py")
+# Seconds a new warm sandbox may take to say it is ready.
+START_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -35,8 +61,15 @@ class Outcome:
     timed_out: bool
 
 
+class SandboxBroken(Exception):
+    """The warm sandbox died under a command (not the command's own failure)."""
+
+
 class Sandbox:
-    def __init__(self, kind: str) -> None:
+    """The sandbox of one worker: `slots` places to run actions in, each
+    with its own warm bubblewrap (kind `bwrap`)."""
+
+    def __init__(self, kind: str, workdir: Path, slots: int = 1) -> None:
         if kind not in ("bwrap", "none"):
             raise ValueError(f"unknown sandbox {kind!r}; use bwrap or none")
         self._bwrap = shutil.which("bwrap") or ""
@@ -47,10 +80,41 @@ class Sandbox:
         if kind == "none":
             log.warning("sandbox 'none': actions run unconfined, with the worker's rights")
         self.kind = kind
+        self.workdir = Path(workdir)
+        self.warm = kind == "bwrap"  # until a helper fails to start
+        self._free: asyncio.Queue[Slot] = asyncio.Queue()
+        self._slots = [Slot(self) for _ in range(max(1, slots))]
+        for slot in self._slots:
+            self._free.put_nowait(slot)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        """A free slot, its tree empty; emptied again when the block is left."""
+        slot = await self._free.get()
+        try:
+            slot.prepare()
+            yield slot
+        finally:
+            slot.clear()
+            self._free.put_nowait(slot)
+
+    def close(self) -> None:
+        """Stop every warm sandbox (their commands die with them) and remove
+        the slots' directories."""
+        for slot in self._slots:
+            slot.stop()
+            shutil.rmtree(slot.place, ignore_errors=True)
 
     def argv(
-        self, root: Path, workdir: str, arguments: list[str], environment: dict[str, str]
+        self,
+        root: Path,
+        workdir: str,
+        arguments: list[str],
+        environment: dict[str, str],
+        extra_binds: tuple[str, ...] = (),
     ) -> list[str]:
+        """bubblewrap's command line for running `arguments` once, in `root`
+        mounted at SANDBOX_ROOT."""
         if self.kind == "none":
             return list(arguments)
         argv = [
@@ -65,6 +129,8 @@ class Sandbox:
         ]
         for directory in SYSTEM_DIRS:
             argv += ["--ro-bind-try", directory, directory]
+        for directory in extra_binds:
+            argv += ["--ro-bind", directory, directory]
         argv += [
             "--proc",
             "/proc",
@@ -86,43 +152,220 @@ class Sandbox:
         fixup = ["/usr/bin/env", f"PWD={pwd}"] if pwd is not None else ["/usr/bin/env", "-u", "PWD"]
         return [*argv, "--", *fixup, *arguments]
 
+
+class Slot:
+    """One place to run actions: `root` (the input tree, mounted at
+    SANDBOX_ROOT), the files the command's stdout and stderr go to, and the
+    slot's warm sandbox, if any."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+        self._warm: _Warm | None = None
+        self._new_place()
+
+    def _new_place(self) -> None:
+        self.place = self._sandbox.workdir / f"slot-{uuid.uuid4().hex}"
+        self.root = self.place / "root"
+        self.stdout = self.place / "stdout"
+        self.stderr = self.place / "stderr"
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)  # whatever the last command made of it
+
+    def clear(self) -> None:
+        """Empty the tree (the warm sandbox has it mounted, so the directory
+        itself stays); a tree that cannot be emptied is left, with its sandbox."""
+        if not self.root.exists():
+            return
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+        with os.scandir(self.root) as entries:
+            emptied = next(entries, None) is None
+        if not emptied:
+            log.warning("cannot empty %s; the slot starts again elsewhere", self.root)
+            self.stop()
+            self._new_place()
+
+    def stop(self) -> None:
+        if self._warm is not None:
+            self._warm.kill()
+            self._warm = None
+
     async def run(
+        self, workdir: str, arguments: list[str], environment: dict[str, str], timeout: float
+    ) -> Outcome:
+        """Run to completion (stdout and stderr to the slot's files), or kill
+        it at `timeout`."""
+        sandbox = self._sandbox
+        if sandbox.warm and self._warm is None:
+            self._warm = await _Warm.start(sandbox, self.root)
+            if self._warm is None:
+                log.warning("no warm sandbox; every action gets its own bubblewrap")
+                sandbox.warm = False
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+            if self._warm is not None:
+                return await self._run_warm(
+                    self._warm, workdir, arguments, environment, out, err, timeout
+                )
+            return await self._run_once(workdir, arguments, environment, out, err, timeout)
+
+    async def _run_warm(
         self,
-        root: Path,
+        warm: _Warm,
         workdir: str,
         arguments: list[str],
         environment: dict[str, str],
-        stdout: Path,
-        stderr: Path,
+        out: IO[bytes],
+        err: IO[bytes],
         timeout: float,
     ) -> Outcome:
-        """Run to completion, or kill the whole process group at `timeout`."""
-        argv = self.argv(root, workdir, arguments, environment)
-        cwd = root / workdir if self.kind == "none" else root
-        with open(stdout, "wb") as out, open(stderr, "wb") as err:
-            try:
-                process = subprocess.Popen(
-                    argv,
-                    cwd=cwd,
-                    env=environment if self.kind == "none" else {},
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,
-                )
-            except OSError as error:
-                err.write(f"reapi worker: cannot start {arguments[0]!r}: {error}\n".encode())
-                return Outcome(exit_code=127, timed_out=False)
-            try:
-                async with asyncio.timeout(timeout):
-                    code = await _exit_code(process)
-            except (TimeoutError, asyncio.CancelledError) as stopped:
-                _kill_group(process.pid)
-                process.wait()
-                if isinstance(stopped, asyncio.CancelledError):
-                    raise
+        cwd = os.path.join(SANDBOX_ROOT, workdir)
+        try:
+            async with asyncio.timeout(timeout):
+                code, changed = await warm.run(cwd, arguments, environment, out, err)
+        except (TimeoutError, asyncio.CancelledError, SandboxBroken) as stopped:
+            self.stop()
+            if isinstance(stopped, TimeoutError):
                 return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
+            raise
+        if changed:
+            log.info("an action changed its sandbox; the next one gets a new sandbox")
+            self.stop()
         return Outcome(exit_code=code, timed_out=False)
+
+    async def _run_once(
+        self,
+        workdir: str,
+        arguments: list[str],
+        environment: dict[str, str],
+        out: IO[bytes],
+        err: IO[bytes],
+        timeout: float,
+    ) -> Outcome:
+        """A process of its own: `none`, or a bubblewrap for this command alone."""
+        sandbox = self._sandbox
+        argv = sandbox.argv(self.root, workdir, arguments, environment)
+        cwd = self.root / workdir if sandbox.kind == "none" else self.root
+        try:
+            process = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=environment if sandbox.kind == "none" else {},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+        except OSError as error:
+            err.write(f"reapi worker: cannot start {arguments[0]!r}: {error}\n".encode())
+            return Outcome(exit_code=127, timed_out=False)
+        try:
+            async with asyncio.timeout(timeout):
+                code = await _exit_code(process)
+        except (TimeoutError, asyncio.CancelledError) as stopped:
+            _kill_group(process.pid)
+            process.wait()
+            if isinstance(stopped, asyncio.CancelledError):
+                raise
+            return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
+        return Outcome(exit_code=code, timed_out=False)
+
+
+class _Warm:
+    """A bubblewrap sandbox that stays up, with sandbox_helper.py inside
+    taking commands over a socket."""
+
+    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+
+    @classmethod
+    async def start(cls, sandbox: Sandbox, root: Path) -> _Warm | None:
+        """A new warm sandbox over `root`, or None if the helper cannot start."""
+        python = os.path.realpath(sys.executable)
+        binds = tuple(
+            sorted(
+                {
+                    prefix
+                    for prefix in (sys.base_prefix, os.path.dirname(os.path.dirname(python)))
+                    if not any(_is_under(prefix, d) for d in SYSTEM_DIRS)
+                }
+            )
+        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        helper = ["-I", "-S", "-c", HELPER_SOURCE.read_text(), str(theirs.fileno())]
+        argv = sandbox.argv(root, "", [python, *helper], {}, extra_binds=binds)
+        try:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None,  # the helper's own complaints go to the worker's log
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,
+            )
+        except OSError as error:
+            log.warning("cannot start bubblewrap: %s", error)
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        warm = cls(process, ours)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                ready = await asyncio.get_running_loop().sock_recv(ours, 1)
+        except (TimeoutError, OSError):
+            ready = b""
+        if ready != b"R":
+            log.warning("the warm sandbox's helper did not start (bwrap exit %s)", process.poll())
+            warm.kill()
+            return None
+        return warm
+
+    async def run(
+        self,
+        cwd: str,
+        arguments: list[str],
+        environment: dict[str, str],
+        out: IO[bytes],
+        err: IO[bytes],
+    ) -> tuple[int, bool]:
+        """Run one command: its exit code (128 + N for signal N, as bubblewrap
+        reports it), and whether it left the sandbox changed (then it must not
+        serve another). SandboxBroken if the sandbox died meanwhile."""
+        request = json.dumps({"cwd": cwd, "argv": arguments, "env": environment}).encode()
+        loop = asyncio.get_running_loop()
+        try:
+            socket.send_fds(
+                self.control, [struct.pack("!I", len(request))], [out.fileno(), err.fileno()]
+            )
+            await loop.sock_sendall(self.control, request)
+            reply = b""
+            while len(reply) < 8:
+                chunk = await loop.sock_recv(self.control, 8 - len(reply))
+                if not chunk:
+                    raise SandboxBroken("the warm sandbox ended under a command")
+                reply += chunk
+        except OSError as error:
+            raise SandboxBroken(f"the warm sandbox failed: {error}") from None
+        code, changed = struct.unpack("!ii", reply)
+        return code, bool(changed)
+
+    def kill(self) -> None:
+        self.control.close()
+        _kill_group(self.process.pid)
+        self.process.wait()
+
+
+def _is_under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory + "/")
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:

@@ -51,11 +51,17 @@ class WorkerConfig:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self._sandbox = Sandbox(config.sandbox)
+        self._sandbox = Sandbox(config.sandbox, config.workdir / "actions", config.slots)
 
     async def run_forever(self) -> None:
         """Serve the server's leases until cancelled (or, for a local worker, until
         the server process that started it is gone)."""
+        try:
+            await self._until_parent_is_gone()
+        finally:
+            self._sandbox.close()
+
+    async def _until_parent_is_gone(self) -> None:
         parent = self.config.parent_pid
         if parent is None:
             await self._serve()
@@ -87,9 +93,7 @@ class Worker:
         async with channel_for(config.server, config.tls_ca) as channel:
             store = RemoteStore(channel, metadata)
             cache = LocalCache(config.workdir / "cache", store)
-            runner = ActionRunner(
-                store, cache, self._sandbox, config.workdir / "actions", config.name
-            )
+            runner = ActionRunner(store, cache, config.name)
             outgoing: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
             hello = worker_pb2.Hello(
                 name=config.name,
@@ -139,10 +143,14 @@ class Worker:
     ) -> None:
         log.info("running %s/%d", assign.action_digest.hash, assign.action_digest.size_bytes)
         try:
-            finished = await runner.run(assign)
+            async with self._sandbox.slot() as slot:
+                finished = await runner.run(assign, slot)
+                running.pop(assign.lease_id, None)
+                outgoing.put_nowait(worker_pb2.WorkerMessage(finished=finished))
+                # Let the stream send it before the tree is emptied: that is
+                # not on the way to the result.
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             log.info("lease %s cancelled", assign.lease_id)
-            return
         finally:
             running.pop(assign.lease_id, None)
-        outgoing.put_nowait(worker_pb2.WorkerMessage(finished=finished))

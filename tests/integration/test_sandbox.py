@@ -1,0 +1,134 @@
+"""The worker's sandbox with the real bubblewrap: a warm sandbox (one
+bubblewrap kept per slot, a helper inside starting each command) must behave
+as a bubblewrap started for each command, and leave nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from executor import sandbox as sandbox_module
+from executor.sandbox import Sandbox, Slot
+
+
+@pytest.fixture(params=["warm", "cold"])
+async def sandbox(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sandbox]:
+    box = Sandbox("bwrap", tmp_path / "actions")
+    box.warm = request.param == "warm"
+    yield box
+    box.close()
+
+
+async def run(slot: Slot, script: str, workdir: str = "", timeout: float = 30) -> tuple[int, str]:
+    outcome = await slot.run(workdir, ["/bin/sh", "-c", script], {"PATH": "/bin"}, timeout)
+    return outcome.exit_code, slot.stdout.read_text() + slot.stderr.read_text()
+
+
+async def test_exit_codes_and_output(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        assert await run(slot, "echo out; echo err >&2; exit 3") == (3, "out\nerr\n")
+        assert (await run(slot, "kill -SEGV $$"))[0] == 128 + 11
+        outcome = await slot.run("", ["no-such-program"], {"PATH": "/bin"}, 30)
+        assert outcome.exit_code == 127
+        assert b"no-such-program" in slot.stderr.read_bytes()
+
+
+async def test_environment_and_directory_are_the_commands(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        (slot.root / "sub").mkdir()
+        env = {"ONLY": "this", "PATH": "/usr/bin:/bin"}
+        outcome = await slot.run("sub", ["env"], env, 30)
+        assert outcome.exit_code == 0
+        assert sorted(slot.stdout.read_text().split()) == ["ONLY=this", "PATH=/usr/bin:/bin"]
+        assert await run(slot, "pwd; ls", workdir="sub") == (0, "/build/sub\n")
+
+
+async def test_signals_start_as_the_system_has_them(sandbox: Sandbox) -> None:
+    """Python ignores SIGPIPE; a command started from it must not."""
+    async with sandbox.slot() as slot:
+        assert await run(slot, "yes | head -n 1") == (0, "y\n")
+
+
+async def test_nothing_is_left_for_the_next_command(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        script = "sleep 300 & echo x > /tmp/left; echo y > /build/tree-file"
+        assert (await run(slot, script))[0] == 0
+        assert (slot.root / "tree-file").exists()
+    async with sandbox.slot() as slot:
+        assert list(slot.root.iterdir()) == []
+        listing = "cat /proc/[0-9]*/comm | sort | uniq; ls -A /tmp"
+        code, output = await run(slot, listing)
+        assert code == 0
+        assert "sleep" not in output and "left" not in output, output
+
+
+@pytest.mark.parametrize(
+    ("change", "look"),
+    [
+        ("rm /dev/stdout && ln -s /tmp/x /dev/stdout", "readlink /dev/stdout"),
+        ("echo x > /dev/shm/left; mkdir /home", "ls -A /dev/shm /home 2>&1"),
+        ("chmod 700 /build /tmp", "stat -c %a /build /tmp"),
+        ("ipcmk -M 4096 >/dev/null", "ipcs -m | grep -c 0x"),
+        ("setsid sh -c 'trap \"\" TERM; sleep 300' &", "cat /proc/[0-9]*/comm | grep -c sleep"),
+    ],
+)
+async def test_what_a_command_changes_is_not_seen_by_the_next(
+    sandbox: Sandbox, change: str, look: str
+) -> None:
+    async with sandbox.slot() as slot:
+        before = await run(slot, look + "; true")
+    async with sandbox.slot() as slot:
+        assert (await run(slot, change))[0] == 0
+    async with sandbox.slot() as slot:
+        assert await run(slot, look + "; true") == before
+
+
+async def test_timeout_kills_and_the_slot_works_again(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        outcome = await slot.run("", ["/bin/sleep", "300"], {}, 0.5)
+        assert outcome.timed_out
+        assert await run(slot, "echo again") == (0, "again\n")
+
+
+async def test_cancelled_command_is_killed_and_the_slot_works_again(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        running = asyncio.create_task(run(slot, "sleep 300"))
+        await asyncio.sleep(0.3)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        assert await run(slot, "echo again") == (0, "again\n")
+
+
+async def test_a_warm_sandbox_serves_many_commands(tmp_path: Path) -> None:
+    box = Sandbox("bwrap", tmp_path / "actions")
+    try:
+        async with box.slot() as slot:
+            await run(slot, "true")
+            first = slot._warm
+            assert first is not None
+            for _ in range(3):
+                async with asyncio.timeout(10):
+                    await run(slot, "true")
+            assert slot._warm is first
+    finally:
+        box.close()
+    assert not list((tmp_path / "actions").iterdir())
+
+
+async def test_without_a_helper_each_command_gets_its_own_bubblewrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "helper.py"
+    broken.write_text("import sys\nsys.exit(1)\n")
+    monkeypatch.setattr(sandbox_module, "HELPER_SOURCE", broken)
+    box = Sandbox("bwrap", tmp_path / "actions")
+    try:
+        async with box.slot() as slot:
+            assert await run(slot, "echo fine") == (0, "fine\n")
+            assert not box.warm and slot._warm is None
+    finally:
+        box.close()
