@@ -106,7 +106,19 @@ def tidy() -> None:
                 os.unlink(entry.path)
 
 
+def undumpable() -> None:
+    """Keep commands (the same user) from tracing this process, or reading
+    or writing its memory through /proc: that would let one command change
+    how the helper starts the next ones."""
+    import ctypes
+
+    pr_set_dumpable = 4
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+
+
 def main() -> None:
+    undumpable()
     # Python ignores these; a command must start with them as the system has them.
     for number in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(number, signal.SIG_DFL)
@@ -116,7 +128,7 @@ def main() -> None:
     control.sendall(b"R")
     while True:
         try:
-            header, fds, _flags, _address = socket.recv_fds(control, 4, 2, socket.MSG_CMSG_CLOEXEC)
+            header, fds, _flags, _address = socket.recv_fds(control, 4, 2)
             if not header:
                 return
             if len(fds) != 2:
@@ -126,6 +138,8 @@ def main() -> None:
         except EOFError:
             return
         out, err = fds
+        for fd in fds:  # the command gets them as 1 and 2 only
+            os.set_inheritable(fd, False)
         pid = start(request["cwd"], request["argv"], request["env"], out, err)
         os.close(out)
         os.close(err)

@@ -86,6 +86,22 @@ async def test_what_a_command_changes_is_not_seen_by_the_next(
         assert await run(slot, look + "; true") == before
 
 
+async def test_a_command_gets_only_its_own_descriptors(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        # ls's own: the three standard ones and the directory it reads.
+        assert await run(slot, "exec ls /proc/self/fd") == (0, "0\n1\n2\n3\n")
+
+
+async def test_a_command_cannot_reach_into_the_helper(tmp_path: Path) -> None:
+    box = Sandbox("bwrap", tmp_path / "actions")
+    try:
+        async with box.slot() as slot:
+            code, output = await run(slot, "head -c 1 /proc/$PPID/mem")
+            assert code != 0 and "Permission denied" in output
+    finally:
+        box.close()
+
+
 async def test_timeout_kills_and_the_slot_works_again(sandbox: Sandbox) -> None:
     async with sandbox.slot() as slot:
         outcome = await slot.run("", ["/bin/sleep", "300"], {}, 0.5)
