@@ -61,6 +61,15 @@ class Outcome:
     timed_out: bool
 
 
+@dataclass(frozen=True)
+class _Command:
+    workdir: str  # relative to the tree
+    arguments: list[str]
+    environment: dict[str, str]
+    out: IO[bytes]  # where its stdout and stderr go
+    err: IO[bytes]
+
+
 class SandboxBroken(Exception):
     """The warm sandbox died under a command (not the command's own failure)."""
 
@@ -209,72 +218,56 @@ class Slot:
                 log.warning("no warm sandbox; every action gets its own bubblewrap")
                 sandbox.warm = False
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
-            if self._warm is not None:
-                return await self._run_warm(
-                    self._warm, workdir, arguments, environment, out, err, timeout
-                )
-            return await self._run_once(workdir, arguments, environment, out, err, timeout)
-
-    async def _run_warm(
-        self,
-        warm: _Warm,
-        workdir: str,
-        arguments: list[str],
-        environment: dict[str, str],
-        out: IO[bytes],
-        err: IO[bytes],
-        timeout: float,
-    ) -> Outcome:
-        cwd = os.path.join(SANDBOX_ROOT, workdir)
-        try:
-            async with asyncio.timeout(timeout):
-                code, changed = await warm.run(cwd, arguments, environment, out, err)
-        except (TimeoutError, asyncio.CancelledError, SandboxBroken) as stopped:
-            self.stop()
-            if isinstance(stopped, TimeoutError):
+            command = _Command(workdir, arguments, environment, out, err)
+            try:
+                async with asyncio.timeout(timeout):
+                    if self._warm is not None:
+                        code = await self._run_warm(self._warm, command)
+                    else:
+                        code = await self._run_once(command)
+            except TimeoutError:
                 return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
+        return Outcome(exit_code=code, timed_out=False)
+
+    async def _run_warm(self, warm: _Warm, command: _Command) -> int:
+        """In the warm sandbox, which is thrown away if the command changed it,
+        or was stopped (cancelled, timed out)."""
+        try:
+            code, changed = await warm.run(command)
+        except (asyncio.CancelledError, SandboxBroken):
+            self.stop()
             raise
         if changed:
             log.info("an action changed its sandbox; the next one gets a new sandbox")
             self.stop()
-        return Outcome(exit_code=code, timed_out=False)
+        return code
 
-    async def _run_once(
-        self,
-        workdir: str,
-        arguments: list[str],
-        environment: dict[str, str],
-        out: IO[bytes],
-        err: IO[bytes],
-        timeout: float,
-    ) -> Outcome:
+    async def _run_once(self, command: _Command) -> int:
         """A process of its own: `none`, or a bubblewrap for this command alone."""
         sandbox = self._sandbox
-        argv = sandbox.argv(self.root, workdir, arguments, environment)
-        cwd = self.root / workdir if sandbox.kind == "none" else self.root
+        environment = command.environment
+        argv = sandbox.argv(self.root, command.workdir, command.arguments, environment)
+        cwd = self.root / command.workdir if sandbox.kind == "none" else self.root
         try:
             process = subprocess.Popen(
                 argv,
                 cwd=cwd,
                 env=environment if sandbox.kind == "none" else {},
                 stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
+                stdout=command.out,
+                stderr=command.err,
                 start_new_session=True,
             )
         except OSError as error:
-            err.write(f"reapi worker: cannot start {arguments[0]!r}: {error}\n".encode())
-            return Outcome(exit_code=127, timed_out=False)
+            name = command.arguments[0]
+            command.err.write(f"reapi worker: cannot start {name!r}: {error}\n".encode())
+            return 127
         try:
-            async with asyncio.timeout(timeout):
-                code = await _exit_code(process)
-        except (TimeoutError, asyncio.CancelledError) as stopped:
+            return await _exit_code(process)
+        except asyncio.CancelledError:
             _kill_group(process.pid)
             process.wait()
-            if isinstance(stopped, asyncio.CancelledError):
-                raise
-            return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
-        return Outcome(exit_code=code, timed_out=False)
+            raise
 
 
 class _Warm:
@@ -329,24 +322,21 @@ class _Warm:
             return None
         return warm
 
-    async def run(
-        self,
-        cwd: str,
-        arguments: list[str],
-        environment: dict[str, str],
-        out: IO[bytes],
-        err: IO[bytes],
-    ) -> tuple[int, bool]:
+    async def run(self, command: _Command) -> tuple[int, bool]:
         """Run one command: its exit code (128 + N for signal N, as bubblewrap
         reports it), and whether it left the sandbox changed (then it must not
         serve another). SandboxBroken if the sandbox died meanwhile."""
-        request = json.dumps({"cwd": cwd, "argv": arguments, "env": environment}).encode()
+        cwd = os.path.join(SANDBOX_ROOT, command.workdir)
+        request = {"cwd": cwd, "argv": command.arguments, "env": command.environment}
+        data = json.dumps(request).encode()
         loop = asyncio.get_running_loop()
         try:
             socket.send_fds(
-                self.control, [struct.pack("!I", len(request))], [out.fileno(), err.fileno()]
+                self.control,
+                [struct.pack("!I", len(data))],
+                [command.out.fileno(), command.err.fileno()],
             )
-            await loop.sock_sendall(self.control, request)
+            await loop.sock_sendall(self.control, data)
             reply = b""
             while len(reply) < 8:
                 chunk = await loop.sock_recv(self.control, 8 - len(reply))
