@@ -63,13 +63,13 @@ IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
 
 
 def state() -> list[object]:
-    """What a command could change and a later one would see (the entries
-    of /tmp and /build aside: those are emptied)."""
+    """What a command could change and a later one would see (the entries of
+    /build aside: the worker empties it; /tmp should be empty by now)."""
     found: list[object] = []
     for directory in OWNED:
         status = os.stat(directory, follow_symlinks=False)
         found.append((directory, status.st_mode, status.st_uid, status.st_ino))
-        if directory in ("/tmp", "/build"):
+        if directory == "/build":
             continue
         for entry in os.scandir(directory):
             status = entry.stat(follow_symlinks=False)
@@ -145,9 +145,12 @@ def main() -> None:
         os.close(err)
         _pid, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        clean = alone()
-        tidy()
-        changed = not clean or state() != initial
+        try:
+            clean = alone()
+            tidy()
+            changed = not clean or state() != initial
+        except OSError:  # a command made something here unreadable
+            changed = True
         control.sendall(struct.pack("!ii", code if code >= 0 else 128 - code, changed))
 
 

@@ -71,6 +71,8 @@ async def test_nothing_is_left_for_the_next_command(sandbox: Sandbox) -> None:
         ("rm /dev/stdout && ln -s /tmp/x /dev/stdout", "readlink /dev/stdout"),
         ("echo x > /dev/shm/left; mkdir /home", "ls -A /dev/shm /home 2>&1"),
         ("chmod 700 /build /tmp", "stat -c %a /build /tmp"),
+        ("mkdir /tmp/d && touch /tmp/d/f && chmod 500 /tmp/d", "ls -A /tmp"),
+        ("chmod 0 /tmp /dev/shm", "stat -c %a /tmp /dev/shm"),
         ("ipcmk -M 4096 >/dev/null", "ipcs -m | grep -c 0x"),
         ("setsid sh -c 'trap \"\" TERM; sleep 300' &", "cat /proc/[0-9]*/comm | grep -c sleep"),
     ],
