@@ -184,7 +184,8 @@ class Slot:
 
     def clear(self) -> None:
         """Empty the tree (the warm sandbox has it mounted, so the directory
-        itself stays); a tree that cannot be emptied is left, with its sandbox."""
+        itself stays). A tree that cannot be emptied is abandoned, with its
+        sandbox: the slot moves to a new directory."""
         if not self.root.exists():
             return
         with os.scandir(self.root) as entries:
@@ -316,6 +317,9 @@ class _Warm:
                 ready = await asyncio.get_running_loop().sock_recv(ours, 1)
         except (TimeoutError, OSError):
             ready = b""
+        except asyncio.CancelledError:
+            warm.kill()
+            raise
         if ready != b"R":
             log.warning("the warm sandbox's helper did not start (bwrap exit %s)", process.poll())
             warm.kill()
