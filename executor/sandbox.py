@@ -104,8 +104,10 @@ class Sandbox:
             slot.prepare()
             yield slot
         finally:
-            slot.clear()
-            self._free.put_nowait(slot)
+            try:
+                slot.clear()
+            finally:
+                self._free.put_nowait(slot)
 
     def close(self) -> None:
         """Stop every warm sandbox (their commands die with them) and remove
@@ -145,6 +147,8 @@ class Sandbox:
             "/proc",
             "--dev",
             "/dev",
+            "--mqueue",
+            "/dev/mqueue",
             "--tmpfs",
             "/tmp",
             "--bind",
@@ -156,10 +160,7 @@ class Sandbox:
         ]
         for name, value in environment.items():
             argv += ["--setenv", name, value]
-        # bwrap sets PWD after --chdir; put it back as the Command has it (or not).
-        pwd = environment.get("PWD")
-        fixup = ["/usr/bin/env", f"PWD={pwd}"] if pwd is not None else ["/usr/bin/env", "-u", "PWD"]
-        return [*argv, "--", *fixup, *arguments]
+        return [*argv, "--", *_through_env(arguments, environment)]
 
 
 class Slot:
@@ -179,26 +180,24 @@ class Slot:
         self.stderr = self.place / "stderr"
 
     def prepare(self) -> None:
+        """The tree's directory as a fresh one would be, whatever the last
+        command made of its mode or extended attributes (default ACLs too)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)  # whatever the last command made of it
+        os.chmod(self.root, 0o755)
+        for name in os.listxattr(self.root):
+            os.removexattr(self.root, name)
 
     def clear(self) -> None:
         """Empty the tree (the warm sandbox has it mounted, so the directory
         itself stays). A tree that cannot be emptied is abandoned, with its
         sandbox: the slot moves to a new directory."""
-        if not self.root.exists():
-            return
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                with contextlib.suppress(OSError):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
-        with os.scandir(self.root) as entries:
-            emptied = next(entries, None) is None
+        try:
+            emptied = _empty(self.root)
+        except OSError as error:
+            log.warning("cannot empty %s: %s", self.root, error)
+            emptied = False
         if not emptied:
-            log.warning("cannot empty %s; the slot starts again elsewhere", self.root)
+            log.warning("%s is abandoned; the slot starts again elsewhere", self.place)
             self.stop()
             self._new_place()
 
@@ -218,6 +217,8 @@ class Slot:
             if self._warm is None:
                 log.warning("no warm sandbox; every action gets its own bubblewrap")
                 sandbox.warm = False
+        for path in (self.stdout, self.stderr):  # new files: nothing old can write to them
+            path.unlink(missing_ok=True)
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             command = _Command(workdir, arguments, environment, out, err)
             try:
@@ -331,7 +332,8 @@ class _Warm:
         reports it), and whether it left the sandbox changed (then it must not
         serve another). SandboxBroken if the sandbox died meanwhile."""
         cwd = os.path.join(SANDBOX_ROOT, command.workdir)
-        request = {"cwd": cwd, "argv": command.arguments, "env": command.environment}
+        argv = _through_env(command.arguments, command.environment)
+        request = {"cwd": cwd, "argv": argv, "env": command.environment}
         data = json.dumps(request).encode()
         loop = asyncio.get_running_loop()
         try:
@@ -356,6 +358,37 @@ class _Warm:
         self.control.close()
         _kill_group(self.process.pid)
         self.process.wait()
+
+
+def _empty(directory: Path) -> bool:
+    """Remove everything in `directory` (existing or not); whether it is empty.
+    Directories a command made unwritable are made writable first (a worker
+    that is not root needs that)."""
+    if not directory.exists():
+        return True
+    os.chmod(directory, 0o755)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                for inside, _dirs, _files in os.walk(entry.path):
+                    with contextlib.suppress(OSError):
+                        os.chmod(inside, 0o755)
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+    with os.scandir(directory) as entries:
+        return next(entries, None) is None
+
+
+def _through_env(arguments: list[str], environment: dict[str, str]) -> list[str]:
+    """How both kinds of bubblewrap start a command: /usr/bin/env finds it on the
+    Command's PATH (running a script without `#!` with /bin/sh, as a shell would),
+    with PWD as the Command has it, or not at all (bwrap sets PWD after --chdir)."""
+    pwd = environment.get("PWD")
+    fixup = [f"PWD={pwd}"] if pwd is not None else []
+    unset = [] if pwd is not None else ["-u", "PWD"]
+    return ["/usr/bin/env", *unset, "--", *fixup, *arguments]
 
 
 def _is_under(path: str, directory: str) -> bool:

@@ -12,11 +12,22 @@ and answers with two 4-byte big-endian signed integers: the exit code
 sandbox is no longer as it started (else 0). End of file on the socket ends
 the helper.
 
-"As it started": the sandbox's user owns the root directory, /dev and
-/dev/shm (bubblewrap made them), so a command may add to them or replace
-the symbolic links in /dev; it may leave System V IPC objects, or processes
-that survived being killed. A later command must not see any of that: the
-worker replaces a sandbox that is not as it started.
+"As it started": the sandbox's user owns the directories bubblewrap made
+(the root and the mount points on it, /dev, /dev/shm), so a command may add
+to them, change their modes or extended attributes, or replace the symbolic
+links in /dev; it may change this helper's limits, CPU affinity, priority or
+scheduling (same user, no privilege needed), and those would pass to every
+later command; it may leave System V IPC objects, POSIX message queues,
+keys in its keyrings, sockets in the network namespace, or processes that
+survived being killed. A later command must not see any of that: the
+helper compares all of it with how it was at the start, and the worker
+replaces a sandbox that is not as it started. (Process IDs still count up
+from one command to the next, where a fresh sandbox starts them at 2.)
+
+Each command is started as the per-action sandbox starts it: through
+/usr/bin/env (the worker sends the whole argv), stdin /dev/null opened
+read-write, in a session of its own (so `kill 0` ends the command's
+processes, not the helper).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -47,37 +59,100 @@ def start(cwd: str, argv: list[str], env: dict[str, str], out: int, err: int) ->
     if pid:
         return pid
     try:
+        os.setsid()
         os.dup2(out, 1)
         os.dup2(err, 2)
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(os.open(os.devnull, os.O_RDWR), 0)
         os.chdir(cwd)
-        os.execvpe(argv[0], argv, env)
-    except OSError as error:
-        os.write(2, f"reapi worker: cannot start {argv[0]!r}: {error}\n".encode())
+        os.execve(argv[0], argv, env)
+    except BaseException as error:  # the child must never return to the loop
+        with contextlib.suppress(BaseException):
+            os.write(2, f"reapi worker: cannot start the command in {cwd}: {error}\n".encode())
     os._exit(127)
 
 
-# Directories whose entries the sandbox's user could change.
-OWNED = ("/", "/dev", "/dev/shm", "/dev/pts", "/tmp", "/build")
-IPC = ("/proc/sysvipc/shm", "/proc/sysvipc/msg", "/proc/sysvipc/sem")
+# Filesystems the sandbox's user can write besides the tree: walked whole.
+OWNED = ("/", "/dev", "/dev/shm", "/dev/mqueue", "/tmp")
+# Namespace-wide objects, one line each (after a header) in these tables.
+TABLES = (
+    "/proc/sysvipc/shm",
+    "/proc/sysvipc/msg",
+    "/proc/sysvipc/sem",
+    "/proc/keys",
+    "/proc/net/unix",
+)
+# The network namespace's socket counts (its TCP and UDP tables take about a
+# millisecond each to read, even empty). Other fields there count for the
+# whole machine and move on their own.
+SOCKET_COUNTS = ("/proc/net/sockstat", "/proc/net/sockstat6")
+SETTINGS = ("/proc/self/oom_score_adj", "/proc/self/coredump_filter")
+
+
+def walk(top: str, found: list[object]) -> None:
+    """Every entry on `top`'s filesystem below it: what it is, its mode,
+    owner, extended attributes and, for a link, its target."""
+    device = os.stat(top, follow_symlinks=False).st_dev
+    pending = [top]
+    while pending:
+        path = pending.pop()
+        status = os.stat(path, follow_symlinks=False)
+        link = os.readlink(path) if os.path.islink(path) else None
+        attributes = _attributes(path) if link is None else []
+        found.append((path, status.st_mode, status.st_uid, status.st_ino, link, attributes))
+        if status.st_dev == device and os.path.isdir(path) and link is None:
+            with os.scandir(path) as entries:
+                pending.extend(entry.path for entry in entries)
+
+
+def _in_use(sockstat: str) -> list[str]:
+    """The per-namespace counts of a sockstat table: sockets in use, and TCP's
+    in TIME_WAIT."""
+    counts = []
+    for line in sockstat.splitlines():
+        protocol, _, fields = line.partition(":")
+        words = fields.split()
+        pairs = zip(words[::2], words[1::2], strict=False)  # a "name value" list
+        counts += [f"{protocol} {k} {v}" for k, v in pairs if k in ("inuse", "tw")]
+    return counts
+
+
+def _attributes(path: str) -> list[str]:
+    try:
+        return sorted(os.listxattr(path, follow_symlinks=False))
+    except OSError as error:  # a filesystem without them: the same answer each time
+        return [f"({error.errno})"]
+
+
+def _io_priority() -> int:
+    """ioprio_get(IOPRIO_WHO_PROCESS, 0), where the system call's number is known."""
+    import ctypes
+    import platform
+
+    number = {"x86_64": 252, "aarch64": 31}.get(platform.machine())
+    return -1 if number is None else int(ctypes.CDLL(None).syscall(number, 1, 0))
 
 
 def state() -> list[object]:
-    """What a command could change and a later one would see (the entries of
-    /build aside: the worker empties it; /tmp should be empty by now)."""
+    """What a command could change and a later one would see (the tree
+    aside: the worker empties it; /tmp is emptied before this is asked)."""
     found: list[object] = []
-    for directory in OWNED:
-        status = os.stat(directory, follow_symlinks=False)
-        found.append((directory, status.st_mode, status.st_uid, status.st_ino))
-        if directory == "/build":
-            continue
-        for entry in os.scandir(directory):
-            status = entry.stat(follow_symlinks=False)
-            target = os.readlink(entry.path) if entry.is_symlink() else None
-            found.append((entry.path, status.st_mode, status.st_uid, status.st_ino, target))
-    for table in IPC:
+    for top in OWNED:
+        if os.path.isdir(top):
+            walk(top, found)
+    for table in (*TABLES, *SETTINGS, *SOCKET_COUNTS):
         with contextlib.suppress(OSError), open(table) as lines:
-            found.append((table, len(lines.readlines())))
+            if table in TABLES:
+                found.append((table, len(lines.readlines())))
+            elif table in SETTINGS:
+                found.append((table, lines.read()))
+            else:
+                found.append((table, _in_use(lines.read())))
+    limits = [n for n in dir(resource) if n.startswith("RLIMIT_")]
+    found.extend((name, resource.getrlimit(getattr(resource, name))) for name in sorted(limits))
+    found.append(("affinity", sorted(os.sched_getaffinity(0))))
+    found.append(("nice", os.getpriority(os.PRIO_PROCESS, 0)))
+    found.append(("scheduler", os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
+    found.append(("io priority", _io_priority()))
     return found
 
 
