@@ -130,6 +130,10 @@ DEEP = os.path.dirname(sys.base_prefix)  # a directory bwrap made for that mount
             "a, _ = s.accept(); a.close(); c.close()",
             "print(len(open('/proc/net/tcp').readlines()))",
         ),
+        (  # extended attributes on the tree's directory (a default ACL is one)
+            "import os; os.setxattr('/build', 'user.left', b'1')",
+            "import os; print(os.listxattr('/build'))",
+        ),
         (  # extended attributes, and a file deep in the mount points' directories
             f"import os; os.setxattr('/', 'user.left', b'1'); open('{DEEP}/left', 'w')",
             f"import os; print(os.listxattr('/'), os.listdir('{DEEP}'))",
