@@ -86,6 +86,9 @@ TABLES = (
 # whole machine and move on their own.
 SOCKET_COUNTS = ("/proc/net/sockstat", "/proc/net/sockstat6")
 SETTINGS = ("/proc/self/oom_score_adj", "/proc/self/coredump_filter")
+RLIMITS = sorted(name for name in dir(resource) if name.startswith("RLIMIT_"))
+# ioprio_get's system call number, where it is known.
+IOPRIO_GET = {"x86_64": 252, "aarch64": 31}.get(os.uname().machine)
 
 
 def walk(top: str, found: list[object]) -> None:
@@ -124,12 +127,10 @@ def _attributes(path: str) -> list[str]:
 
 
 def _io_priority() -> int:
-    """ioprio_get(IOPRIO_WHO_PROCESS, 0), where the system call's number is known."""
+    """ioprio_get(IOPRIO_WHO_PROCESS, 0), or -1 where the call is not known."""
     import ctypes
-    import platform
 
-    number = {"x86_64": 252, "aarch64": 31}.get(platform.machine())
-    return -1 if number is None else int(ctypes.CDLL(None).syscall(number, 1, 0))
+    return -1 if IOPRIO_GET is None else int(ctypes.CDLL(None).syscall(IOPRIO_GET, 1, 0))
 
 
 def state() -> list[object]:
@@ -147,8 +148,7 @@ def state() -> list[object]:
                 found.append((table, lines.read()))
             else:
                 found.append((table, _in_use(lines.read())))
-    limits = [n for n in dir(resource) if n.startswith("RLIMIT_")]
-    found.extend((name, resource.getrlimit(getattr(resource, name))) for name in sorted(limits))
+    found.extend((name, resource.getrlimit(getattr(resource, name))) for name in RLIMITS)
     found.append(("affinity", sorted(os.sched_getaffinity(0))))
     found.append(("nice", os.getpriority(os.PRIO_PROCESS, 0)))
     found.append(("scheduler", os.sched_getscheduler(0), os.sched_getparam(0).sched_priority))
