@@ -22,6 +22,8 @@ from reapi.digests import Digest
 from reapi.errors import NotFound
 
 NOBODY = 65534
+# A file in the cache: its digest, and whether it is executable.
+CachedFile = tuple[Digest, bool]
 # Fetch at most this many bytes from the CAS in one round.
 FETCH_BYTES = 64 * 1024 * 1024
 
@@ -29,22 +31,29 @@ FETCH_BYTES = 64 * 1024 * 1024
 class LocalCache:
     def __init__(self, root: Path, remote: BlobStore) -> None:
         self.root = Path(root)
+        self._prefix = f"{self.root}/"
         self._remote = remote
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._protect = os.geteuid() == 0
         self._counter = itertools.count()
 
-    def path(self, digest: Digest, executable: bool) -> Path:
+    def path(self, digest: Digest, executable: bool) -> str:
         kind = "x" if executable else "r"
-        return self.root / digest.function.path_name / digest.hash[:2] / f"{digest.hash}-{kind}"
+        return f"{self._prefix}{digest.function.path_name}/{digest.hash[:2]}/{digest.hash}-{kind}"
 
-    async def ensure(self, files: Iterable[tuple[Digest, bool]]) -> None:
-        """Make every (digest, executable) file present; raises NotFound when
-        the CAS lacks one."""
-        wanted = {f for f in set(files) if not self.path(*f).exists()}
+    async def ensure(self, files: Iterable[tuple[Digest, bool]]) -> dict[CachedFile, int]:
+        """Make every (digest, executable) file present; the inode of each.
+        Raises NotFound when the CAS lacks one."""
+        inodes = {}
+        wanted = set()
+        for file in set(files):
+            try:
+                inodes[file] = os.stat(self.path(*file)).st_ino
+            except FileNotFoundError:
+                wanted.add(file)
         if not wanted:
-            return
+            return inodes
         digests = sorted({digest for digest, _ in wanted})
         batch: list[Digest] = []
         size = 0
@@ -56,8 +65,11 @@ class LocalCache:
                 batch, size = [], 0
         if batch:
             await self._fetch(batch, wanted)
+        for file in wanted:
+            inodes[file] = os.stat(self.path(*file)).st_ino
+        return inodes
 
-    async def _fetch(self, digests: list[Digest], wanted: set[tuple[Digest, bool]]) -> None:
+    async def _fetch(self, digests: list[Digest], wanted: set[CachedFile]) -> None:
         found = await self._remote.get_many(digests)
         for digest in digests:
             if digest not in found:
@@ -70,7 +82,7 @@ class LocalCache:
 
     def _store(self, digest: Digest, executable: bool, data: bytes) -> None:
         final = self.path(digest, executable)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = self._tmp / f"{os.getpid()}-{next(self._counter)}"
         try:
             tmp.write_bytes(data)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from cas.tree import read_tree
-from executor.local_cache import LocalCache
+from executor import layout
+from executor.local_cache import CachedFile, LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Slot
 from reapi.conventions import MANIFEST_VARIABLE, verify_system_files
@@ -31,28 +31,53 @@ def _now() -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def _check_name(name: str) -> str:
-    if not name or "/" in name or name in (".", ".."):
-        raise InvalidArgument(f"input tree entry name {name!r} is not a single path component")
-    return name
+def _plan(
+    tree: dict[Digest, re_pb2.Directory],
+    digest: Digest,
+    cache: LocalCache,
+    inodes: dict[CachedFile, int],
+) -> layout.Dir:
+    """The input tree as the slot lays it out: files as hard links into the cache."""
+    entries: dict[str, layout.Node] = {}
 
+    def add(name: str, node: layout.Node) -> None:
+        if not name or "/" in name or name in (".", ".."):
+            raise InvalidArgument(f"input tree entry name {name!r} is not a single path component")
+        if name in entries:
+            raise InvalidArgument(f"input tree entry name {name!r} appears twice in {digest}")
+        entries[name] = node
 
-def _materialize(
-    tree: dict[Digest, re_pb2.Directory], digest: Digest, path: Path, cache: LocalCache
-) -> None:
-    """Lay out the input tree under `path`: files as hard links into the cache."""
-    path.mkdir(exist_ok=True)
     directory = tree[digest]
     for node in directory.files:
-        file_digest = Digest.from_proto(digest.function, node.digest)
-        os.link(cache.path(file_digest, node.is_executable), path / _check_name(node.name))
+        file = (Digest.from_proto(digest.function, node.digest), node.is_executable)
+        add(node.name, layout.File(cache.path(*file), inodes[file]))
     for link in directory.symlinks:
         if os.path.isabs(link.target):
             raise InvalidArgument(f"input symlink {link.name} -> {link.target} is absolute")
-        os.symlink(link.target, path / _check_name(link.name))
+        add(link.name, layout.Link(link.target))
     for child in directory.directories:
         child_digest = Digest.from_proto(digest.function, child.digest)
-        _materialize(tree, child_digest, path / _check_name(child.name), cache)
+        add(child.name, _plan(tree, child_digest, cache, inodes))
+    return layout.Dir(entries)
+
+
+def _add_directories(tree: layout.Dir, workdir: str, outputs: list[str]) -> None:
+    """Add the directories that must exist before the command starts: the
+    working directory, and each output's parent. None is made through a file
+    or symlink of the input tree."""
+    paths = [(f"working directory {workdir!r}", workdir)]
+    for output in outputs:
+        paths.append((f"output {output!r}", os.path.dirname(os.path.join(workdir, output))))
+    for what, path in paths:
+        normal = os.path.normpath(path)
+        if os.path.isabs(path) or normal == ".." or normal.startswith("../"):
+            raise InvalidArgument(f"{what} leaves the input root")
+        directory = tree
+        for part in normal.split("/"):
+            node = directory.entries.setdefault(part, layout.Dir()) if part != "." else directory
+            if not isinstance(node, layout.Dir):
+                break
+            directory = node
 
 
 class ActionRunner:
@@ -62,8 +87,8 @@ class ActionRunner:
         self._name = worker_name
 
     async def run(self, assign: worker_pb2.Assign, slot: Slot) -> worker_pb2.Finished:
-        """Run the leased action in `slot` (its tree empty); its outcome, for
-        the server. The caller empties the tree afterwards."""
+        """Run the leased action in `slot`; its outcome, for the server. The
+        caller puts the tree back afterwards (Slot.clear)."""
         finished = worker_pb2.Finished(lease_id=assign.lease_id)
         metadata = finished.response.result.execution_metadata
         metadata.worker = self._name
@@ -99,15 +124,14 @@ class ActionRunner:
         if tree.missing:
             raise FailedPrecondition(f"input directory {tree.missing[0]} is missing from the CAS")
         try:
-            await self._cache.ensure(tree.files())
+            inodes = await self._cache.ensure(tree.files())
         except NotFound as missing:
             raise FailedPrecondition(missing.message) from None
-        _materialize(tree.directories, root_digest, root, self._cache)
+        planned = _plan(tree.directories, root_digest, self._cache, inodes)
         workdir = command.working_directory
-        (root / workdir).mkdir(parents=True, exist_ok=True)
         outputs = [*command.output_paths] or [*command.output_files, *command.output_directories]
-        for output in outputs:
-            (root / workdir / output).parent.mkdir(parents=True, exist_ok=True)
+        _add_directories(planned, workdir, outputs)
+        slot.lay_out(planned)
         metadata.input_fetch_completed_timestamp.CopyFrom(_now())
 
         timeout = DEFAULT_TIMEOUT

@@ -13,15 +13,16 @@ more than many actions take. So each slot keeps one bubblewrap sandbox alive
 by this interpreter, whose installation is mounted read-only): the helper
 starts each command, and after it ends kills whatever the command left
 running and empties /tmp. The slot's tree is the same directory every time,
-emptied between actions. A sandbox whose command changed what a later command
+put back to its input tree between actions and kept for the next one
+(executor/layout.py). A sandbox whose command changed what a later command
 would see (the helper checks: its docstring says what), timed out or was
 cancelled, or whose tree could not be emptied, is thrown away and the next
 action gets a new one. Where the helper cannot start, every action gets its
 own bubblewrap.
 
-Use: `async with sandbox.slot() as slot:` lay the input tree out in
-`slot.root`, `await slot.run(...)`, collect outputs; leaving the block empties
-the tree.
+Use: `async with sandbox.slot() as slot:` `slot.lay_out(tree)`, `await
+slot.run(...)`, collect outputs from `slot.root`; leaving the block puts the
+tree back.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from executor import layout
 from reapi.conventions import SANDBOX_ROOT
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class Sandbox:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:
-        """A free slot, its tree empty; emptied again when the block is left."""
+        """A free slot; its tree is put back (Slot.clear) when the block is left."""
         slot = await self._free.get()
         try:
             slot.prepare()
@@ -178,6 +180,8 @@ class Slot:
         self.root = self.place / "root"
         self.stdout = self.place / "stdout"
         self.stderr = self.place / "stderr"
+        # What the tree holds (executor/layout.py); None when that is not known.
+        self._kept: layout.Dir | None = layout.Dir()
 
     def prepare(self) -> None:
         """The tree's directory as a fresh one would be, whatever the last
@@ -187,19 +191,44 @@ class Slot:
         for name in os.listxattr(self.root):
             os.removexattr(self.root, name)
 
-    def clear(self) -> None:
-        """Empty the tree (the warm sandbox has it mounted, so the directory
-        itself stays). A tree that cannot be emptied is abandoned, with its
-        sandbox: the slot moves to a new directory."""
+    def lay_out(self, tree: layout.Dir) -> None:
+        """Make the tree hold `tree` (and nothing else), from what it kept."""
+        root = str(self.root)
+        have, self._kept = self._kept, None
         try:
-            emptied = _empty(self.root)
+            if have is not None:
+                layout.lay_out(root, have, tree)
+                self._kept = tree
+                return
         except OSError as error:
-            log.warning("cannot empty %s: %s", self.root, error)
-            emptied = False
-        if not emptied:
-            log.warning("%s is abandoned; the slot starts again elsewhere", self.place)
-            self.stop()
-            self._new_place()
+            log.warning("cannot lay the input tree out over the last one: %s", error)
+        layout.empty(root)
+        layout.lay_out(root, layout.Dir(), tree)
+        self._kept = tree
+
+    def clear(self) -> None:
+        """Put the tree back to the input tree the action was given, for the
+        next action to start from; else empty it (the warm sandbox has it
+        mounted, so the directory itself stays). A tree that cannot be emptied
+        is abandoned, with its sandbox: the slot moves to a new directory."""
+        root = str(self.root)
+        kept, self._kept = self._kept, None
+        try:
+            if kept is not None:
+                layout.restore(root, kept)
+                self._kept = kept
+                return
+        except OSError as error:
+            log.warning("cannot restore %s: %s", root, error)
+        try:
+            layout.empty(root)
+            self._kept = layout.Dir()
+            return
+        except OSError as error:
+            log.warning("cannot empty %s: %s", root, error)
+        log.warning("%s is abandoned; the slot starts again elsewhere", self.place)
+        self.stop()
+        self._new_place()
 
     def stop(self) -> None:
         if self._warm is not None:
@@ -358,27 +387,6 @@ class _Warm:
         self.control.close()
         _kill_group(self.process.pid)
         self.process.wait()
-
-
-def _empty(directory: Path) -> bool:
-    """Remove everything in `directory` (existing or not); whether it is empty.
-    Directories a command made unwritable are made writable first (a worker
-    that is not root needs that)."""
-    if not directory.exists():
-        return True
-    os.chmod(directory, 0o755)
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                for inside, _dirs, _files in os.walk(entry.path):
-                    with contextlib.suppress(OSError):
-                        os.chmod(inside, 0o755)
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-    with os.scandir(directory) as entries:
-        return next(entries, None) is None
 
 
 def _through_env(arguments: list[str], environment: dict[str, str]) -> list[str]:

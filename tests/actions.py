@@ -45,6 +45,7 @@ async def upload_action(
     platform: Mapping[str, str] = {},
     salt: bytes = b"",
     legacy_outputs: tuple[list[str], list[str]] | None = None,
+    workdir: str = "",
 ) -> Digest:
     """Upload the inputs, Command and Action; returns the Action's digest."""
     blobs: dict[Digest, bytes] = {}
@@ -54,6 +55,7 @@ async def upload_action(
         environment_variables=[
             re_pb2.Command.EnvironmentVariable(name=k, value=v) for k, v in sorted(env.items())
         ],
+        working_directory=workdir,
     )
     if legacy_outputs is not None:
         command.output_files.extend(sorted(legacy_outputs[0]))

@@ -13,6 +13,7 @@ from google.rpc import code_pb2
 from cas.disk import DiskStore
 from cas.remote import RemoteStore
 from reapi.conventions import file_sha256
+from reapi.digests import Digest
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.actions import (
     SHA256,
@@ -316,6 +317,66 @@ async def test_absolute_input_symlink_is_invalid(channel: grpc.aio.Channel) -> N
         await execute(channel, action_digest)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "absolute targets are not allowed" in (raised.value.details() or "")
+
+
+async def upload_raw(
+    channel: grpc.aio.Channel, root: re_pb2.Directory, command: re_pb2.Command, files: list[bytes]
+) -> Digest:
+    """Upload an Action made of these messages as they are (no checks)."""
+    blobs = {SHA256.digest_of(data): data for data in files}
+    for message in (root, command):
+        blobs[SHA256.digest_of(message.SerializeToString())] = message.SerializeToString()
+    action = re_pb2.Action(
+        command_digest=SHA256.digest_of(command.SerializeToString()).to_proto(),
+        input_root_digest=SHA256.digest_of(root.SerializeToString()).to_proto(),
+    )
+    action_digest = SHA256.digest_of(action.SerializeToString())
+    blobs[action_digest] = action.SerializeToString()
+    await RemoteStore(channel).put_many(list(blobs.items()))
+    return action_digest
+
+
+@pytest.mark.parametrize(
+    ("names", "workdir", "outputs", "named"),
+    [
+        (["twice.h", "twice.h"], "", [], "'twice.h'"),
+        ([".."], "", [], "'..'"),
+        (["sub/x.h"], "", [], "'sub/x.h'"),
+        (["x.h"], "../escape", [], "'../escape'"),
+        (["x.h"], "sub", ["../../escape/x.o"], "output '../../escape/x.o'"),
+        (["x.h"], "", ["/escape/x.o"], "output '/escape/x.o'"),
+    ],
+)
+async def test_trees_and_paths_that_do_not_stay_in_the_input_root_are_invalid(
+    channel: grpc.aio.Channel, names: list[str], workdir: str, outputs: list[str], named: str
+) -> None:
+    data = b"int x;\n"
+    digest = SHA256.digest_of(data)
+    root = re_pb2.Directory(
+        files=[re_pb2.FileNode(name=name, digest=digest.to_proto()) for name in names]
+    )
+    command = re_pb2.Command(arguments=["/bin/ls"], working_directory=workdir, output_paths=outputs)
+    _ops, response = await execute(channel, await upload_raw(channel, root, command, [data]))
+    assert response.status.code == code_pb2.INVALID_ARGUMENT, response.status
+    assert named in response.status.message
+    # The worker's slot is fine for the next action.
+    after = await upload_action(channel, ["/bin/ls"], files={"ok.h": data})
+    _ops, response = await execute(channel, after, inline_stdout=True)
+    assert response.result.stdout_raw == b"ok.h\n"
+
+
+async def test_output_directories_exist_when_the_command_starts(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(
+        channel,
+        ["/bin/sh", "-c", "ls -d . ../out ../out/deeper && : > ../out/deeper/x.o"],
+        files={"src/a.c": b"int a;\n"},
+        outputs=["../out/deeper/x.o", "../gen/list"],
+        workdir="src",
+    )
+    _ops, response = await execute(channel, action, inline_stdout=True)
+    assert response.result.exit_code == 0, response
+    assert response.result.stdout_raw == b".\n../out\n../out/deeper\n"
+    assert [f.path for f in response.result.output_files] == ["../out/deeper/x.o"]
 
 
 async def test_worker_refuses_when_its_system_files_differ(channel: grpc.aio.Channel) -> None:

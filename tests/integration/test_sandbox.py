@@ -5,6 +5,7 @@ as a bubblewrap started for each command, and leave nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -12,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from cas.memory import MemoryStore
+from cas.store import put_blob
+from executor import layout
 from executor import sandbox as sandbox_module
+from executor.local_cache import LocalCache
 from executor.sandbox import Sandbox, Slot
+from reapi.digests import DigestFunction
+
+SHA256 = DigestFunction.SHA256
 
 
 @pytest.fixture(params=["warm", "cold"])
@@ -217,5 +225,91 @@ async def test_without_a_helper_each_command_gets_its_own_bubblewrap(
         async with box.slot() as slot:
             assert await run(slot, "echo fine") == (0, "fine\n")
             assert not box.warm and slot._warm is None
+    finally:
+        box.close()
+
+
+async def cached_tree(cache: LocalCache, store: MemoryStore, spec: dict[str, bytes]) -> layout.Dir:
+    """A layout of `spec` (path -> contents) whose files are the worker cache's."""
+    digests = {path: SHA256.digest_of(data) for path, data in spec.items()}
+    for path, digest in digests.items():
+        await put_blob(store, digest, spec[path])
+    inodes = await cache.ensure((digest, False) for digest in digests.values())
+    root = layout.Dir()
+    for path, digest in digests.items():
+        *parents, name = path.split("/")
+        directory = root
+        for parent in parents:
+            child = directory.entries.setdefault(parent, layout.Dir())
+            assert isinstance(child, layout.Dir)
+            directory = child
+        directory.entries[name] = layout.File(cache.path(digest, False), inodes[(digest, False)])
+    return root
+
+
+# Everything a command can see of the tree: entries, types, modes, link targets, bytes.
+LISTING = (
+    "cd /build && find . -printf '%p %y %m %l\\n' | LC_ALL=C sort"
+    " && find . -type f | LC_ALL=C sort | xargs cat"
+)
+
+
+async def test_the_tree_kept_for_the_next_action_is_as_a_fresh_one(
+    sandbox: Sandbox, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    cache = LocalCache(tmp_path / "cache", store)
+    first = {
+        "keep.h": b"keep\n",
+        "gone.h": b"gone\n",
+        "twin.h": b"twin\n",
+        "dir/sub/deep.h": b"deep\n",
+    }
+    second = {
+        "keep.h": b"keep\n",
+        "twin.h": b"twin\n",
+        "dir/sub/deep.h": b"deep\n",
+        "dir/new.h": b"new\n",
+    }
+    tamper = (
+        "echo object > out.o; mkdir -p made/deeper && touch made/deeper/x;"
+        " rm gone.h; rm twin.h && echo forged > twin.h; mv dir/sub/deep.h dir/moved.h;"
+        " ln -s /etc etc; mkfifo dir/fifo; chmod 700 dir; chmod 0 dir/sub;"
+        " echo overwritten > keep.h; true"
+    )
+    async with sandbox.slot() as slot:
+        slot.lay_out(await cached_tree(cache, store, first))
+        assert (await run(slot, tamper))[0] == 0
+    async with sandbox.slot() as slot:
+        slot.lay_out(await cached_tree(cache, store, second))
+        code, kept = await run(slot, LISTING)
+    assert code == 0
+    # The tree was put back and laid out over, not emptied and made again.
+    assert [r.message for r in caplog.records if r.levelno >= logging.WARNING] == []
+    other = Sandbox("bwrap", tmp_path / "fresh")
+    other.warm = sandbox.warm
+    try:
+        async with other.slot() as slot:
+            slot.lay_out(await cached_tree(cache, store, second))
+            assert await run(slot, LISTING) == (0, kept)
+    finally:
+        other.close()
+    assert "keep\ntwin\n" in kept and "forged" not in kept and "overwritten" not in kept
+
+
+async def test_extended_attributes_a_command_set_in_the_tree_are_not_kept(tmp_path: Path) -> None:
+    store = MemoryStore()
+    cache = LocalCache(tmp_path / "cache", store)
+    box = Sandbox("bwrap", tmp_path / "actions")
+    look = f"{PYTHON} -I -S -c \"import os; print(os.listxattr('/build/dir'))\""
+    try:
+        async with box.slot() as slot:
+            slot.lay_out(await cached_tree(cache, store, {"dir/a.h": b"a\n"}))
+            setting = "import os; os.setxattr('/build/dir', 'user.left', b'1')"
+            assert await run(slot, f'{PYTHON} -I -S -c "{setting}"') == (0, "")
+            assert await run(slot, look) == (0, "['user.left']\n")
+        async with box.slot() as slot:
+            slot.lay_out(await cached_tree(cache, store, {"dir/b.h": b"b\n"}))
+            assert await run(slot, look) == (0, "[]\n")
     finally:
         box.close()

@@ -22,8 +22,12 @@ async def test_fetches_verified_read_only_files(tmp_path: Path) -> None:
     digest = SHA256.digest_of(data)
     await put_blob(cas, digest, data)
     cache = LocalCache(tmp_path, cas)
-    await cache.ensure([(digest, False), (digest, True)])
-    plain, executable = cache.path(digest, False), cache.path(digest, True)
+    inodes = await cache.ensure([(digest, False), (digest, True)])
+    plain, executable = Path(cache.path(digest, False)), Path(cache.path(digest, True))
+    assert inodes == {
+        (digest, False): plain.stat().st_ino,
+        (digest, True): executable.stat().st_ino,
+    }
     assert plain.read_bytes() == executable.read_bytes() == data
     assert plain.stat().st_mode & 0o777 == 0o444
     assert executable.stat().st_mode & 0o777 == 0o555
@@ -39,10 +43,12 @@ async def test_a_file_already_cached_is_never_replaced(tmp_path: Path) -> None:
     await put_blob(cas, digest, data)
     first, second = LocalCache(tmp_path, cas), LocalCache(tmp_path, cas)
     await first.ensure([(digest, False)])
-    inode = first.path(digest, False).stat().st_ino
+    path = Path(first.path(digest, False))
+    inode = path.stat().st_ino
     await second._fetch([digest], {(digest, False)})  # as if it had checked before first stored
-    assert second.path(digest, False).stat().st_ino == inode
-    assert second.path(digest, False).read_bytes() == data
+    assert Path(second.path(digest, False)).stat().st_ino == inode
+    assert path.read_bytes() == data
+    assert await second.ensure([(digest, False)]) == {(digest, False): inode}
     assert os.listdir(tmp_path / "tmp") == []
 
 
@@ -51,4 +57,4 @@ async def test_a_blob_the_cas_lacks_is_not_found(tmp_path: Path) -> None:
     digest = SHA256.digest_of(b"never uploaded")
     with pytest.raises(NotFound, match="missing from the CAS"):
         await cache.ensure([(digest, False)])
-    assert not cache.path(digest, False).exists()
+    assert not os.path.exists(cache.path(digest, False))
