@@ -361,8 +361,7 @@ class _Warm:
         reports it), and whether it left the sandbox changed (then it must not
         serve another). SandboxBroken if the sandbox died meanwhile."""
         cwd = os.path.join(SANDBOX_ROOT, command.workdir)
-        argv = _through_env(command.arguments, command.environment)
-        request = {"cwd": cwd, "argv": argv, "env": command.environment}
+        request = {"cwd": cwd, "argv": command.arguments, "env": command.environment}
         data = json.dumps(request).encode()
         loop = asyncio.get_running_loop()
         try:
@@ -390,9 +389,10 @@ class _Warm:
 
 
 def _through_env(arguments: list[str], environment: dict[str, str]) -> list[str]:
-    """How both kinds of bubblewrap start a command: /usr/bin/env finds it on the
+    """How a bubblewrap of its own starts a command: /usr/bin/env finds it on the
     Command's PATH (running a script without `#!` with /bin/sh, as a shell would),
-    with PWD as the Command has it, or not at all (bwrap sets PWD after --chdir)."""
+    with PWD as the Command has it, or not at all (bwrap sets PWD after --chdir).
+    A warm sandbox's helper does the same without running env."""
     pwd = environment.get("PWD")
     fixup = [f"PWD={pwd}"] if pwd is not None else []
     unset = [] if pwd is not None else ["-u", "PWD"]

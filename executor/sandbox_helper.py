@@ -24,21 +24,25 @@ helper compares all of it with how it was at the start, and the worker
 replaces a sandbox that is not as it started. (Process IDs still count up
 from one command to the next, where a fresh sandbox starts them at 2.)
 
-Each command is started as the per-action sandbox starts it: through
-/usr/bin/env (the worker sends the whole argv), stdin /dev/null opened
-read-write, in a session of its own (so `kill 0` ends the command's
+Each command is started as the per-action sandbox starts it through
+/usr/bin/env, without that program's exec: found on the command's PATH as
+execvp(3) finds it, a file without `#!` run by /bin/sh, exit code 127 when
+it is not found and 126 when it cannot be run; stdin /dev/null opened
+read-write; in a session of its own (so `kill 0` ends the command's
 processes, not the helper).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -58,19 +62,51 @@ def start(cwd: str, argv: list[str], env: dict[str, str], out: int, err: int) ->
     pid = os.fork()
     if pid:
         return pid
+    code = 126
     try:
         os.setsid()
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.dup2(os.open(os.devnull, os.O_RDWR), 0)
         os.chdir(cwd)
-        os.execve(argv[0], argv, env)
+        execute(argv, env)
+    except FileNotFoundError as error:
+        code = 127
+        message = f"{argv[0]}: {error.strerror}"
     except BaseException as error:  # the child must never return to the loop
-        with contextlib.suppress(BaseException):
-            os.write(2, f"reapi worker: cannot start the command in {cwd}: {error}\n".encode())
-    os._exit(127)
+        message = f"{argv[0]} in {cwd}: {error}"
+    with contextlib.suppress(BaseException):
+        os.write(2, f"reapi worker: cannot start {message}\n".encode())
+    os._exit(code)
 
 
+def execute(argv: list[str], env: dict[str, str]) -> None:
+    """Replace this process with the command, as execvp(3) would: a name
+    without a slash is looked for on the command's own PATH, and a file the
+    kernel cannot run (no `#!`) is run by /bin/sh. Raises what made it fail:
+    FileNotFoundError when no candidate exists."""
+    name = argv[0]
+    if "/" in name:
+        candidates = [name]
+    else:
+        search = env.get("PATH", DEFAULT_PATH).split(":")
+        candidates = [os.path.join(directory or ".", name) for directory in search]
+    denied: OSError | None = None
+    for path in candidates:
+        try:
+            os.execve(path, argv, env)
+        except OSError as error:
+            if error.errno == errno.ENOEXEC:
+                os.execve("/bin/sh", ["/bin/sh", path, *argv[1:]], env)
+            if error.errno == errno.EACCES:
+                denied = error
+            elif error.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+    raise denied or FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+# Where a command's name is looked for when its environment has no PATH (glibc's).
+DEFAULT_PATH = "/bin:/usr/bin"
 # Filesystems the sandbox's user can write besides the tree: walked whole.
 OWNED = ("/", "/dev", "/dev/shm", "/dev/mqueue", "/tmp")
 # Namespace-wide objects, one line each (after a header) in these tables.
@@ -99,10 +135,10 @@ def walk(top: str, found: list[object]) -> None:
     while pending:
         path = pending.pop()
         status = os.stat(path, follow_symlinks=False)
-        link = os.readlink(path) if os.path.islink(path) else None
+        link = os.readlink(path) if stat.S_ISLNK(status.st_mode) else None
         attributes = _attributes(path) if link is None else []
         found.append((path, status.st_mode, status.st_uid, status.st_ino, link, attributes))
-        if status.st_dev == device and os.path.isdir(path) and link is None:
+        if status.st_dev == device and stat.S_ISDIR(status.st_mode):
             with os.scandir(path) as entries:
                 pending.extend(entry.path for entry in entries)
 
@@ -135,7 +171,7 @@ def _io_priority() -> int:
 
 def state() -> list[object]:
     """What a command could change and a later one would see (the tree
-    aside: the worker empties it; /tmp is emptied before this is asked)."""
+    aside: the worker puts it back; /tmp is emptied before this is asked)."""
     found: list[object] = []
     for top in OWNED:
         if os.path.isdir(top):

@@ -147,7 +147,7 @@ class Worker:
                 finished = await runner.run(assign, slot)
                 running.pop(assign.lease_id, None)
                 outgoing.put_nowait(worker_pb2.WorkerMessage(finished=finished))
-                # Let the stream send it before the tree is emptied: that is
+                # Let the stream send it before the tree is put back: that is
                 # not on the way to the result.
                 await asyncio.sleep(0)
         except asyncio.CancelledError:

@@ -181,6 +181,23 @@ async def test_commands_start_as_a_shell_would_start_them(sandbox: Sandbox) -> N
         assert await run(slot, "echo still here") == (0, "still here\n")
 
 
+async def test_a_command_is_found_on_its_own_path(sandbox: Sandbox) -> None:
+    async with sandbox.slot() as slot:
+        for directory, text in (("denied", "echo not me"), ("tools", "echo found")):
+            (slot.root / directory).mkdir()
+            (slot.root / directory / "tool").write_text(text + "\n")
+        (slot.root / "tools" / "tool").chmod(0o755)
+        path = {"PATH": "/build/missing:/build/denied:/build/tools:/bin"}
+        outcome = await slot.run("", ["tool"], path, 30)
+        assert (outcome.exit_code, slot.stdout.read_text()) == (0, "found\n")
+        outcome = await slot.run("", ["tool"], {"PATH": "/build/denied"}, 30)
+        assert outcome.exit_code == 126
+        outcome = await slot.run("", ["tool"], {"PATH": "/bin"}, 30)
+        assert outcome.exit_code == 127 and "tool" in slot.stderr.read_text()
+        outcome = await slot.run("", ["true"], {}, 30)  # no PATH: the system's default
+        assert outcome.exit_code == 0
+
+
 async def test_timeout_kills_and_the_slot_works_again(sandbox: Sandbox) -> None:
     async with sandbox.slot() as slot:
         outcome = await slot.run("", ["/bin/sleep", "300"], {}, 0.5)
