@@ -66,6 +66,10 @@ class Job:
     worker: str = ""
     lease_id: str = ""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Resolved when the job completes (created on the running loop).
+    finished: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
     @property
     def done(self) -> bool:
@@ -162,13 +166,18 @@ class Scheduler:
     def jobs(self) -> list[Job]:
         return list(self._jobs.values())
 
-    async def watch(self, job: Job) -> AsyncIterator[Job]:
-        """Yield `job` now and after each change, until it is done."""
+    async def watch(self, job: Job, quiet: float = 0.0) -> AsyncIterator[Job]:
+        """Yield `job` now and after each change, until it has been yielded
+        done. With `quiet` (seconds), the first yield waits that long or until
+        the job is done: a quick job is then seen once, completed."""
+        if quiet > 0:
+            await asyncio.wait([job.finished], timeout=quiet)
         while True:
-            changed = job.changed
+            changed, done = job.changed, job.done
             yield job
-            if job.done:
+            if done:
                 return
+            # Set already if the job changed while the caller had it (sending it).
             await changed.wait()
 
     async def cancel(self, name: str) -> None:
@@ -268,6 +277,8 @@ class Scheduler:
             except Exception:
                 log.exception("storing the result of %s failed", job.action_digest)
         self._set_stage(job, COMPLETED)
+        if not job.finished.done():
+            job.finished.set_result(None)
 
     def _set_stage(self, job: Job, stage: int) -> None:
         job.stage = stage

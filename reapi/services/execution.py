@@ -34,6 +34,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # The longest Action.timeout a client may ask (seconds); workers apply the default
 # (executor/runner.py) when an action has none.
 MAX_TIMEOUT = 3600.0
+# Execute's stream says nothing until the action has been queued or running this
+# long (seconds): most actions then cost one message, their result. Longer ones
+# get their operation (its name, for WaitExecution) and every stage after it.
+FIRST_UPDATE_AFTER = 0.5
 
 
 class ExecutionService(re_grpc.ExecutionServicer):
@@ -74,7 +78,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
             request.execution_policy.priority,
             directories,
         )
-        async for snapshot in self._scheduler.watch(job):
+        async for snapshot in self._scheduler.watch(job, quiet=FIRST_UPDATE_AFTER):
             yield await self._job_operation(snapshot, request)
 
     @grpc_errors

@@ -54,9 +54,8 @@ async def test_runs_then_serves_from_cache(channel: grpc.aio.Channel) -> None:
         outputs=["out/up.txt"],
     )
     operations, response = await execute(channel, action)
-    stages = [stage(op) for op in operations]
-    assert stages[-1] == COMPLETED and EXECUTING in stages, stages
-    assert [op.done for op in operations].count(True) == 1
+    # A quick action's stream holds one message, its result.
+    assert [(stage(op), op.done) for op in operations] == [(COMPLETED, True)]
     assert response.status.code == code_pb2.OK and not response.cached_result
     result = response.result
     assert result.exit_code == 0
@@ -71,6 +70,17 @@ async def test_runs_then_serves_from_cache(channel: grpc.aio.Channel) -> None:
     )
     _ops, again = await execute(channel, action, inline_stdout=True)
     assert again.cached_result and again.result.stdout_raw == b"done\n"
+
+
+async def test_a_slow_actions_stream_reports_it_running(channel: grpc.aio.Channel) -> None:
+    action = await upload_action(channel, ["/bin/sh", "-c", "sleep 1.5"])
+    operations, response = await execute(channel, action)
+    stages = [stage(op) for op in operations]
+    assert not operations[0].done and stages[0] in (QUEUED, EXECUTING), stages
+    assert stages[-1] == COMPLETED and EXECUTING in stages, stages
+    assert [op.done for op in operations].count(True) == 1
+    assert len({op.name for op in operations}) == 1
+    assert response.status.code == code_pb2.OK and response.result.exit_code == 0
 
 
 async def test_failures_are_not_cached(channel: grpc.aio.Channel) -> None:

@@ -104,6 +104,49 @@ async def test_finish_completes_and_stores_once() -> None:
     assert await submit(scheduler, "build") is not job  # done jobs are not merged into
 
 
+async def test_a_job_completed_while_its_watcher_sends_an_update_is_seen_done() -> None:
+    """The Execute stream must end with the completed operation even when the
+    job completed while the previous update was on its way."""
+    scheduler = Scheduler()
+    job = await submit(scheduler, "raced")
+    worker = await scheduler.connect("w", NONE, 1)
+    seen = []
+    async for snapshot in scheduler.watch(job):
+        seen.append(snapshot.stage)
+        if len(seen) == 1:
+            await scheduler.next_job(worker)
+            await scheduler.finish(worker, job.lease_id, ok())
+    assert seen == [QUEUED, COMPLETED]
+
+
+async def test_a_quiet_watch_sees_a_quick_job_once_completed() -> None:
+    scheduler = Scheduler()
+    job = await submit(scheduler, "quick")
+    worker = await scheduler.connect("w", NONE, 1)
+
+    async def run() -> None:
+        await scheduler.next_job(worker)
+        await scheduler.finish(worker, job.lease_id, ok())
+
+    running = asyncio.create_task(run())
+    seen = [snapshot.stage async for snapshot in scheduler.watch(job, quiet=60)]
+    await running
+    assert seen == [COMPLETED]
+
+
+async def test_a_quiet_watch_reports_a_slow_job_after_the_quiet_time() -> None:
+    scheduler = Scheduler()
+    job = await submit(scheduler, "slow")
+    worker = await scheduler.connect("w", NONE, 1)
+    await scheduler.next_job(worker)
+    seen = []
+    async for snapshot in scheduler.watch(job, quiet=0.01):
+        seen.append(snapshot.stage)
+        if not snapshot.done:  # the job ends only after its first report
+            await scheduler.finish(worker, job.lease_id, ok())
+    assert seen == [EXECUTING, COMPLETED]
+
+
 async def test_cancel_a_queued_job() -> None:
     scheduler = Scheduler()
     job = await submit(scheduler, "never")
