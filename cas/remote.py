@@ -137,7 +137,7 @@ class RemoteStore:
     async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
         errors = verified(blobs)
         good = [blob for blob, error in zip(blobs, errors, strict=True) if error is None]
-        small = [(d, data) for d, data in good if d.size <= BATCH_BYTES]
+        small = [(d, data) for d, data in good if d.size <= BATCH_BYTES and not d.is_empty]
         for function in {d.function for d, _ in small}:
             group = [(d, data) for d, data in small if d.function is function]
             for batch in _batches([d for d, _ in group]):
