@@ -42,6 +42,19 @@ class Link:
 class Dir:
     entries: dict[str, Node] = field(default_factory=dict)
 
+    def subdirectory(self, path: str) -> Dir | None:
+        """The directory at `path` ("a/b", relative; "" is this one), added
+        where missing; None where a file or symlink is in the way."""
+        directory = self
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            node = directory.entries.setdefault(part, Dir())
+            if not isinstance(node, Dir):
+                return None
+            directory = node
+        return directory
+
 
 Node = File | Link | Dir
 

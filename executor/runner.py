@@ -72,12 +72,7 @@ def _add_directories(tree: layout.Dir, workdir: str, outputs: list[str]) -> None
         normal = os.path.normpath(path)
         if os.path.isabs(path) or normal == ".." or normal.startswith("../"):
             raise InvalidArgument(f"{what} leaves the input root")
-        directory = tree
-        for part in normal.split("/"):
-            node = directory.entries.setdefault(part, layout.Dir()) if part != "." else directory
-            if not isinstance(node, layout.Dir):
-                break
-            directory = node
+        tree.subdirectory(normal)
 
 
 class ActionRunner:

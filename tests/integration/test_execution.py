@@ -310,25 +310,6 @@ async def test_timeout_above_the_server_maximum_is_refused(channel: grpc.aio.Cha
     assert "Action.timeout" in (raised.value.details() or "")
 
 
-async def test_absolute_input_symlink_is_invalid(channel: grpc.aio.Channel) -> None:
-    root = re_pb2.Directory(symlinks=[re_pb2.SymlinkNode(name="passwd", target="/etc/passwd")])
-    command = re_pb2.Command(arguments=["/bin/cat", "passwd"])
-    blobs = {
-        SHA256.digest_of(m.SerializeToString()): m.SerializeToString() for m in (root, command)
-    }
-    action = re_pb2.Action(
-        command_digest=SHA256.digest_of(command.SerializeToString()).to_proto(),
-        input_root_digest=SHA256.digest_of(root.SerializeToString()).to_proto(),
-    )
-    action_digest = SHA256.digest_of(action.SerializeToString())
-    blobs[action_digest] = action.SerializeToString()
-    await RemoteStore(channel).put_many(list(blobs.items()))
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await execute(channel, action_digest)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "absolute targets are not allowed" in (raised.value.details() or "")
-
-
 async def upload_raw(
     channel: grpc.aio.Channel, root: re_pb2.Directory, command: re_pb2.Command, files: list[bytes]
 ) -> Digest:
@@ -344,6 +325,16 @@ async def upload_raw(
     blobs[action_digest] = action.SerializeToString()
     await RemoteStore(channel).put_many(list(blobs.items()))
     return action_digest
+
+
+async def test_absolute_input_symlink_is_invalid(channel: grpc.aio.Channel) -> None:
+    root = re_pb2.Directory(symlinks=[re_pb2.SymlinkNode(name="passwd", target="/etc/passwd")])
+    command = re_pb2.Command(arguments=["/bin/cat", "passwd"])
+    action = await upload_raw(channel, root, command, [])
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await execute(channel, action)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "absolute targets are not allowed" in (raised.value.details() or "")
 
 
 @pytest.mark.parametrize(

@@ -254,13 +254,10 @@ async def cached_tree(cache: LocalCache, store: MemoryStore, spec: dict[str, byt
     inodes = await cache.ensure((digest, False) for digest in digests.values())
     root = layout.Dir()
     for path, digest in digests.items():
-        *parents, name = path.split("/")
-        directory = root
-        for parent in parents:
-            child = directory.entries.setdefault(parent, layout.Dir())
-            assert isinstance(child, layout.Dir)
-            directory = child
-        directory.entries[name] = layout.File(cache.path(digest, False), inodes[(digest, False)])
+        directory = root.subdirectory(os.path.dirname(path))
+        assert directory is not None
+        file = layout.File(cache.path(digest, False), inodes[(digest, False)])
+        directory.entries[os.path.basename(path)] = file
     return root
 
 

@@ -24,12 +24,9 @@ class Sources:
     def tree(self, spec: Spec) -> layout.Dir:
         root = layout.Dir()
         for path, content in spec.items():
-            *parents, name = path.split("/")
-            directory = root
-            for parent in parents:
-                child = directory.entries.setdefault(parent, layout.Dir())
-                assert isinstance(child, layout.Dir)
-                directory = child
+            directory = root.subdirectory(os.path.dirname(path))
+            assert directory is not None
+            name = os.path.basename(path)
             if isinstance(content, str):
                 directory.entries[name] = layout.Link(content.removeprefix("->"))
             else:
