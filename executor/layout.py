@@ -20,7 +20,9 @@ The description of a tree is a `Dir`, from the input tree's Directory messages.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
 from dataclasses import dataclass, field
 
 # The mode of a directory in a fresh tree.
@@ -61,79 +63,164 @@ Node = File | Link | Dir
 
 def lay_out(path: str, have: Dir, want: Dir) -> None:
     """Turn the directory at `path`, which holds exactly `have`, into `want`."""
-    for name, old in have.entries.items():
-        new = want.entries.get(name)
-        if isinstance(old, Dir):
-            if not isinstance(new, Dir):
-                _remove(os.path.join(path, name), is_directory=True)
-        elif new != old:
-            _remove(os.path.join(path, name), is_directory=False)
-    for name, new in want.entries.items():
-        kept = have.entries.get(name)
-        target = os.path.join(path, name)
-        if isinstance(new, Dir):
-            if not isinstance(kept, Dir):
-                os.mkdir(target, DIRECTORY_MODE)
-                kept = Dir()
-            lay_out(target, kept, new)
-        elif new != kept:
-            if isinstance(new, File):
-                os.link(new.source, target)
-            else:
-                os.symlink(new.target, target)
+    pending = [(path, have, want)]
+    while pending:
+        path, have, want = pending.pop()
+        for name, old in have.entries.items():
+            new = want.entries.get(name)
+            if isinstance(old, Dir):
+                if not isinstance(new, Dir):
+                    _remove(os.path.join(path, name), is_directory=True)
+            elif new != old:
+                _remove(os.path.join(path, name), is_directory=False)
+        for name, new in want.entries.items():
+            kept = have.entries.get(name)
+            target = os.path.join(path, name)
+            if isinstance(new, Dir):
+                if not isinstance(kept, Dir):
+                    os.mkdir(target, DIRECTORY_MODE)
+                    kept = Dir()
+                pending.append((target, kept, new))
+            elif new != kept:
+                if isinstance(new, File):
+                    os.link(new.source, target)
+                else:
+                    os.symlink(new.target, target)
 
 
 def restore(path: str, have: Dir) -> None:
     """Put the directory at `path` back to `have` after a command ran there:
     anything not in `have`, or no longer the same, is removed (and dropped from
-    `have`), so `have` then describes exactly what is there."""
-    os.chmod(path, DIRECTORY_MODE)
-    for name in os.listxattr(path):
-        os.removexattr(path, name)
-    kept = set()
-    with os.scandir(path) as entries:
-        for entry in entries:
-            node = have.entries.get(entry.name)
-            if _intact(entry, node):
-                kept.add(entry.name)
-                if isinstance(node, Dir):
-                    restore(entry.path, node)
-            else:
-                _remove(entry.path, entry.is_dir(follow_symlinks=False))
-    for name in have.entries.keys() - kept:
-        del have.entries[name]
+    `have`), so `have` then describes exactly what is there. Each directory
+    is reset as a fresh one would be (`reset_directory`)."""
+    fresh = _fresh_flags(os.path.dirname(os.path.abspath(path)))
+    pending = [(path, have)]
+    while pending:
+        path, have = pending.pop()
+        descriptor = _open_directory(path)
+        try:
+            kept = set()
+            with os.scandir(descriptor) as entries:
+                for entry in entries:
+                    node = have.entries.get(entry.name)
+                    inside = os.path.join(path, entry.name)
+                    if _intact(entry, node, descriptor):
+                        kept.add(entry.name)
+                        if isinstance(node, Dir):
+                            pending.append((inside, node))
+                    else:
+                        _remove(inside, entry.is_dir(follow_symlinks=False))
+            for name in have.entries.keys() - kept:
+                del have.entries[name]
+            reset_directory(descriptor, fresh)
+        finally:
+            os.close(descriptor)
 
 
 def empty(path: str) -> None:
-    """Remove everything in the directory at `path`. Directories a command made
-    unwritable are made writable first (a worker that is not root needs that)."""
-    os.chmod(path, DIRECTORY_MODE)
-    with os.scandir(path) as entries:
-        for entry in entries:
-            _remove(entry.path, entry.is_dir(follow_symlinks=False))
-    if os.listdir(path):  # something still running wrote there
-        raise OSError(errno.ENOTEMPTY, "still not empty", path)
+    """Remove everything in the directory at `path`, and reset it."""
+    fresh = _fresh_flags(os.path.dirname(os.path.abspath(path)))
+    descriptor = _open_directory(path)
+    try:
+        os.fchmod(descriptor, DIRECTORY_MODE)
+        with os.scandir(descriptor) as entries:
+            for entry in entries:
+                _remove(os.path.join(path, entry.name), entry.is_dir(follow_symlinks=False))
+        if os.listdir(descriptor):  # something still running wrote there
+            raise OSError(errno.ENOTEMPTY, "still not empty", path)
+        reset_directory(descriptor, fresh)
+    finally:
+        os.close(descriptor)
 
 
-def _intact(entry: os.DirEntry[str], node: Node | None) -> bool:
+def reset_directory(descriptor: int, fresh_flags: int | None) -> None:
+    """Give an open directory what a fresh one has: its mode, no extended
+    attributes, the inode flags (`chattr`) a new directory gets there, and the
+    current time. A command may set any of these on a directory it owns, and
+    some flags (synchronous writes) pass to what is made inside."""
+    os.fchmod(descriptor, DIRECTORY_MODE)
+    for name in os.listxattr(descriptor):
+        os.removexattr(descriptor, name)
+    flags = _flags(descriptor)
+    if flags is not None and fresh_flags is not None and flags != fresh_flags:
+        fcntl.ioctl(descriptor, FS_IOC_SETFLAGS, struct.pack("i", fresh_flags))
+    os.utime(descriptor)
+
+
+# ioctl numbers of the inode flags (linux/fs.h), the same on the usual 64-bit machines.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+# A new directory's flags, per parent directory.
+_fresh: dict[str, int | None] = {}
+
+
+def _flags(descriptor: int) -> int | None:
+    """The inode flags of an open file, or None where the filesystem has none."""
+    try:
+        packed = fcntl.ioctl(descriptor, FS_IOC_GETFLAGS, struct.pack("i", 0))
+    except OSError as error:
+        if error.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return int(struct.unpack("i", packed)[0])
+
+
+def _fresh_flags(parent: str) -> int | None:
+    """The inode flags a directory made in `parent` gets (some are inherited):
+    a scratch one is made there, read and removed, once. `parent` holds the
+    tree, out of the commands' reach."""
+    if parent not in _fresh:
+        scratch = os.path.join(parent, f".reapi-fresh-{os.getpid()}")
+        os.mkdir(scratch, DIRECTORY_MODE)
+        try:
+            descriptor = _open_directory(scratch)
+            try:
+                _fresh[parent] = _flags(descriptor)
+            finally:
+                os.close(descriptor)
+        finally:
+            os.rmdir(scratch)
+    return _fresh[parent]
+
+
+def _open_directory(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+
+def _intact(entry: os.DirEntry[str], node: Node | None, directory: int) -> bool:
     if isinstance(node, File):
         return entry.is_file(follow_symlinks=False) and entry.inode() == node.inode
     if isinstance(node, Link):
-        return entry.is_symlink() and os.readlink(entry.path) == node.target
+        return entry.is_symlink() and os.readlink(entry.name, dir_fd=directory) == node.target
     if isinstance(node, Dir):
         return entry.is_dir(follow_symlinks=False)
     return False
 
 
+def remove(path: str) -> None:
+    """Remove the directory at `path` and all in it, if it exists."""
+    if os.path.lexists(path):
+        _remove(path, os.path.isdir(path) and not os.path.islink(path))
+
+
 def _remove(path: str, is_directory: bool) -> None:
     """Remove a file, or a directory and all in it (made writable first: a
-    worker that is not root needs that). Nothing runs in the tree meanwhile, so
-    a plain walk is safe (shutil.rmtree costs several times as much)."""
+    worker that is not root needs that), however deep. Nothing runs in the tree
+    meanwhile, so a walk by path is safe."""
     if not is_directory:
         os.unlink(path)
         return
-    os.chmod(path, DIRECTORY_MODE)
-    with os.scandir(path) as entries:
-        for entry in entries:
-            _remove(entry.path, entry.is_dir(follow_symlinks=False))
-    os.rmdir(path)
+    pending = [(path, False)]
+    while pending:
+        path, emptied = pending.pop()
+        if emptied:
+            os.rmdir(path)
+            continue
+        os.chmod(path, DIRECTORY_MODE, follow_symlinks=False)
+        pending.append((path, True))
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, False))
+                else:
+                    os.unlink(entry.path)

@@ -64,7 +64,7 @@ def _plan(
 def _add_directories(tree: layout.Dir, workdir: str, outputs: list[str]) -> None:
     """Add the directories that must exist before the command starts: the
     working directory, and each output's parent. None is made through a file
-    or symlink of the input tree."""
+    or symlink of the input tree: that is refused."""
     paths = [(f"working directory {workdir!r}", workdir)]
     for output in outputs:
         paths.append((f"output {output!r}", os.path.dirname(os.path.join(workdir, output))))
@@ -72,7 +72,10 @@ def _add_directories(tree: layout.Dir, workdir: str, outputs: list[str]) -> None
         normal = os.path.normpath(path)
         if os.path.isabs(path) or normal == ".." or normal.startswith("../"):
             raise InvalidArgument(f"{what} leaves the input root")
-        tree.subdirectory(normal)
+        if tree.subdirectory(normal) is None:
+            raise InvalidArgument(
+                f"{what}: a file or symlink of the input tree is where a directory must be"
+            )
 
 
 class ActionRunner:

@@ -116,7 +116,10 @@ class Sandbox:
         the slots' directories."""
         for slot in self._slots:
             slot.stop()
-            shutil.rmtree(slot.place, ignore_errors=True)
+            try:
+                layout.remove(str(slot.place))
+            except OSError as error:
+                log.warning("cannot remove %s: %s", slot.place, _short(error))
 
     def argv(
         self,
@@ -184,12 +187,9 @@ class Slot:
         self._kept: layout.Dir | None = layout.Dir()
 
     def prepare(self) -> None:
-        """The tree's directory as a fresh one would be, whatever the last
-        command made of its mode or extended attributes (default ACLs too)."""
+        """The tree's directory, made if it is not there yet (clear() resets
+        it after every action, as executor/layout.py says)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
-        for name in os.listxattr(self.root):
-            os.removexattr(self.root, name)
 
     def lay_out(self, tree: layout.Dir) -> None:
         """Make the tree hold `tree` (and nothing else), from what it kept."""
@@ -201,7 +201,7 @@ class Slot:
                 self._kept = tree
                 return
         except OSError as error:
-            log.warning("cannot lay the input tree out over the last one: %s", error)
+            log.warning("cannot lay the input tree out over the last one: %s", _short(error))
         layout.empty(root)
         layout.lay_out(root, layout.Dir(), tree)
         self._kept = tree
@@ -218,14 +218,14 @@ class Slot:
                 layout.restore(root, kept)
                 self._kept = kept
                 return
-        except OSError as error:
-            log.warning("cannot restore %s: %s", root, error)
+        except Exception as error:  # whatever a command made of its tree
+            log.warning("cannot restore %s: %s", root, _short(error))
         try:
             layout.empty(root)
             self._kept = layout.Dir()
             return
-        except OSError as error:
-            log.warning("cannot empty %s: %s", root, error)
+        except Exception as error:
+            log.warning("cannot empty %s: %s", root, _short(error))
         log.warning("%s is abandoned; the slot starts again elsewhere", self.place)
         self.stop()
         self._new_place()
@@ -386,6 +386,11 @@ class _Warm:
         self.control.close()
         _kill_group(self.process.pid)
         self.process.wait()
+
+
+def _short(error: Exception) -> str:
+    """An error without the path it names (a command can make that very long)."""
+    return (error.strerror if isinstance(error, OSError) else None) or repr(error)[:200]
 
 
 def _through_env(arguments: list[str], environment: dict[str, str]) -> list[str]:

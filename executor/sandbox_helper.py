@@ -62,21 +62,24 @@ def start(cwd: str, argv: list[str], env: dict[str, str], out: int, err: int) ->
     pid = os.fork()
     if pid:
         return pid
-    code = 126
+    code, message = 126, ""
     try:
         os.setsid()
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.dup2(os.open(os.devnull, os.O_RDWR), 0)
-        os.chdir(cwd)
-        execute(argv, env)
+        try:
+            os.chdir(cwd)
+        except OSError as error:  # as bubblewrap's --chdir fails
+            code, message = 1, f"cannot enter {cwd}: {error.strerror}"
+        else:
+            execute(argv, env)
     except FileNotFoundError as error:
-        code = 127
-        message = f"{argv[0]}: {error.strerror}"
+        code, message = 127, f"cannot start {argv[0]!r}: {error.strerror}"
     except BaseException as error:  # the child must never return to the loop
-        message = f"{argv[0]} in {cwd}: {error}"
+        message = f"cannot start {argv[0]!r}: {error}"
     with contextlib.suppress(BaseException):
-        os.write(2, f"reapi worker: cannot start {message}\n".encode())
+        os.write(2, f"reapi worker: {message}\n".encode())
     os._exit(code)
 
 
@@ -86,7 +89,9 @@ def execute(argv: list[str], env: dict[str, str]) -> None:
     kernel cannot run (no `#!`) is run by /bin/sh. Raises what made it fail:
     FileNotFoundError when no candidate exists."""
     name = argv[0]
-    if "/" in name:
+    if not name:
+        candidates = []
+    elif "/" in name:
         candidates = [name]
     else:
         search = env.get("PATH", DEFAULT_PATH).split(":")

@@ -92,14 +92,15 @@ class ExecutionService(re_grpc.ExecutionServicer):
     async def _job_operation(
         self, job: Job, request: re_pb2.ExecuteRequest | None
     ) -> operations_pb2.Operation:
-        response = job.response
+        # The job as the watcher saw it: it may complete while this awaits.
+        stage, response = job.stage, job.response
         wants_inline = request is not None and (
             request.inline_stdout or request.inline_stderr or request.inline_output_files
         )
-        if job.response is not None and wants_inline and job.response.HasField("result"):
+        if response is not None and wants_inline and response.HasField("result"):
             assert request is not None
-            response = re_pb2.ExecuteResponse()
-            response.CopyFrom(job.response)
+            response, stored = re_pb2.ExecuteResponse(), response
+            response.CopyFrom(stored)
             await self._cache.inline(
                 job.action_digest.function,
                 response.result,
@@ -107,7 +108,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                 request.inline_stderr,
                 request.inline_output_files,
             )
-        return _operation(job.name, job.action_digest, job.stage, response)
+        return _operation(job.name, job.action_digest, stage, response)
 
     async def _load(
         self, action_digest: Digest

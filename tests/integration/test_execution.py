@@ -346,6 +346,8 @@ async def test_absolute_input_symlink_is_invalid(channel: grpc.aio.Channel) -> N
         (["x.h"], "../escape", [], "'../escape'"),
         (["x.h"], "sub", ["../../escape/x.o"], "output '../../escape/x.o'"),
         (["x.h"], "", ["/escape/x.o"], "output '/escape/x.o'"),
+        (["x.h"], "x.h/sub", [], "working directory 'x.h/sub': a file or symlink"),
+        (["x.h"], "", ["x.h/y.o"], "output 'x.h/y.o': a file or symlink"),
     ],
 )
 async def test_trees_and_paths_that_do_not_stay_in_the_input_root_are_invalid(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -196,6 +197,8 @@ async def test_a_command_is_found_on_its_own_path(sandbox: Sandbox) -> None:
         assert outcome.exit_code == 127 and "tool" in slot.stderr.read_text()
         outcome = await slot.run("", ["true"], {}, 30)  # no PATH: the system's default
         assert outcome.exit_code == 0
+        assert (await slot.run("", [""], path, 30)).exit_code == 127
+        assert (await slot.run("missing", ["true"], path, 30)).exit_code == 1  # no such cwd
 
 
 async def test_timeout_kills_and_the_slot_works_again(sandbox: Sandbox) -> None:
@@ -327,3 +330,36 @@ async def test_extended_attributes_a_command_set_in_the_tree_are_not_kept(tmp_pa
             assert await run(slot, look) == (0, "[]\n")
     finally:
         box.close()
+
+
+async def test_a_tree_too_deep_for_recursion_is_put_back(sandbox: Sandbox, tmp_path: Path) -> None:
+    store = MemoryStore()
+    cache = LocalCache(tmp_path / "cache", store)
+    deep = "i=0; while [ $i -lt 1200 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done"
+    async with sandbox.slot() as slot:
+        slot.lay_out(await cached_tree(cache, store, {"a.h": b"a\n"}))
+        assert (await run(slot, deep))[0] == 0
+        first = slot.place
+    async with sandbox.slot() as slot:
+        assert slot.place == first  # put back, not abandoned
+        slot.lay_out(await cached_tree(cache, store, {"a.h": b"a\n"}))
+        assert await run(slot, "ls -A /build") == (0, "a.h\n")
+
+
+async def test_a_tree_deeper_than_a_path_can_name_costs_only_its_directory(
+    tmp_path: Path,
+) -> None:
+    """Past PATH_MAX the tree cannot be put back or emptied by path: the slot
+    abandons that directory and goes on in a new one."""
+    box = Sandbox("bwrap", tmp_path / "actions")
+    deep = "import os; [(os.mkdir('dd'), os.chdir('dd')) for _ in range(2100)]"
+    try:
+        async with box.slot() as slot:
+            assert await run(slot, f'{PYTHON} -I -S -c "{deep}"') == (0, "")
+            first = slot.place
+        async with box.slot() as slot:
+            assert slot.place != first
+            assert await run(slot, "ls -A /build; echo fine") == (0, "fine\n")
+    finally:
+        box.close()
+        subprocess.run(["rm", "-rf", str(tmp_path / "actions")], check=True)  # rm goes deeper

@@ -4,7 +4,9 @@ out must give exactly what a fresh directory would hold."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,36 @@ def test_empty_removes_unwritable_directories(tmp_path: Path) -> None:
     root.chmod(0o500)
     layout.empty(str(root))
     assert list(root.iterdir()) == []
+
+
+def test_directory_flags_and_times_a_command_set_are_reset(
+    tmp_path: Path, sources: Sources
+) -> None:
+    """A command owns its tree's directories: `chattr +S` (synchronous writes,
+    passed on to what is made inside) or a forged time must not reach the next."""
+    root = tmp_path / "place" / "root"
+    root.mkdir(parents=True)
+    first = sources.tree(FIRST)
+    layout.lay_out(str(root), layout.Dir(), first)
+    directory = root / "dir"
+    fresh = flags(directory)
+    synchronous = 0x8  # FS_SYNC_FL
+    if fresh is not None:  # the filesystem has inode flags: set one as chattr would
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.ioctl(descriptor, layout.FS_IOC_SETFLAGS, struct.pack("i", fresh | synchronous))
+        finally:
+            os.close(descriptor)
+        assert flags(directory) == fresh | synchronous
+    os.utime(directory, (12345, 12345))
+    layout.restore(str(root), first)
+    assert flags(directory) == fresh
+    assert directory.stat().st_mtime > 12345
+
+
+def flags(path: Path) -> int | None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        return layout._flags(descriptor)
+    finally:
+        os.close(descriptor)

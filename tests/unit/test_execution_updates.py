@@ -1,0 +1,41 @@
+"""Execute's updates (reapi/services/execution.py) built from the scheduler's
+jobs, with the scheduler alone and a stand-in action cache (no grpc)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from executor.scheduler import Job, Scheduler
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.services.execution import ExecutionService
+from tests.unit.test_scheduler import NONE, ok, submit
+
+
+async def test_a_job_completing_while_its_update_is_built_is_reported_done_once() -> None:
+    """The job completes while an update is waiting for the action cache to
+    inline outputs: that update must show the job as it was, and only the next
+    one may say done."""
+    stored = asyncio.Event()
+
+    async def store(job: Job) -> None:  # the action-cache write, still under way
+        await stored.wait()
+
+    scheduler = Scheduler(on_complete=store)
+    job = await submit(scheduler, "raced")
+    worker = await scheduler.connect("w", NONE, 1)
+    await scheduler.next_job(worker)
+    finishing = asyncio.create_task(scheduler.finish(worker, job.lease_id, ok()))
+    await asyncio.sleep(0)  # the response is set; the stage is still EXECUTING
+
+    class Cache:
+        async def inline(self, *args: Any) -> None:
+            stored.set()  # the write ends and the job completes meanwhile
+            await finishing
+
+    service = ExecutionService(store=None, cache=Cache(), scheduler=scheduler)  # type: ignore[arg-type]
+    request = re_pb2.ExecuteRequest(inline_stdout=True)
+    operations = [
+        await service._job_operation(snapshot, request) async for snapshot in scheduler.watch(job)
+    ]
+    assert [op.done for op in operations] == [False, True]
