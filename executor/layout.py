@@ -11,8 +11,9 @@ neither write nor chmod (executor/local_cache.py). A kept file is therefore
 still the right file exactly when its name still points to the cache file's
 inode, which the directory listing itself tells (no stat). Whatever else an
 action left in its tree, removed, renamed or replaced is taken away, and so
-forgotten; each kept directory gets a fresh directory's mode back and loses
-its extended attributes. Nothing here follows a symbolic link.
+forgotten; each kept directory gets back what a fresh one has: its mode,
+extended attributes, inode flags and a current time. Nothing here follows a
+symbolic link, and nothing recurses (an action may make a very deep tree).
 
 The description of a tree is a `Dir`, from the input tree's Directory messages.
 """
@@ -93,7 +94,7 @@ def restore(path: str, have: Dir) -> None:
     anything not in `have`, or no longer the same, is removed (and dropped from
     `have`), so `have` then describes exactly what is there. Each directory
     is reset as a fresh one would be (`reset_directory`)."""
-    fresh = _fresh_flags(os.path.dirname(os.path.abspath(path)))
+    fresh = fresh_directory(os.path.dirname(os.path.abspath(path)))
     pending = [(path, have)]
     while pending:
         path, have = pending.pop()
@@ -119,7 +120,7 @@ def restore(path: str, have: Dir) -> None:
 
 def empty(path: str) -> None:
     """Remove everything in the directory at `path`, and reset it."""
-    fresh = _fresh_flags(os.path.dirname(os.path.abspath(path)))
+    fresh = fresh_directory(os.path.dirname(os.path.abspath(path)))
     descriptor = _open_directory(path)
     try:
         os.fchmod(descriptor, DIRECTORY_MODE)
@@ -133,25 +134,38 @@ def empty(path: str) -> None:
         os.close(descriptor)
 
 
-def reset_directory(descriptor: int, fresh_flags: int | None) -> None:
-    """Give an open directory what a fresh one has: its mode, no extended
-    attributes, the inode flags (`chattr`) a new directory gets there, and the
-    current time. A command may set any of these on a directory it owns, and
-    some flags (synchronous writes) pass to what is made inside."""
+@dataclass(frozen=True)
+class Fresh:
+    """What a directory made beside the tree has: its inode flags (None where
+    the filesystem has none) and extended attributes (a security label, say)."""
+
+    flags: int | None
+    attributes: dict[str, bytes]
+
+
+def reset_directory(descriptor: int, fresh: Fresh) -> None:
+    """Give an open directory what a fresh one has: its mode, extended
+    attributes and inode flags (`chattr`), and the current time. A command may
+    set any of these on a directory it owns, and some flags (synchronous
+    writes) pass to what is made inside."""
     os.fchmod(descriptor, DIRECTORY_MODE)
     for name in os.listxattr(descriptor):
-        os.removexattr(descriptor, name)
+        value = fresh.attributes.get(name)
+        if value is None:
+            os.removexattr(descriptor, name)
+        elif os.getxattr(descriptor, name) != value:
+            os.setxattr(descriptor, name, value)
     flags = _flags(descriptor)
-    if flags is not None and fresh_flags is not None and flags != fresh_flags:
-        fcntl.ioctl(descriptor, FS_IOC_SETFLAGS, struct.pack("i", fresh_flags))
+    if flags is not None and fresh.flags is not None and flags != fresh.flags:
+        fcntl.ioctl(descriptor, FS_IOC_SETFLAGS, struct.pack("i", fresh.flags))
     os.utime(descriptor)
 
 
 # ioctl numbers of the inode flags (linux/fs.h), the same on the usual 64-bit machines.
 FS_IOC_GETFLAGS = 0x80086601
 FS_IOC_SETFLAGS = 0x40086602
-# A new directory's flags, per parent directory.
-_fresh: dict[str, int | None] = {}
+# What a new directory gets, per parent directory.
+_fresh: dict[str, Fresh] = {}
 
 
 def _flags(descriptor: int) -> int | None:
@@ -165,17 +179,18 @@ def _flags(descriptor: int) -> int | None:
     return int(struct.unpack("i", packed)[0])
 
 
-def _fresh_flags(parent: str) -> int | None:
-    """The inode flags a directory made in `parent` gets (some are inherited):
-    a scratch one is made there, read and removed, once. `parent` holds the
-    tree, out of the commands' reach."""
+def fresh_directory(parent: str) -> Fresh:
+    """What a directory made in `parent` gets (some flags and attributes are
+    inherited): a scratch one is made there, read and removed, once. `parent`
+    holds the tree, out of the commands' reach."""
     if parent not in _fresh:
         scratch = os.path.join(parent, f".reapi-fresh-{os.getpid()}")
         os.mkdir(scratch, DIRECTORY_MODE)
         try:
             descriptor = _open_directory(scratch)
             try:
-                _fresh[parent] = _flags(descriptor)
+                attributes = {n: os.getxattr(descriptor, n) for n in os.listxattr(descriptor)}
+                _fresh[parent] = Fresh(_flags(descriptor), attributes)
             finally:
                 os.close(descriptor)
         finally:

@@ -186,6 +186,22 @@ def test_directory_flags_and_times_a_command_set_are_reset(
     assert directory.stat().st_mtime > 12345
 
 
+def test_attributes_a_fresh_directory_has_are_kept_or_put_back(tmp_path: Path) -> None:
+    """Only what a fresh directory lacks is removed (a security label stays)."""
+    directory = tmp_path / "dir"
+    directory.mkdir()
+    os.setxattr(directory, "user.label", b"changed")
+    os.setxattr(directory, "user.left", b"1")
+    fresh = layout.Fresh(flags=None, attributes={"user.label": b"fresh"})
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        layout.reset_directory(descriptor, fresh)
+    finally:
+        os.close(descriptor)
+    assert os.listxattr(directory) == ["user.label"]
+    assert os.getxattr(directory, "user.label") == b"fresh"
+
+
 def flags(path: Path) -> int | None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
