@@ -265,7 +265,7 @@ def main() -> None:
             clean = alone()
             tidy()
             changed = not clean or state() != initial
-        except OSError:  # a command made something here unreadable
+        except Exception:  # a command made something here unreadable, or very deep
             changed = True
         control.sendall(struct.pack("!ii", code if code >= 0 else 128 - code, changed))
 

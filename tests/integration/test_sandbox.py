@@ -363,3 +363,17 @@ async def test_a_tree_deeper_than_a_path_can_name_costs_only_its_directory(
     finally:
         box.close()
         subprocess.run(["rm", "-rf", str(tmp_path / "actions")], check=True)  # rm goes deeper
+
+
+async def test_a_tmp_too_deep_to_empty_costs_only_the_warm_sandbox(tmp_path: Path) -> None:
+    """The command's own result is reported; the next command gets a new sandbox."""
+    box = Sandbox("bwrap", tmp_path / "actions")
+    deep = "import os; os.chdir('/tmp'); [(os.mkdir('d'), os.chdir('d')) for _ in range(1200)]"
+    try:
+        async with box.slot() as slot:
+            assert await run(slot, f'{PYTHON} -I -S -c "{deep}"; echo made') == (0, "made\n")
+            assert slot._warm is None  # thrown away: /tmp could not be emptied
+        async with box.slot() as slot:
+            assert await run(slot, "ls -A /tmp; echo ok") == (0, "ok\n")
+    finally:
+        box.close()
