@@ -115,7 +115,10 @@ def main() -> int:
             for round_number in range(args.rounds):
                 seconds, summaries["local"] = timed(bazel, offline)
                 times["local"].append(seconds)
-                server = ServerProcess(tmp / f"storage-{round_number}", workers=2)
+                # A fresh CAS, action cache and worker input caches each round.
+                server = ServerProcess(
+                    tmp / f"storage-{round_number}", workers=2, home=tmp / f"home-{round_number}"
+                )
                 try:
                     remote = [*offline, f"--remote_executor=grpc://{server.address}"]
                     for kind in ("remote", "cached"):

@@ -194,9 +194,12 @@ class Bench:
         self.fresh_tree()
         storage = self.work / "reapi-storage"
         home = self.work / "reapi-home"
-        for path in (storage, home):
+        server_home = self.work / "server-home"
+        # Cold: the CAS, the action cache, the agent's state and the workers'
+        # local caches of input files all start empty.
+        for path in (storage, home, server_home):
             shutil.rmtree(path, ignore_errors=True)
-        server = ServerProcess(storage, workers=JOBS, home=self.work / "server-home")
+        server = ServerProcess(storage, workers=JOBS, home=server_home)
         relay = Proxy(server.port) if proxy else None
         env = dict(
             os.environ,

@@ -51,16 +51,21 @@ def as_reapi_error(error: grpc.aio.AioRpcError) -> ReapiError:
     return kind(f"remote CAS: {error.code().name}: {error.details()}")
 
 
-def channel_for(target: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
-    """A channel to `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS)."""
+def channel_for(
+    target: str, tls_ca: bytes | None = None, max_receive: int | None = None
+) -> grpc.aio.Channel:
+    """A channel to `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS);
+    `max_receive` bytes in a message (-1: any), instead of gRPC's 4 MiB."""
     scheme, _, address = target.partition("://")
     if not address or scheme not in ("grpc", "grpcs"):
         raise ValueError(
             f"server address {target!r}: expected grpc://HOST:PORT or grpcs://HOST:PORT"
         )
+    options = [] if max_receive is None else [("grpc.max_receive_message_length", max_receive)]
     if scheme == "grpcs":
-        return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls_ca))
-    return grpc.aio.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(tls_ca)
+        return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.insecure_channel(address, options=options)
 
 
 class RemoteStore:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cas.store import BlobStore, verify
@@ -42,8 +42,11 @@ class LocalCache:
         kind = "x" if executable else "r"
         return f"{self._prefix}{digest.function.path_name}/{digest.hash[:2]}/{digest.hash}-{kind}"
 
-    async def ensure(self, files: Iterable[tuple[Digest, bool]]) -> dict[CachedFile, int]:
+    async def ensure(
+        self, files: Iterable[tuple[Digest, bool]], at_hand: Mapping[Digest, bytes] | None = None
+    ) -> dict[CachedFile, int]:
         """Make every (digest, executable) file present; the inode of each.
+        Contents in `at_hand` (by their true digests) are not fetched.
         Raises NotFound when the CAS lacks one."""
         inodes = {}
         wanted = set()
@@ -54,7 +57,11 @@ class LocalCache:
                 wanted.add(file)
         if not wanted:
             return inodes
-        digests = sorted({digest for digest, _ in wanted})
+        at_hand = at_hand or {}
+        for digest, executable in wanted:
+            if digest in at_hand:
+                self._store(digest, executable, at_hand[digest])
+        digests = sorted({digest for digest, _ in wanted if digest not in at_hand})
         batch: list[Digest] = []
         size = 0
         for digest in digests:

@@ -121,8 +121,9 @@ class ActionRunner:
         tree = await read_tree(self._store, root_digest, at_hand=sent)
         if tree.missing:
             raise FailedPrecondition(f"input directory {tree.missing[0]} is missing from the CAS")
+        files = {function.digest_of(blob): blob for blob in assign.input_files}
         try:
-            inodes = await self._cache.ensure(tree.files())
+            inodes = await self._cache.ensure(tree.files(), at_hand=files)
         except NotFound as missing:
             raise FailedPrecondition(missing.message) from None
         planned = _plan(tree.directories, root_digest, self._cache, inodes)

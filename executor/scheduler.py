@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from google.rpc import code_pb2, status_pb2
@@ -40,6 +40,8 @@ COMPLETED = re_pb2.ExecutionStage.COMPLETED
 MAX_ATTEMPTS = 3
 # Completed jobs stay visible to GetOperation/WaitExecution this long (seconds).
 KEEP_COMPLETED = 600.0
+# How many input files the server remembers a worker holds (about 100 bytes each).
+HELD_FILES = 200_000
 
 Properties = frozenset[tuple[str, str]]
 
@@ -56,8 +58,10 @@ class Job:
     requirements: Properties
     priority: int
     cacheable: bool
-    # The input tree's Directory blobs, for the worker (it need not read them).
+    # The input tree's Directory blobs and file digests, for the lease (a worker
+    # need not read from the CAS what comes with it).
     input_directories: Sequence[bytes] = ()
+    input_files: Sequence[Digest] = ()
     stage: int = QUEUED
     response: re_pb2.ExecuteResponse | None = None
     attempts: int = 0
@@ -86,9 +90,17 @@ class WorkerHandle:
     leases: dict[str, Job] = field(default_factory=dict)
     # Cancellations for the worker's Work stream to send.
     cancels: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    # Input files of this worker's earlier leases: its cache has them (or fetched
+    # them itself), so no lease needs to carry them again.
+    held: set[Digest] = field(default_factory=set)
 
     def matches(self, job: Job) -> bool:
         return job.requirements <= self.properties
+
+    def hold(self, files: Iterable[Digest]) -> None:
+        if len(self.held) > HELD_FILES:
+            self.held.clear()  # at worst a file travels twice
+        self.held.update(files)
 
 
 OnComplete = Callable[[Job], Awaitable[None]]
@@ -131,6 +143,7 @@ class Scheduler:
         requirements: Properties,
         priority: int = 0,
         input_directories: Sequence[bytes] = (),
+        input_files: Sequence[Digest] = (),
     ) -> Job:
         """The job that will run the action: an identical one already queued
         or running, unless the action may not be cached (then always new)."""
@@ -150,6 +163,7 @@ class Scheduler:
             priority=priority,
             cacheable=cacheable,
             input_directories=input_directories,
+            input_files=input_files,
         )
         self._jobs[job.name] = job
         if cacheable:
@@ -270,7 +284,7 @@ class Scheduler:
         self._queue = [entry for entry in self._queue if entry[2] is not job]
         job.response = response
         job.completed_at = time.time()
-        job.input_directories = ()  # no worker needs them now
+        job.input_directories = job.input_files = ()  # no worker needs them now
         if self._on_complete is not None and response.status.code == code_pb2.OK:
             try:
                 await self._on_complete(job)

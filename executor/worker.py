@@ -90,7 +90,9 @@ class Worker:
     async def _session(self) -> None:
         config = self.config
         metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
-        async with channel_for(config.server, config.tls_ca) as channel:
+        # A lease holds the Action and Command whole, whatever their size: its
+        # own server's messages are not limited.
+        async with channel_for(config.server, config.tls_ca, max_receive=-1) as channel:
             store = RemoteStore(channel, metadata)
             cache = LocalCache(config.workdir / "cache", store)
             runner = ActionRunner(store, cache, config.name)

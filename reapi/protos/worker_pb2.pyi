@@ -50,7 +50,7 @@ class ServerMessage(_message.Message):
     def __init__(self, assign: _Optional[_Union[Assign, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("lease_id", "action_digest", "digest_function", "action", "command", "instance_name", "input_directories", "output_blob_bytes")
+    __slots__ = ("lease_id", "action_digest", "digest_function", "action", "command", "instance_name", "input_directories", "output_blob_bytes", "input_files")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FUNCTION_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Assign(_message.Message):
     INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FILES_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     action_digest: _remote_execution_pb2.Digest
     digest_function: _remote_execution_pb2.DigestFunction.Value
@@ -67,7 +68,8 @@ class Assign(_message.Message):
     instance_name: str
     input_directories: _containers.RepeatedScalarFieldContainer[bytes]
     output_blob_bytes: int
-    def __init__(self, lease_id: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., digest_function: _Optional[_Union[_remote_execution_pb2.DigestFunction.Value, str]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., instance_name: _Optional[str] = ..., input_directories: _Optional[_Iterable[bytes]] = ..., output_blob_bytes: _Optional[int] = ...) -> None: ...
+    input_files: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, lease_id: _Optional[str] = ..., action_digest: _Optional[_Union[_remote_execution_pb2.Digest, _Mapping]] = ..., digest_function: _Optional[_Union[_remote_execution_pb2.DigestFunction.Value, str]] = ..., action: _Optional[_Union[_remote_execution_pb2.Action, _Mapping]] = ..., command: _Optional[_Union[_remote_execution_pb2.Command, _Mapping]] = ..., instance_name: _Optional[str] = ..., input_directories: _Optional[_Iterable[bytes]] = ..., output_blob_bytes: _Optional[int] = ..., input_files: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("lease_id",)

@@ -52,7 +52,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
     ) -> AsyncIterator[operations_pb2.Operation]:
         function = DigestFunction.from_wire(request.digest_function)
         action_digest = Digest.from_proto(function, request.action_digest)
-        action, command, directories = await self._load(action_digest)
+        action, command, tree = await self._load(action_digest)
         if not request.skip_cache_lookup and not action.do_not_cache:
             try:
                 cached = await self._cache.get(
@@ -76,7 +76,8 @@ class ExecutionService(re_grpc.ExecutionServicer):
             request.instance_name,
             platform_requirements(action, command),
             request.execution_policy.priority,
-            directories,
+            input_directories=list(tree.blobs.values()),
+            input_files=list({digest for digest, _ in tree.files()}),
         )
         async for snapshot in self._scheduler.watch(job, quiet=FIRST_UPDATE_AFTER):
             yield await self._job_operation(snapshot, request)
@@ -110,10 +111,8 @@ class ExecutionService(re_grpc.ExecutionServicer):
             )
         return _operation(job.name, job.action_digest, stage, response)
 
-    async def _load(
-        self, action_digest: Digest
-    ) -> tuple[re_pb2.Action, re_pb2.Command, list[bytes]]:
-        """The Action, the Command and the input tree's Directory blobs, checked;
+    async def _load(self, action_digest: Digest) -> tuple[re_pb2.Action, re_pb2.Command, TreeRead]:
+        """The Action, the Command and the input tree, checked;
         raises FailedPrecondition listing every missing blob (action, command,
         directories, files)."""
         found = await self._store.get_many([action_digest])
@@ -138,7 +137,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
         command = _parse(re_pb2.Command, command_blob[command_digest], "Command")
         if not command.arguments:
             raise InvalidArgument("Command.arguments is empty")
-        return action, command, list(tree.blobs.values())
+        return action, command, tree
 
 
 async def missing_inputs(store: BlobStore, command: Digest, tree: TreeRead) -> list[Digest]:

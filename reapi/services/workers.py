@@ -11,7 +11,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
-from executor.scheduler import Scheduler, WorkerHandle
+from executor.scheduler import Job, Scheduler, WorkerHandle
 from reapi.errors import InvalidArgument
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
@@ -27,6 +27,12 @@ HEARTBEAT_TIMEOUT = 30.0
 # Output blobs up to this many bytes in all may come inside a Finished message
 # (the rest the worker uploads first): far below gRPC's 4 MiB message limit.
 OUTPUT_BLOB_BYTES = 1 << 20
+# Input directories and small files up to this many bytes in all come with a
+# lease (the worker reads the rest from the CAS): a lease stays a small message
+# whatever the size of the input tree.
+LEASE_INPUT_BYTES = 2 << 20
+# Files up to this size may come with a lease (most sources and headers).
+LEASE_FILE_BYTES = 256 << 10
 
 
 class _WorkerGone(Exception):
@@ -122,9 +128,9 @@ class WorkersService(worker_grpc.WorkersServicer):
                 action=job.action,
                 command=job.command,
                 instance_name=job.instance_name,
-                input_directories=job.input_directories,
                 output_blob_bytes=OUTPUT_BLOB_BYTES,
             )
+            await add_inputs(self._store, assign, job, worker)
             await context.write(worker_pb2.ServerMessage(assign=assign))
 
     async def _cancel(self, context: Context, worker: WorkerHandle) -> None:
@@ -133,3 +139,25 @@ class WorkersService(worker_grpc.WorkersServicer):
             await context.write(
                 worker_pb2.ServerMessage(cancel=worker_pb2.Cancel(lease_id=lease_id))
             )
+
+
+async def add_inputs(
+    store: BlobStore, assign: worker_pb2.Assign, job: Job, worker: WorkerHandle
+) -> None:
+    """What the worker would otherwise read from the CAS, up to
+    LEASE_INPUT_BYTES: the input tree's directories, then the small files
+    it was not leased before (for a compile, the new source)."""
+    budget = LEASE_INPUT_BYTES
+    for blob in job.input_directories:
+        if len(blob) <= budget:
+            assign.input_directories.append(blob)
+            budget -= len(blob)
+    files = []
+    for digest in job.input_files:
+        if 0 < digest.size <= min(budget, LEASE_FILE_BYTES) and digest not in worker.held:
+            files.append(digest)
+            budget -= digest.size
+    if files:
+        found = await store.get_many(files)
+        assign.input_files.extend(found[d] for d in files if d in found)
+    worker.hold(job.input_files)

@@ -91,6 +91,25 @@ async def test_failures_are_not_cached(channel: grpc.aio.Channel) -> None:
     assert not second.cached_result
 
 
+async def test_an_input_tree_larger_than_a_message_runs(channel: grpc.aio.Channel) -> None:
+    """A lease carries a few MiB of the input tree, the worker reads the rest
+    from the CAS: here one Directory of 6 MB, with small ones that do come in
+    the lease. (Before, the whole tree went in the lease, a message the worker
+    refused: the stream broke, and the action failed once three tries had.)"""
+    files: dict[str, bytes] = {
+        f"big/{n:05d}-a-header-with-a-rather-long-name.h": b"x" for n in range(60_000)
+    }
+    files.update({f"small{n}/f.h": f"{n}\n".encode() for n in range(20)})
+    action = await upload_action(
+        channel, ["/bin/sh", "-c", "ls big | wc -l; cat small*/f.h"], files
+    )
+    _ops, response = await execute(channel, action, inline_stdout=True)
+    assert response.status.code == code_pb2.OK, response.status
+    count, *small = response.result.stdout_raw.decode().split()
+    assert count == "60000"
+    assert sorted(small) == sorted(str(n) for n in range(20))
+
+
 async def test_missing_inputs_are_listed(channel: grpc.aio.Channel) -> None:
     ghost = SHA256.digest_of(b"never uploaded action")
     with pytest.raises(grpc.aio.AioRpcError) as raised:

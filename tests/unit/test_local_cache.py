@@ -58,3 +58,21 @@ async def test_a_blob_the_cas_lacks_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFound, match="missing from the CAS"):
         await cache.ensure([(digest, False)])
     assert not os.path.exists(cache.path(digest, False))
+
+
+async def test_contents_at_hand_are_stored_without_a_fetch(tmp_path: Path) -> None:
+    """A lease's input files: stored as fetched ones are; only the others are fetched."""
+    cas = MemoryStore()
+    fetched, carried = b"#define FETCHED 1\n", b"int carried;\n"
+    fetched_digest, carried_digest = SHA256.digest_of(fetched), SHA256.digest_of(carried)
+    await put_blob(cas, fetched_digest, fetched)  # the CAS lacks `carried`
+    cache = LocalCache(tmp_path, cas)
+    wanted = [(fetched_digest, False), (carried_digest, False), (carried_digest, True)]
+    inodes = await cache.ensure(wanted, at_hand={carried_digest: carried})
+    assert set(inodes) == set(wanted)
+    for digest, executable in wanted:
+        path = Path(cache.path(digest, executable))
+        assert path.stat().st_ino == inodes[digest, executable]
+        assert path.read_bytes() == (carried if digest == carried_digest else fetched)
+        assert path.stat().st_mode & 0o777 == (0o555 if executable else 0o444)
+    assert os.listdir(tmp_path / "tmp") == []
