@@ -12,7 +12,7 @@ from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from executor.scheduler import Job, Scheduler, WorkerHandle
-from reapi.errors import InvalidArgument
+from reapi.errors import InvalidArgument, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
@@ -158,6 +158,10 @@ async def add_inputs(
             files.append(digest)
             budget -= digest.size
     if files:
-        found = await store.get_many(files)
+        try:
+            found = await store.get_many(files)
+        except (ReapiError, OSError) as error:  # the worker will ask, and be told
+            log.warning("input files of %s not read for its lease: %s", job.action_digest, error)
+            found = {}
         assign.input_files.extend(found[d] for d in files if d in found)
     worker.hold(job.input_files)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cas.memory import MemoryStore
 from cas.store import put_blob
 from executor.scheduler import Job, WorkerHandle
 from reapi.digests import Digest, DigestFunction
+from reapi.errors import Internal
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.services.workers import LEASE_FILE_BYTES, LEASE_INPUT_BYTES, add_inputs
@@ -72,3 +75,16 @@ async def test_a_lease_stays_small_whatever_the_tree() -> None:
     sent = sum(map(len, assign.input_directories)) + sum(map(len, assign.input_files))
     assert LEASE_INPUT_BYTES - LEASE_FILE_BYTES < sent <= LEASE_INPUT_BYTES
     assert 0 < len(assign.input_files) < len(files)
+
+
+class UnreadableStore(MemoryStore):
+    async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        raise Internal("disk read error")
+
+
+async def test_a_store_that_cannot_read_sends_the_lease_without_files() -> None:
+    """The worker then asks the CAS itself and gets the error there."""
+    store = UnreadableStore()
+    source = SHA256.digest_of(b"int x;\n")
+    assign = await lease(store, job([b"\n\x01a"], [source]), WorkerHandle("w", frozenset(), 1))
+    assert list(assign.input_directories) == [b"\n\x01a"] and not assign.input_files
