@@ -14,11 +14,12 @@ from executor import layout
 from executor.local_cache import CachedFile, LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Slot
-from reapi.conventions import MANIFEST_VARIABLE, verify_system_files
+from reapi.conventions import MANIFEST_VARIABLE, SystemFiles
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
+from reapi.watch import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class ActionRunner:
         self._store = store
         self._cache = cache
         self._name = worker_name
+        self._system_files = SystemFiles(Watcher())
 
     async def run(self, assign: worker_pb2.Assign, slot: Slot) -> worker_pb2.Finished:
         """Run the leased action in `slot`; its outcome, for the server. The
@@ -138,7 +140,7 @@ class ActionRunner:
             timeout = action.timeout.ToTimedelta().total_seconds()
         environment = {v.name: v.value for v in command.environment_variables}
         if MANIFEST_VARIABLE in environment:
-            verify_system_files(root, environment[MANIFEST_VARIABLE])
+            self._system_files.verify(root, environment[MANIFEST_VARIABLE])
         metadata.execution_start_timestamp.CopyFrom(_now())
         outcome = await slot.run(workdir, list(command.arguments), environment, timeout)
         metadata.execution_completed_timestamp.CopyFrom(_now())

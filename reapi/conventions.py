@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from reapi.errors import FailedPrecondition, InvalidArgument
+from reapi.watch import Watcher
 
 SANDBOX_ROOT = "/build"
 MANIFEST_VARIABLE = "REAPI_SYSTEM_FILES"
@@ -31,6 +32,8 @@ ABSENT = "ABSENT"
 
 # (path, size, mtime_ns, inode) -> sha256: system files rarely change.
 _digests: dict[tuple[str, int, int, int], str] = {}
+# Manifests a worker remembers having found true (a few per project built).
+VERIFIED_MANIFESTS = 256
 
 
 def file_identity(path: str, status: tuple[int, int, int] | None = None) -> tuple[str, int] | None:
@@ -62,23 +65,50 @@ def file_sha256(path: str) -> str | None:
     return None if found is None else found[0]
 
 
-def verify_system_files(root: Path, manifest: str) -> None:
-    """Raise FailedPrecondition if a listed file is missing or differs here."""
-    path = (root / manifest).resolve()
-    if root.resolve() not in path.parents:
-        raise InvalidArgument(f"{MANIFEST_VARIABLE} {manifest!r} is outside the input tree")
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        hash_, _size, name = line.split(" ", 2)
-        if hash_ == ABSENT:
-            if os.path.lexists(name):
-                raise FailedPrecondition(
-                    f"{name} exists on this worker but not on the client; refusing to "
-                    "produce a different result"
-                )
-        elif file_sha256(name) != hash_:
-            raise FailedPrecondition(
-                f"system file {name} on this worker differs from the client's; refusing "
-                "to produce a different result"
+class SystemFiles:
+    """A worker's check of manifests against its own files. A status comes from
+    the watcher (reapi/watch.py) while inotify reports no change in its
+    directory, and a manifest found true is taken as true again, without a look
+    at its files, until the watcher takes in a change: most compiles of a
+    project list the same system files, which rarely change during a build."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
+        self._verified: dict[str, int] = {}  # manifest -> watcher.changes when found true
+
+    def verify(self, root: Path, manifest: str) -> None:
+        """Raise FailedPrecondition if a listed file is missing or differs here."""
+        path = (root / manifest).resolve()
+        if root.resolve() not in path.parents:
+            raise InvalidArgument(f"{MANIFEST_VARIABLE} {manifest!r} is outside the input tree")
+        text = path.read_text()
+        watcher = self._watcher
+        watcher.refresh()
+        if self._verified.get(text) == watcher.changes:
+            return
+        remembered = True  # every status listed is one the watcher will report changes to
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            hash_, _size, name = line.split(" ", 2)
+            status = watcher.status(name)
+            remembered = remembered and name in watcher.statuses
+            if hash_ == ABSENT:
+                if status is not None:
+                    raise FailedPrecondition(
+                        f"{name} exists on this worker but not on the client; refusing to "
+                        "produce a different result"
+                    )
+                continue
+            found = (
+                None if status is None else file_identity(name, (status[0], status[1], status[3]))
             )
+            if found is None or found[0] != hash_:
+                raise FailedPrecondition(
+                    f"system file {name} on this worker differs from the client's; refusing "
+                    "to produce a different result"
+                )
+        if remembered:
+            if len(self._verified) >= VERIFIED_MANIFESTS:
+                self._verified.clear()
+            self._verified[text] = watcher.changes

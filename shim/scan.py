@@ -37,9 +37,9 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from reapi.watch import StatKey, Watcher, list_files, stat_key
 from shim.inputs import InputsUnknown, run_preprocessor
 from shim.options import lookup
-from shim.watch import StatKey, Watcher, list_files, stat_key
 
 __all__ = ["StatKey", "stat_key"]  # shared with shim.memo and shim.agent
 
@@ -357,7 +357,7 @@ class Scanner:
         Each header the source includes leads to the same files in every
         compile: that closure is kept, and taken whole while its files and
         directories are unchanged, so a compile costs about a stat per file
-        (none for those the watcher knows unchanged: shim/watch.py).
+        (none for those the watcher knows unchanged: reapi/watch.py).
 
         `#include NAME` follows NAME's definition on the command line (git's
         `-DSHA1DC_CUSTOM_INCLUDE_SHA1_C="cache.h"`). A NAME that no file read

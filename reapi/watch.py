@@ -1,11 +1,13 @@
 """What has not changed since it was last looked at, as the kernel tells.
 
-The scanner asks for the status of every file a compile may read (about 400
-for a C file of git, most of them system headers) and for the listings of
-the directories its lookups searched. Asked again for each compile, that is
-a system call per file. The agent lives across compiles, so it watches those
-directories with inotify instead: a status or a listing taken after its
-directory was watched stays true until the kernel reports a change there.
+The shim's scanner asks for the status of every file a compile may read (about
+400 for a C file of git, most of them system headers) and for the listings of
+the directories its lookups searched; a worker checks the system files each
+compile's manifest lists (reapi/conventions.py). Asked again for each compile,
+that is a system call per file. The agent and the worker live across compiles,
+so they watch those directories with inotify instead: a status or a listing
+taken after its directory was watched stays true until the kernel reports a
+change there.
 The kernel queues an event before the call that made the change returns, so
 draining the queue (`refresh`) at the start of a compile sees every change
 made before the compile was asked for.
@@ -64,6 +66,7 @@ WATCHED = (
 LOST = flags.Q_OVERFLOW | flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF | flags.UNMOUNT
 # Events that change which names a directory holds.
 LISTING = flags.CREATE | flags.DELETE | flags.MOVED_FROM | flags.MOVED_TO
+_GONE = object()  # what a status the watcher does not remember pops as
 
 
 class Watcher:
@@ -72,10 +75,14 @@ class Watcher:
         self._close: weakref.finalize[Any, Any] | None = None  # closes _inotify
         self._enabled = enabled
         self._devices: dict[int, bool] | None = None  # st_dev -> on a local filesystem
+        # Counts the changes to what it remembers: what was concluded from the
+        # statuses and listings it gave stays true while this stays the same.
+        self.changes = 0
         self._reset()
 
     def _reset(self) -> None:
         """Forget everything, watches included."""
+        self.changes += 1
         if self._close is not None:
             self._close()
         self._inotify = self._close = None
@@ -109,7 +116,8 @@ class Watcher:
                     self._reset()  # a directory we rely on changed
                     return
                 path = os.path.join(directory, event.name)
-                self.statuses.pop(path, None)
+                if self.statuses.pop(path, _GONE) is not _GONE:
+                    self.changes += 1
                 if event.mask & LISTING and directory in self.listings:
                     listed.setdefault(directory, set()).add(event.name)
         for directory, names in listed.items():
@@ -117,6 +125,7 @@ class Watcher:
             present = {n for n in names if os.path.isfile(os.path.join(directory, n))}
             if not (present <= old and old.isdisjoint(names - present)):
                 self.listings[directory] = (old - names) | present
+                self.changes += 1
 
     def trusts(self, directory: str) -> bool:
         """Whether every change in `directory` (absolute, normalized) and on
