@@ -34,6 +34,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # The longest Action.timeout a client may ask (seconds); workers apply the default
 # (executor/runner.py) when an action has none.
 MAX_TIMEOUT = 3600.0
+# The Action and Command travel whole in one lease message (with some of the
+# inputs, reapi/services/workers.py): far more than a process can be given to
+# run (ARG_MAX), and well within the server's message limit.
+MAX_ACTION_BYTES = 4 * 1024 * 1024
 # Execute's stream says nothing until the action has been queued or running this
 # long (seconds): most actions then cost one message, their result. Longer ones
 # get their operation (its name, for WaitExecution) and every stage after it.
@@ -122,6 +126,11 @@ class ExecutionService(re_grpc.ExecutionServicer):
         function = action_digest.function
         command_digest = Digest.from_proto(function, action.command_digest)
         root_digest = Digest.from_proto(function, action.input_root_digest)
+        if action_digest.size + command_digest.size > MAX_ACTION_BYTES:
+            raise InvalidArgument(
+                f"the Action and its Command are {action_digest.size + command_digest.size} "
+                f"bytes; this server runs actions of up to {MAX_ACTION_BYTES} bytes"
+            )
         if action.HasField("timeout"):
             timeout = action.timeout.ToTimedelta().total_seconds()
             if timeout > MAX_TIMEOUT or timeout < 0:

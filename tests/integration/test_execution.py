@@ -110,6 +110,22 @@ async def test_an_input_tree_larger_than_a_message_runs(channel: grpc.aio.Channe
     assert sorted(small) == sorted(str(n) for n in range(20))
 
 
+async def test_an_action_too_large_for_a_lease_is_invalid(channel: grpc.aio.Channel) -> None:
+    """A 9 MB Command (150,000 output paths) is INVALID_ARGUMENT, and the worker
+    still runs the next action. (Before, the lease was larger than the server
+    may send: the worker's stream broke three times, cutting off whatever else
+    it was running, and the action failed as UNAVAILABLE.)"""
+    outputs = [f"out/a/rather/long/path/to/an/output/number-{n:06d}.o" for n in range(150_000)]
+    action = await upload_action(channel, ["/bin/true"], outputs=outputs)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await execute(channel, action)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "this server runs actions of up to 4194304 bytes" in (raised.value.details() or "")
+    small = await upload_action(channel, ["/bin/sh", "-c", "echo ok"])
+    _ops, response = await execute(channel, small, inline_stdout=True)
+    assert response.result.stdout_raw == b"ok\n"
+
+
 async def test_missing_inputs_are_listed(channel: grpc.aio.Channel) -> None:
     ghost = SHA256.digest_of(b"never uploaded action")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
