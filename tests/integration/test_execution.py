@@ -95,7 +95,7 @@ async def test_an_input_tree_larger_than_a_message_runs(channel: grpc.aio.Channe
     """A lease carries a few MiB of the input tree, the worker reads the rest
     from the CAS: here one Directory of 6 MB, with small ones that do come in
     the lease. (Before, the whole tree went in the lease, a message the worker
-    refused: the stream broke, and the action failed once three tries had.)"""
+    refused: the stream broke, and the action failed after three tries.)"""
     files: dict[str, bytes] = {
         f"big/{n:05d}-a-header-with-a-rather-long-name.h": b"x" for n in range(60_000)
     }
