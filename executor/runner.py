@@ -24,6 +24,20 @@ from reapi.watch import Watcher
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 900.0
+# An ActionResult travels to the server in one message, with at most
+# Assign.output_blob_bytes of outputs: far within the server's message limit.
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+
+
+def _drop_outputs(result: re_pb2.ActionResult) -> None:
+    for field in (
+        "output_files",
+        "output_directories",
+        "output_symlinks",
+        "output_file_symlinks",
+        "output_directory_symlinks",
+    ):
+        result.ClearField(field)
 
 
 def _now() -> timestamp_pb2.Timestamp:
@@ -152,11 +166,20 @@ class ActionRunner:
         result.stderr_digest.CopyFrom(collector.add_blob(slot.stderr.read_bytes()).to_proto())
         if not outcome.timed_out:
             collector.collect(command, result)
+        listed = result.ByteSize()
+        if listed > MAX_RESULT_BYTES:  # one message to the server could not hold it
+            _drop_outputs(result)
         finished.output_blobs.extend(await collector.upload(self._store, assign.output_blob_bytes))
         metadata.output_upload_completed_timestamp.CopyFrom(_now())
         if outcome.timed_out:
             return status_pb2.Status(
                 code=code_pb2.DEADLINE_EXCEEDED,
                 message=f"the action ran longer than its timeout of {timeout:g}s and was killed",
+            )
+        if listed > MAX_RESULT_BYTES:
+            return status_pb2.Status(
+                code=code_pb2.RESOURCE_EXHAUSTED,
+                message=f"the action's result lists its outputs in {listed} bytes; this "
+                f"worker returns results of up to {MAX_RESULT_BYTES} bytes",
             )
         return status_pb2.Status(code=code_pb2.OK)

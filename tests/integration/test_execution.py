@@ -126,6 +126,34 @@ async def test_an_action_too_large_for_a_lease_is_invalid(channel: grpc.aio.Chan
     assert response.result.stdout_raw == b"ok\n"
 
 
+async def test_a_result_too_large_to_return_is_an_error(channel: grpc.aio.Channel) -> None:
+    """An action that makes 80,000 declared outputs: its result would list them in
+    about 10 MB, more than one message to the server may hold (8 MiB), and more
+    than a client takes by default (4 MiB). RESOURCE_EXHAUSTED, with the exit
+    code and stdout still there, and the worker runs the next action. (Before,
+    the worker's stream broke three times, cutting off whatever else it was
+    running, and the action failed as UNAVAILABLE.)"""
+    outputs = [f"out/{n:05d}-an-output-with-a-rather-long-name.o" for n in range(80_000)]
+    action = await upload_action(
+        channel,
+        [
+            "/bin/sh",
+            "-c",
+            "cd out && seq -f '%05g' 0 79999 | "
+            "sed 's/$/-an-output-with-a-rather-long-name.o/' | xargs touch && echo made",
+        ],
+        outputs=outputs,
+    )
+    _ops, response = await execute(channel, action, inline_stdout=True)
+    assert response.status.code == code_pb2.RESOURCE_EXHAUSTED, response.status
+    assert "this worker returns results of up to 4194304 bytes" in response.status.message
+    assert response.result.exit_code == 0 and response.result.stdout_raw == b"made\n"
+    assert not response.result.output_files
+    small = await upload_action(channel, ["/bin/sh", "-c", "echo ok"])
+    _ops, response = await execute(channel, small, inline_stdout=True)
+    assert response.result.stdout_raw == b"ok\n"
+
+
 async def test_missing_inputs_are_listed(channel: grpc.aio.Channel) -> None:
     ghost = SHA256.digest_of(b"never uploaded action")
     with pytest.raises(grpc.aio.AioRpcError) as raised:
