@@ -22,14 +22,18 @@ class TreeRead:
     missing: list[Digest] = field(default_factory=list)
     # The found directories' blobs, as stored.
     blobs: dict[Digest, bytes] = field(default_factory=dict)
+    _files: frozenset[tuple[Digest, bool]] | None = field(default=None, repr=False)
 
-    def files(self) -> set[tuple[Digest, bool]]:
-        """Every (file digest, is_executable) the found directories list."""
-        return {
-            (Digest.from_proto(digest.function, node.digest), node.is_executable)
-            for digest, directory in self.directories.items()
-            for node in directory.files
-        }
+    def files(self) -> frozenset[tuple[Digest, bool]]:
+        """Every (file digest, is_executable) the found directories list, worked
+        out once (Execute asks twice: to check the inputs, then for the lease)."""
+        if self._files is None:
+            self._files = frozenset(
+                (Digest.from_proto(digest.function, node.digest), node.is_executable)
+                for digest, directory in self.directories.items()
+                for node in directory.files
+            )
+        return self._files
 
 
 async def read_tree(

@@ -90,8 +90,9 @@ class Worker:
     async def _session(self) -> None:
         config = self.config
         metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
-        # A lease holds the Action and Command whole, whatever their size: its
-        # own server's messages are not limited.
+        # A lease can be larger than gRPC's default 4 MiB (an Action and Command
+        # of up to 4 MiB, and up to 2 MiB of inputs): its server's messages are
+        # taken whatever their size.
         async with channel_for(config.server, config.tls_ca, max_receive=-1) as channel:
             store = RemoteStore(channel, metadata)
             cache = LocalCache(config.workdir / "cache", store)
