@@ -17,6 +17,7 @@ unit tests drive it with fake workers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
@@ -112,6 +113,9 @@ class Scheduler:
         (e.g. to store it in the action cache), before watchers are told."""
         self._on_complete = on_complete
         self._jobs: dict[str, Job] = {}
+        # Done jobs in the order they completed, so forgetting old ones looks
+        # only at those it forgets (the whole table per Execute was quadratic).
+        self._completed: collections.deque[Job] = collections.deque()
         self._in_flight: dict[tuple[Digest, str], Job] = {}
         # (priority, arrival, job); read in that order by _take.
         self._queue: list[tuple[int, int, Job]] = []
@@ -284,6 +288,7 @@ class Scheduler:
         self._queue = [entry for entry in self._queue if entry[2] is not job]
         job.response = response
         job.completed_at = time.time()
+        self._completed.append(job)
         job.input_directories = job.input_files = ()  # no worker needs them now
         if self._on_complete is not None and response.status.code == code_pb2.OK:
             try:
@@ -301,8 +306,8 @@ class Scheduler:
 
     def _forget_old(self) -> None:
         horizon = time.time() - KEEP_COMPLETED
-        for name in [n for n, j in self._jobs.items() if j.done and j.completed_at < horizon]:
-            del self._jobs[name]
+        while self._completed and self._completed[0].completed_at < horizon:
+            self._jobs.pop(self._completed.popleft().name, None)
 
 
 def _error_response(code: int, message: str) -> re_pb2.ExecuteResponse:

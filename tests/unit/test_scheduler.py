@@ -7,7 +7,15 @@ import asyncio
 import pytest
 from google.rpc import code_pb2
 
-from executor.scheduler import COMPLETED, EXECUTING, MAX_ATTEMPTS, QUEUED, Job, Scheduler
+from executor.scheduler import (
+    COMPLETED,
+    EXECUTING,
+    KEEP_COMPLETED,
+    MAX_ATTEMPTS,
+    QUEUED,
+    Job,
+    Scheduler,
+)
 from reapi.digests import DigestFunction
 from reapi.errors import FailedPrecondition, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -170,3 +178,27 @@ async def test_shutdown_completes_everything_unfinished() -> None:
     for job in (queued, running):
         assert job.done and job.response is not None
         assert job.response.status.code == code_pb2.UNAVAILABLE
+
+
+async def test_completed_jobs_are_forgotten_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("executor.scheduler.time.time", lambda: clock[0])
+    scheduler = Scheduler()
+    worker = await scheduler.connect("w", NONE, slots=3)
+    old, recent, running = [await submit(scheduler, n) for n in ("old", "recent", "running")]
+    for job in (old, recent, running):
+        assert await scheduler.next_job(worker) is job
+    await scheduler.finish(worker, old.lease_id, ok())
+    clock[0] += KEEP_COMPLETED / 2
+    await scheduler.finish(worker, recent.lease_id, ok())
+    clock[0] += KEEP_COMPLETED / 2 + 1  # `old` is past keeping, `recent` is not
+    await submit(scheduler, "new")  # forgetting happens as work comes in
+    with pytest.raises(NotFound):
+        scheduler.job(old.name)
+    assert scheduler.job(recent.name) is recent
+    assert scheduler.job(running.name) is running
+    clock[0] += KEEP_COMPLETED
+    await submit(scheduler, "newer")
+    with pytest.raises(NotFound):
+        scheduler.job(recent.name)
+    assert scheduler.job(running.name) is running  # unfinished jobs stay
