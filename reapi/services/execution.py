@@ -42,6 +42,10 @@ MAX_ACTION_BYTES = 4 * 1024 * 1024
 # long (seconds): most actions then cost one message, their result. Longer ones
 # get their operation (its name, for WaitExecution) and every stage after it.
 FIRST_UPDATE_AFTER = 0.5
+# ListOperations' page size when the client asks none, and its largest; a page
+# also ends before LIST_PAGE_BYTES, since an operation carries its whole result.
+LIST_PAGE_SIZE = 1000
+LIST_PAGE_BYTES = 2 * 1024 * 1024
 
 
 class ExecutionService(re_grpc.ExecutionServicer):
@@ -206,6 +210,14 @@ def _operation(
     return operation
 
 
+def _page_position(token: str) -> tuple[float, str]:
+    when, _, name = token.partition(" ")
+    try:
+        return float(when), name
+    except ValueError:
+        raise InvalidArgument(f"page_token {token!r} is not one this server gave") from None
+
+
 class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore[misc]
     """Get, List, Cancel and Wait over the scheduler's jobs."""
 
@@ -225,10 +237,29 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: Context
     ) -> operations_pb2.ListOperationsResponse:
-        jobs = sorted(self._scheduler.jobs(), key=lambda job: job.queued_at)
-        return operations_pb2.ListOperationsResponse(
-            operations=[self._message(job) for job in jobs]
-        )
+        """The operations the server still knows, oldest first, a page at a time:
+        the page token names the last one listed (its time and name)."""
+        if request.filter:
+            raise InvalidArgument("ListOperations takes no filter here")
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, not {request.page_size}")
+        size = min(request.page_size or LIST_PAGE_SIZE, LIST_PAGE_SIZE)
+        jobs = sorted(self._scheduler.jobs(), key=lambda job: (job.queued_at, job.name))
+        if request.page_token:
+            after = _page_position(request.page_token)
+            jobs = [job for job in jobs if (job.queued_at, job.name) > after]
+        listed = operations_pb2.ListOperationsResponse()
+        room = LIST_PAGE_BYTES
+        for job in jobs[:size]:
+            operation = self._message(job)
+            room -= operation.ByteSize()
+            if room < 0 and listed.operations:
+                break
+            listed.operations.append(operation)
+        if len(listed.operations) < len(jobs):
+            last = jobs[len(listed.operations) - 1]
+            listed.next_page_token = f"{last.queued_at!r} {last.name}"
+        return listed
 
     @grpc_errors
     async def CancelOperation(

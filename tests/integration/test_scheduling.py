@@ -80,6 +80,35 @@ async def test_operations_outlive_their_client(one_worker: ServerProcess) -> Non
         assert response.result.exit_code == 0
 
 
+async def test_operations_are_listed_a_page_at_a_time(one_worker: ServerProcess) -> None:
+    async with grpc.aio.insecure_channel(one_worker.address) as channel:
+        names = []
+        for n in range(5):
+            action = await upload_action(channel, ["/bin/true"], salt=b"%d" % n)
+            names.append((await execute(channel, action))[0][-1].name)
+        operations = operations_pb2_grpc.OperationsStub(channel)
+        pages, token = [], ""
+        while True:
+            page = await operations.ListOperations(
+                operations_pb2.ListOperationsRequest(page_size=2, page_token=token)
+            )
+            pages.append([op.name for op in page.operations])
+            token = page.next_page_token
+            if not token:
+                break
+        assert pages == [names[0:2], names[2:4], names[4:]]  # oldest first, each once
+        whole = await operations.ListOperations(operations_pb2.ListOperationsRequest())
+        assert [op.name for op in whole.operations] == names and not whole.next_page_token
+        for wrong in (
+            operations_pb2.ListOperationsRequest(page_token="not a token"),
+            operations_pb2.ListOperationsRequest(filter="done=true"),
+            operations_pb2.ListOperationsRequest(page_size=-1),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await operations.ListOperations(wrong)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_cancel_and_wait(one_worker: ServerProcess) -> None:
     async with grpc.aio.insecure_channel(one_worker.address) as channel:
         action = await upload_action(channel, ["/bin/sleep", "20"])

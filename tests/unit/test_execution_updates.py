@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+from google.longrunning import operations_pb2
+
 from executor.scheduler import Job, Scheduler
 from reapi.protos import remote_execution_pb2 as re_pb2
-from reapi.services.execution import ExecutionService
+from reapi.services.execution import ExecutionService, OperationsService
 from tests.unit.test_scheduler import NONE, ok, submit
 
 
@@ -39,3 +42,26 @@ async def test_a_job_completing_while_its_update_is_built_is_reported_done_once(
         await service._job_operation(snapshot, request) async for snapshot in scheduler.watch(job)
     ]
     assert [op.done for op in operations] == [False, True]
+
+
+async def test_a_page_of_operations_ends_before_its_byte_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("reapi.services.execution.LIST_PAGE_BYTES", 25_000)
+    scheduler = Scheduler()
+    worker = await scheduler.connect("w", NONE, 1)
+    for n in range(6):
+        job = await submit(scheduler, f"job{n}")
+        await scheduler.next_job(worker)
+        big = re_pb2.ActionResult(stdout_raw=b"x" * 10_000)  # each about 10 kB listed
+        await scheduler.finish(worker, job.lease_id, re_pb2.ExecuteResponse(result=big))
+    service = OperationsService(scheduler)
+    pages, token = [], ""
+    while True:
+        request = operations_pb2.ListOperationsRequest(page_token=token)
+        page = await service.ListOperations(request, None)  # type: ignore[arg-type]
+        pages.append(len(page.operations))
+        token = page.next_page_token
+        if not token:
+            break
+    assert pages == [2, 2, 2]
