@@ -20,6 +20,12 @@ cancelled, or whose tree could not be emptied, is thrown away and the next
 action gets a new one. Where the helper cannot start, every action gets its
 own bubblewrap.
 
+Each slot holds an flock on `slot-ID.lock` beside its directory for as long
+as it uses it. A worker that died (killed, or its machine restarted) leaves
+its slots behind unlocked: the next worker to start on the same directory
+removes them. Workers may share one (`reapi serve` starts its local workers
+so): a locked slot is another's, and stays.
+
 Use: `async with sandbox.slot() as slot:` `slot.lay_out(tree)`, `await
 slot.run(...)`, collect outputs from `slot.root`; leaving the block puts the
 tree back.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -93,6 +100,8 @@ class Sandbox:
         self.kind = kind
         self.workdir = Path(workdir)
         self.warm = kind == "bwrap"  # until a helper fails to start
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        _reclaim(self.workdir)
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
         self._slots = [Slot(self) for _ in range(max(1, slots))]
         for slot in self._slots:
@@ -120,6 +129,9 @@ class Sandbox:
                 layout.remove(str(slot.place))
             except OSError as error:
                 log.warning("cannot remove %s: %s", slot.place, _short(error))
+            else:
+                slot.lock_path.unlink(missing_ok=True)
+            slot.unlock()
 
     def argv(
         self,
@@ -168,6 +180,47 @@ class Sandbox:
         return [*argv, "--", *_through_env(arguments, environment)]
 
 
+def _locked(path: Path) -> int:
+    """A new lock file at `path`, locked: made under another name and renamed
+    into place, so that no worker ever finds it unlocked while its slot lives."""
+    making = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _reclaim(workdir: Path) -> None:
+    """Remove the slots that no running worker holds: each `slot-ID` whose
+    lock nobody holds, or that has no lock (a lock is made before its slot).
+    The lock goes last, so a slot that cannot be removed is tried again."""
+    for lock_path in workdir.glob("slot-*.lock"):
+        with contextlib.suppress(FileNotFoundError), open(lock_path, "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live slot
+            _remove_slot(lock_path.with_suffix(""), lock_path)
+    for place in workdir.glob("slot-*"):
+        if place.is_dir() and not place.with_name(f"{place.name}.lock").exists():
+            _remove_slot(place, None)
+
+
+def _remove_slot(place: Path, lock_path: Path | None) -> None:
+    try:
+        layout.remove(str(place))
+    except OSError as error:
+        log.warning("cannot remove the abandoned slot %s: %s", place, _short(error))
+        return
+    log.info("removed %s, left by a worker that stopped without cleaning up", place)
+    if lock_path is not None:
+        lock_path.unlink(missing_ok=True)
+
+
 class Slot:
     """One place to run actions: `root` (the input tree, mounted at
     SANDBOX_ROOT), the files the command's stdout and stderr go to, and the
@@ -176,10 +229,14 @@ class Slot:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
         self._warm: _Warm | None = None
+        self._lock: int | None = None
         self._new_place()
 
     def _new_place(self) -> None:
-        self.place = self._sandbox.workdir / f"slot-{uuid.uuid4().hex}"
+        name = f"slot-{uuid.uuid4().hex}"
+        self.place = self._sandbox.workdir / name
+        self.lock_path = self._sandbox.workdir / f"{name}.lock"
+        self._lock = _locked(self.lock_path)
         self.root = self.place / "root"
         self.stdout = self.place / "stdout"
         self.stderr = self.place / "stderr"
@@ -228,7 +285,13 @@ class Slot:
             log.warning("cannot empty %s: %s", root, _short(error))
         log.warning("%s is abandoned; the slot starts again elsewhere", self.place)
         self.stop()
+        self.unlock()  # the next worker to start tries to remove it again
         self._new_place()
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def stop(self) -> None:
         if self._warm is not None:

@@ -377,3 +377,88 @@ async def test_a_tmp_too_deep_to_empty_costs_only_the_warm_sandbox(tmp_path: Pat
             assert await run(slot, "ls -A /tmp; echo ok") == (0, "ok\n")
     finally:
         box.close()
+
+
+HOLD_A_SLOT = """
+import asyncio, sys, time
+from pathlib import Path
+from executor.sandbox import Sandbox
+
+async def main():
+    box = Sandbox("none", Path(sys.argv[1]))
+    async with box.slot() as slot:
+        (slot.root / "kept.o").write_bytes(b"object")
+        print(slot.place, flush=True)
+        time.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def hold_a_slot(workdir: Path) -> tuple[subprocess.Popen[str], Path]:
+    """A worker's sandbox in another process, in the middle of an action."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_A_SLOT, str(workdir)],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    return process, Path(process.stdout.readline().strip())
+
+
+async def test_slots_a_dead_worker_left_are_removed_by_the_next_one(tmp_path: Path) -> None:
+    workdir = tmp_path / "actions"
+    dead, dead_place = hold_a_slot(workdir)
+    live, live_place = hold_a_slot(workdir)  # a worker sharing the directory
+    try:
+        stop(dead)
+        older = workdir / "slot-0123"  # from a version without locks
+        (older / "root").mkdir(parents=True)
+        assert dead_place.is_dir() and live_place.is_dir()
+        box = Sandbox("none", workdir)
+        try:
+            assert not dead_place.exists() and not older.exists()
+            assert not dead_place.with_name(dead_place.name + ".lock").exists()
+            assert (live_place / "root" / "kept.o").read_bytes() == b"object"
+            async with box.slot() as slot:  # and the new worker has its own
+                assert slot.place not in (dead_place, live_place)
+        finally:
+            box.close()
+        assert sorted(p.name for p in workdir.iterdir()) == [
+            live_place.name,
+            live_place.name + ".lock",
+        ]
+    finally:
+        stop(live)
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.kill()  # as a worker dies: no clean-up
+    process.wait()
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+async def test_an_abandoned_slot_is_removed_by_the_next_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = tmp_path / "actions"
+    box = Sandbox("none", workdir)
+    try:
+        with monkeypatch.context() as broken:  # the tree can be neither put back nor emptied
+            broken.setattr(layout, "restore", _fail)
+            broken.setattr(layout, "empty", _fail)
+            async with box.slot() as slot:
+                slot.lay_out(layout.Dir())
+                abandoned = slot.place
+        assert slot.place != abandoned and abandoned.is_dir()
+        Sandbox("none", workdir).close()  # another worker starting
+        assert not abandoned.exists()
+        assert slot.place.with_name(slot.place.name + ".lock").exists()  # the live one stays
+    finally:
+        box.close()
+
+
+def _fail(*args: object) -> None:
+    raise OSError("cannot")

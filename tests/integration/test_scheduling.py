@@ -50,6 +50,32 @@ async def test_killed_worker_loses_its_lease_and_the_build_succeeds(
     assert f"worker {victims[0].name} lost" in server.log()
 
 
+async def test_a_worker_started_after_one_was_killed_removes_its_slots(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "storage")
+    workdir = tmp_path / "worker"
+    killed = WorkerProcess(server, "killed", workdir)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            action = await upload_action(
+                channel, ["/bin/sh", "-c", "echo x > out"], outputs=["out"]
+            )
+            assert (await execute(channel, action))[1].result.exit_code == 0
+            killed.stop(signal.SIGKILL)
+            left = [p for p in (workdir / "actions").iterdir() if p.is_dir()]
+            assert len(left) == 1 and (left[0] / "root").is_dir()
+            after = WorkerProcess(server, "after", workdir)
+            try:
+                action = await upload_action(channel, ["/bin/true"], salt=b"after")
+                assert (await execute(channel, action))[1].result.exit_code == 0
+                assert not left[0].exists()
+                assert "left by a worker that stopped" in after.log()
+            finally:
+                after.stop()
+    finally:
+        killed.stop()
+        server.stop()
+
+
 @pytest.fixture
 def one_worker(tmp_path: Path) -> Iterator[ServerProcess]:
     server = ServerProcess(tmp_path / "storage", workers=1)
