@@ -5,8 +5,9 @@ $REAPI_HOME/shim/agent.sock, keeps the gRPC channel, the digest cache and
 what the server is known to hold, and exits after IDLE_SECONDS without work.
 One agent per user: a lock file keeps a second one from starting.
 
-For each compile: classify; in `scan` mode, ask direct mode (shim/memo.py)
-for the action of an unchanged compile and look it up in the action cache.
+For each compile: classify; in `deps` and `scan` modes, ask direct mode
+(shim/memo.py) for the action of an unchanged compile and look it up in the
+action cache.
 Otherwise find the inputs (by REAPI_CC_MODE), build the Action, upload only
 the blobs the server lacks and Execute it (the server answers from its
 action cache when it can). Outputs come back inline and are written at once.
@@ -25,7 +26,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from shim.classify import (
     expand_response_files,
 )
 from shim.inputs import (
+    SYSTEM_DIRS,
     DigestCache,
     InputsUnknown,
     input_root,
@@ -66,7 +68,15 @@ from shim.protocol import (
     socket_path,
     state_dir,
 )
-from shim.scan import Scanner, ScanUncertain, StatKey, search_arguments, stat_key
+from shim.scan import (
+    Scanner,
+    ScanResult,
+    ScanUncertain,
+    SearchPath,
+    StatKey,
+    search_arguments,
+    stat_key,
+)
 
 log = logging.getLogger("reapi.agent")
 
@@ -77,9 +87,9 @@ NATIVE_SOURCE = Path(__file__).parent / "native" / "reapi-cc.c"
 PRESENT_SECONDS = 600.0
 SHA256 = DigestFunction.SHA256
 MANIFEST = ".reapi/system-files"
-# Sets of system files whose manifest lines are kept (one per set of headers a
-# project's compiles read: a few for most projects).
-SYSTEM_LINE_SETS = 256
+# Manifests kept, each for one set of system headers (with their statuses) and
+# absent paths: a few dozen for most projects, about 100 KB each.
+MANIFESTS = 256
 # Environment variables that change what gcc does: their presence keeps a compile local.
 COMPILER_ENVIRONMENT = (
     "CPATH",
@@ -192,7 +202,7 @@ class Agent:
         self.memo = DirectMemo()
         self._remotes: dict[str, Remote] = {}
         self._identities: dict[tuple[str, int, int], list[str]] = {}
-        self._system_lines: dict[object, list[tuple[str, str]]] = {}
+        self._manifests: dict[object, bytes] = {}
         self.last_used = time.monotonic()
 
     def remote(self, target: str) -> Remote:
@@ -244,9 +254,10 @@ class Agent:
         mode = env.get("REAPI_CC_MODE", "deps")
         remote = self.remote(env.get("REAPI_SERVER") or DEFAULT_SERVER)
         memo_key = None
-        if mode == "scan":
+        if mode in ("deps", "scan"):
             # What the action depends on besides files: PASSED_ENVIRONMENT reaches it.
-            memo_key = (cwd, compiler, *decision.arguments, *map(env.get, PASSED_ENVIRONMENT))
+            passed = map(env.get, PASSED_ENVIRONMENT)
+            memo_key = (mode, cwd, compiler, *decision.arguments, *passed)
         remembered = self.memo.get(memo_key, self.scanner.unchanged) if memo_key else None
         result = None
         if remembered is not None:
@@ -293,8 +304,7 @@ class Agent:
         elif mode == "scan":
             prepared = await self._prepare_scan(cwd, compiler, decision, env)
         else:
-            read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
-            prepared = self._prepare_files(cwd, compiler, decision, env, read, [])
+            prepared = await self._prepare_deps(cwd, compiler, decision, env)
         function = SHA256
         files = dict(prepared.files)
         blobs: dict[Digest, bytes] = {}
@@ -344,42 +354,74 @@ class Agent:
             return None
         return result
 
+    async def _scan(
+        self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
+    ) -> tuple[ScanResult, SearchPath]:
+        """Our own memoized include scan; raises ScanUncertain."""
+        arguments = search_arguments(decision.arguments)
+        path = await self.scanner.search_path(
+            compiler, decision.language, arguments.search, cwd, env
+        )
+        return self.scanner.scan(cwd, decision.source, arguments, path), path
+
     async def _prepare_scan(
         self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
     ) -> Prepared:
-        """`scan` (distcc's pump mode): our own memoized include scan; `deps`
+        """`scan` (distcc's pump mode): the scan's files are the inputs; `deps`
         for a compile the scanner cannot be sure of."""
         try:
-            arguments = search_arguments(decision.arguments)
-            path = await self.scanner.search_path(
-                compiler, decision.language, arguments.search, cwd, env
-            )
-            found = self.scanner.scan(cwd, decision.source, arguments, path)
+            found, path = await self._scan(cwd, compiler, decision, env)
         except ScanUncertain as uncertain:
             self.stats.add_reason("scan_fallbacks", "scan_fallback_reasons", str(uncertain))
             read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
             return self._prepare_files(cwd, compiler, decision, env, read, [])
-        absent = [p for p in found.absent if is_system(p)]
         prepared = self._prepare_files(
-            cwd, compiler, decision, env, found.files, absent, found.statuses
+            cwd, compiler, decision, env, found.files, _system(found.absent), found.statuses
         )
+        prepared.depends = self._depends(compiler, prepared, found, path)
+        return prepared
+
+    async def _prepare_deps(
+        self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
+    ) -> Prepared:
+        """`deps`: the preprocessor's list is the inputs. The scanner runs too,
+        first (so that the statuses it takes are from before anything was
+        read), for direct mode alone: it vouches for a compile when it found
+        every file the preprocessor listed, since the lookups that found them
+        are then among those it recorded."""
+        try:
+            found, path = await self._scan(cwd, compiler, decision, env)
+        except ScanUncertain:
+            found = None
+        read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
+        if found is None or not found.statuses.keys() >= set(read):
+            return self._prepare_files(cwd, compiler, decision, env, read, [])
+        absent = _system(found.absent)
+        prepared = self._prepare_files(cwd, compiler, decision, env, read, absent, found.statuses)
+        prepared.depends = self._depends(compiler, prepared, found, path)
+        return prepared
+
+    def _depends(
+        self, compiler: str, prepared: Prepared, found: ScanResult, path: SearchPath
+    ) -> Depends | None:
+        """What direct mode must see unchanged to take the action again: the
+        scanned files, the compiler's programs and the lookups' facts."""
         if prepared.uncacheable:  # nothing to find in the action cache next time
-            return prepared
+            return None
         programs = []
         newest = found.newest
         for program in (compiler, *self._programs(compiler)):
             status = stat_key(program)
             if status is None:  # being replaced: nothing to remember
-                return prepared
+                return None
             programs.append((program, status))
             newest = max(newest, status[1], status[2])
-        prepared.depends = Depends(
+        return Depends(
             files=(*found.read, *programs),
             missing=list(path.skipped),
             seen=found.seen,
             newest=newest,
         )
-        return prepared
 
     def _prepare_files(
         self,
@@ -474,21 +516,19 @@ class Agent:
     ) -> bytes:
         """`HASH SIZE PATH` lines for the compiler's programs and the system files
         read, `ABSENT 0 PATH` for system paths the compile found missing."""
+        programs = tuple(self._lines([(path, None) for path in self._programs(compiler)], []))
         files = [(path, statuses.get(path)) for path in system_files]
-        if files and all(status is not None for _, status in files):
-            # Most compiles of a project read the same system headers: their lines
-            # are made once for each set of (path, status).
-            key = (frozenset(files), frozenset(absent))
-            system = self._system_lines.get(key)
-            if system is None:
-                if len(self._system_lines) >= SYSTEM_LINE_SETS:
-                    self._system_lines.clear()
-                system = self._system_lines[key] = self._lines(files, absent)
-        else:
-            system = self._lines(files, absent)
-        programs = self._lines([(path, None) for path in self._programs(compiler)], [])
-        lines = [line for _, line in sorted({*programs, *system})]
-        return ("\n".join(lines) + "\n").encode()
+        if not files or not all(status is not None for _, status in files):
+            return _manifest_text(programs, self._lines(files, absent))
+        # Most compiles of a project read the same system headers: their manifest
+        # is made once for each set of (path, status).
+        key = (frozenset(files), frozenset(absent), programs)
+        manifest = self._manifests.get(key)
+        if manifest is None:
+            if len(self._manifests) >= MANIFESTS:
+                self._manifests.clear()
+            manifest = self._manifests[key] = _manifest_text(programs, self._lines(files, absent))
+        return manifest
 
     def _lines(
         self, files: list[tuple[str, StatKey | None]], absent: list[str]
@@ -560,6 +600,18 @@ class Agent:
             tmp.write_bytes(data)
             os.chmod(tmp, 0o755 if output.is_executable else 0o644)
             os.replace(tmp, target)
+
+
+def _system(paths: Iterable[str]) -> list[str]:
+    """Those of `paths` in the system directories (is_system, inlined: a scan
+    reports a thousand absent paths or more)."""
+    return [path for path in paths if path.startswith(SYSTEM_DIRS)]
+
+
+def _manifest_text(*parts: Iterable[tuple[str, str]]) -> bytes:
+    """The manifest of (path, line) pairs: one line per path, sorted by path."""
+    lines = [line for _, line in sorted({pair for part in parts for pair in part})]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _status(key: StatKey | None) -> tuple[int, int, int] | None:

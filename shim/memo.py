@@ -1,8 +1,10 @@
 """Direct mode: a compile seen before is not analysed again.
 
-In `scan` mode the agent remembers, for each compile (working directory,
-arguments, and the environment that shapes the action), the digest of the
-action it built, with everything that digest came from: the status (size,
+In `deps` and `scan` modes the agent remembers, for each compile (mode,
+working directory, arguments, and the environment that shapes the action), the
+digest of the action it built, with everything that digest came from, as the
+include scanner (shim/scan.py) saw it; in `deps` mode only when the scan found
+every file the preprocessor listed. That is: the status (size,
 mtime, ctime, inode) of every file read (the source, its headers, the
 compiler's programs), the paths that had to be missing (directories the
 compiler's search path skipped), and the probes of the include lookups

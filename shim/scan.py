@@ -24,8 +24,11 @@ missing directories skipped). Lookups follow gcc's manual:
 - `-include f` / `-imacros f`: the working directory, then the `"f"` chain;
 - `__has_include(...)` is treated as an include, so its answer is the same
   wherever the compile runs.
-A name found nowhere is reported as absent: a worker must not have it in its
-system directories either (see reapi.conventions).
+Every place a lookup tried and found nothing is reported as absent: the
+places tried before the one it found (a worker with a file there would read
+that one instead: another version of a library in /usr/local/include, say),
+and all of them for a name found nowhere. A worker must not have any of them
+in its system directories (see reapi.conventions).
 """
 
 from __future__ import annotations
@@ -597,9 +600,11 @@ class _Scan:
             self.checked[key] = lookup
         walk.used[key] = lookup
         if lookup.found is None:
-            if not implicit:
+            if not implicit:  # may be missing anywhere
                 walk.absent.update(lookup.absent)
-        elif lookup.found not in walk.reached:
+            return
+        walk.absent.update(lookup.absent)  # where a file would have been read first
+        if lookup.found not in walk.reached:
             walk.reached.add(lookup.found)
             walk.queue.append(lookup.found)
 
@@ -614,7 +619,7 @@ class _Lookup:
     """Where one include name led, and the directory listings that decided it."""
 
     found: tuple[str, int] | None  # (path, index in the chain)
-    absent: tuple[str, ...]  # every place tried, when nothing was found
+    absent: tuple[str, ...]  # every place tried that held nothing: before the found one
     probes: tuple[Probe, ...]  # what each place tried held: the answer holds while they do
 
 
@@ -637,7 +642,7 @@ def _look_up(
         probes.append((parent, base, present))
         tried.append(path)
         if present:
-            return _Lookup((path, index), (), tuple(probes))
+            return _Lookup((path, index), tuple(tried[:-1]), tuple(probes))
     return _Lookup(None, tuple(tried), tuple(probes))
 
 

@@ -101,10 +101,11 @@ def test_make_through_the_shim(tmp_path: Path, shim_env: dict[str, str], mode: s
     assert stats(shim_env)["cache_hits"] - again["cache_hits"] == 3
 
 
-def test_direct_mode_in_scan_mode(tmp_path: Path, shim_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("mode", ["deps", "scan"])
+def test_direct_mode(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
     """A rebuild goes straight to the cache; an edited header, and a new one
     that shadows another, are seen: objects always match gcc's."""
-    shim_env = shim_env | {"REAPI_CC_MODE": "scan"}
+    shim_env = shim_env | {"REAPI_CC_MODE": mode}
     plain_env = {k: v for k, v in shim_env.items() if k != "CC"} | {"CC": "gcc"}
     project = write_project(tmp_path / "project")
     reference = write_project(tmp_path / "reference")

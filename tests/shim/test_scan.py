@@ -155,11 +155,34 @@ def test_scan_finds_what_gcc_reads(tmp_path: Path) -> None:
     }  # fmt: skip
 
 
+def search_chain(root: Path, arguments: list[str]) -> tuple[str, ...]:
+    found = search_arguments(arguments).search
+    path = asyncio.run(Scanner().search_path("gcc", "c", found, str(root), dict(os.environ)))
+    return path.bracket
+
+
 def test_missing_names_are_reported_absent_everywhere_they_were_sought(tmp_path: Path) -> None:
     write(tmp_path, {"a.c": "#ifdef _WIN32\n#include <windows.h>\n#endif\n"})
     _found, absent = scan(Scanner(), tmp_path, ["-c", "a.c"])
-    assert "/usr/include/windows.h" in absent
-    assert all(path.endswith("/windows.h") for path in absent)
+    chain = search_chain(tmp_path, ["-c", "a.c"])
+    assert "/usr/include" in chain
+    assert {p for p in absent if p.endswith("/windows.h")} == {f"{d}/windows.h" for d in chain}
+
+
+def test_places_tried_before_the_one_found_are_absent(tmp_path: Path) -> None:
+    """A worker with a file there would read it instead (a newer library in
+    /usr/local/include, say): the compile must not run there."""
+    write(tmp_path, {"a.c": "#include <lib.h>\n#include <stdio.h>\n", "second/lib.h": "\n"})
+    (tmp_path / "first").mkdir()
+    arguments = ["-Ifirst", "-Isecond", "-c", "a.c"]
+    found, absent = scan(Scanner(), tmp_path, arguments)
+    assert "second/lib.h" in found
+    assert str(tmp_path / "first/lib.h") in absent
+    assert str(tmp_path / "second/lib.h") not in absent
+    chain = search_chain(tmp_path, arguments)
+    before = chain[: chain.index("/usr/include")]  # stdio.h is found in /usr/include
+    assert {f"{d}/stdio.h" for d in before} <= set(absent)
+    assert "/usr/include/stdio.h" not in absent
 
 
 def test_headers_are_read_once_across_compiles(tmp_path: Path) -> None:
