@@ -393,6 +393,9 @@ class Agent:
             found, path = await self._scan(cwd, compiler, decision, env)
         except ScanUncertain:
             found = None
+        except Exception:  # the scan only helps here: whatever it hit, compile without it
+            log.exception("include scan of %s failed; compiling without direct mode", cwd)
+            found = None
         read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
         if found is None or not found.statuses.keys() >= set(read):
             return self._prepare_files(cwd, compiler, decision, env, read, [])

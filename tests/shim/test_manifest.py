@@ -43,3 +43,20 @@ def test_system_places_tried_before_a_header_must_be_absent(tmp_path: Path, mode
     assert "/usr/include/stdio.h" in read
     assert not any(path.startswith(cwd) for path in absent | read)
     assert prepared.depends is not None  # and direct mode may take it again
+
+
+def test_a_scan_that_fails_in_deps_mode_only_costs_direct_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.c").write_text("#include <stdio.h>\n")
+    decision = classify(["-c", "a.c", "-o", "a.o"])
+    assert isinstance(decision, RemoteCompile)
+    agent = Agent(Stats(tmp_path / "stats.json"))
+
+    def broken(*args: object) -> None:
+        raise OSError("a header vanished mid-scan")
+
+    monkeypatch.setattr(agent.scanner, "scan", broken)
+    prepared = asyncio.run(agent._prepare_deps(str(tmp_path), "/usr/bin/gcc", decision, {}))
+    assert "a.c" in prepared.files and prepared.depends is None
+    assert b"/usr/include/stdio.h" in prepared.contents[MANIFEST]  # -M's list, as before
