@@ -94,7 +94,9 @@ class SystemFiles:
             status = watcher.status(name)
             remembered = remembered and name in watcher.statuses
             if hash_ == ABSENT:
-                if status is not None:
+                # gcc passes over a directory where it looks for a header, as the
+                # client's scan does: only a file there would be read instead.
+                if status is not None and not os.path.isdir(name):
                     raise FailedPrecondition(
                         f"{name} exists on this worker but not on the client; refusing to "
                         "produce a different result"

@@ -131,3 +131,14 @@ def test_a_symlinked_file_is_checked_each_time(system: Path) -> None:
 def test_a_manifest_outside_the_tree_is_invalid(system: Path) -> None:
     with pytest.raises(InvalidArgument, match="outside the input tree"):
         SystemFiles(Watcher()).verify(manifest(system), "../usr/include/stdio.h")
+
+
+def test_a_directory_where_a_header_must_be_absent_is_passed_over(system: Path) -> None:
+    """As gcc does when it searches for a header: only a file there would be read."""
+    root = manifest(system, absent="nosuch.h")
+    (system / "usr" / "include" / "nosuch.h").mkdir()
+    SystemFiles(Watcher()).verify(root, ".reapi/system-files")
+    (system / "usr" / "include" / "nosuch.h").rmdir()
+    (system / "usr" / "include" / "nosuch.h").write_text("\n")
+    with pytest.raises(FailedPrecondition, match="exists on this worker"):
+        SystemFiles(Watcher()).verify(root, ".reapi/system-files")
