@@ -45,6 +45,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -190,6 +191,8 @@ def _locked(path: Path) -> int:
         os.rename(making, path)
     except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(making)
         raise
     return fd
 
@@ -199,7 +202,14 @@ def _reclaim(workdir: Path) -> None:
     lock nobody holds, or that has no lock (a lock is made before its slot).
     The lock goes last, so a slot that cannot be removed is tried again."""
     for lock_path in workdir.glob("slot-*.lock"):
-        with contextlib.suppress(FileNotFoundError), open(lock_path, "rb") as lock:
+        try:
+            lock = open(lock_path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue  # removed by another worker meanwhile
+        except OSError as error:  # not ours to remove (another user's worker)
+            log.warning("cannot check %s: %s", lock_path, _short(error))
+            continue
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -208,6 +218,12 @@ def _reclaim(workdir: Path) -> None:
     for place in workdir.glob("slot-*"):
         if place.is_dir() and not place.with_name(f"{place.name}.lock").exists():
             _remove_slot(place, None)
+    # A lock still being made is renamed into place at once: one that is not
+    # was left by a worker that died making it.
+    for making in workdir.glob(".slot-*.lock.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - making.stat().st_mtime > 60:
+                making.unlink()
 
 
 def _remove_slot(place: Path, lock_path: Path | None) -> None:
@@ -285,8 +301,10 @@ class Slot:
             log.warning("cannot empty %s: %s", root, _short(error))
         log.warning("%s is abandoned; the slot starts again elsewhere", self.place)
         self.stop()
-        self.unlock()  # the next worker to start tries to remove it again
+        abandoned = self._lock
         self._new_place()
+        if abandoned is not None:
+            os.close(abandoned)  # the next worker to start tries to remove it again
 
     def unlock(self) -> None:
         if self._lock is not None:

@@ -12,7 +12,8 @@ compile that reaches it, while those facts hold.
 
 Where the scanner cannot be certain it gives up with a reason, and the agent
 uses `deps` mode for that compile: computed includes (`#include MACRO`),
-`#embed`, `-I-`, and anything else it does not model.
+`#embed`, `-I-`, raw strings that could hide a directive (gcc reads them in
+C++ and GNU C, not in strict C), and anything else it does not model.
 
 The search path is the compiler's own: `COMPILER -E -v` prints it after its
 own rules (duplicates dropped, a `-I` naming a system directory ignored,
@@ -75,6 +76,13 @@ _COMMENT_OR_LITERAL = re.compile(
 _DIRECTIVE = re.compile(
     rb"^[ \t]*(?:#|%:)[ \t]*(include_next|include|import|embed)\b[ \t]*(.*)$", re.MULTILINE
 )
+# A raw string literal's start (C++, and C in GNU modes): R"DELIM( with an
+# optional encoding prefix, not part of a longer name.
+_RAW_STRING = re.compile(rb'(?<![A-Za-z0-9_])(?:u8|[uUL])?R"([^()\\ \t\v\f\n]{0,16})\(')
+# A raw string holding any of these, or left open, may hide a directive or show
+# one in one reading and not in the other: raw, or (strict C) a name followed
+# by an ordinary string.
+_RAW_STRING_RISKS = (b"\n", b'"', b"'", b"/*", b"//", b"\\")
 _MACRO = re.compile(rb"([A-Za-z_]\w*)\s*$")
 _DEFINE = re.compile(rb"^[ \t]*(?:#|%:)[ \t]*define[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
 _HAS_INCLUDE = re.compile(rb"__has_include(_next)?\s*\(\s*(.?)")
@@ -174,6 +182,8 @@ def parse_includes(data: bytes) -> Parsed:
     """The include directives (and `__has_include` names) in a file's text, and
     the macros it defines. `#include NAME` is kept as a macro include; any other
     computed include, and `#embed`, raise ScanUncertain."""
+    if b'R"' in data:
+        _check_raw_strings(data)
     text = data.replace(b"\\\n", b"")
     if b"/" in text:
         text = _COMMENT_OR_LITERAL.sub(_without_comment, text)
@@ -197,6 +207,17 @@ def parse_includes(data: bytes) -> Parsed:
                 raise ScanUncertain("scan-computed-include")
             found.append(include)
     return Parsed(tuple(found), defines)
+
+
+def _check_raw_strings(data: bytes) -> None:
+    """Raise ScanUncertain for a raw string that could hide a directive or
+    show one, in one reading and not the other: one that spans lines, or
+    holds quotes, comment starts or backslashes (gcc reads raw strings in
+    C++ and GNU C, not in strict C; this parser has no raw strings)."""
+    for match in _RAW_STRING.finditer(data):
+        end = data.find(b")" + match.group(1) + b'"', match.end())
+        if end < 0 or any(risk in data[match.end() : end] for risk in _RAW_STRING_RISKS):
+            raise ScanUncertain("scan-raw-string")
 
 
 def _delimited(rest: bytes, next_: bool) -> Include | None:
@@ -618,7 +639,7 @@ class _Scan:
 class _Lookup:
     """Where one include name led, and the directory listings that decided it."""
 
-    found: tuple[str, int] | None  # (path, index in the chain)
+    found: Node | None  # (path, index in the chain: -1 beside its includer)
     absent: tuple[str, ...]  # every place tried that held nothing: before the found one
     probes: tuple[Probe, ...]  # what each place tried held: the answer holds while they do
 
@@ -628,8 +649,11 @@ def _look_up(
 ) -> _Lookup:
     """Search for `name` beside its includer (`here`, unless empty), then in
     `chain` from `start`."""
+    places: list[tuple[int | None, str]]
     if os.path.isabs(name):
-        places = [(-1, "/")]
+        # Found by its own path: an #include_next in it is a plain #include, as
+        # in the source (gcc: no place in the chain to go on from).
+        places = [(None, "/")]
     else:
         places = [(-1, here)] if here else []
         places += list(enumerate(chain))[start:]

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -462,3 +463,18 @@ async def test_an_abandoned_slot_is_removed_by_the_next_worker(
 
 def _fail(*args: object) -> None:
     raise OSError("cannot")
+
+
+def test_what_a_starting_worker_cannot_check_or_did_not_finish(tmp_path: Path) -> None:
+    """A lock it cannot open stays (another user's worker may own it); a lock
+    a dead worker was still making goes once it is a minute old."""
+    workdir = tmp_path / "actions"
+    (workdir / "slot-0456.lock").mkdir(parents=True)  # cannot be opened as a file
+    (workdir / "slot-0456").mkdir()
+    old, new = workdir / ".slot-07.lock.12", workdir / ".slot-08.lock.13"
+    old.touch()
+    new.touch()
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    Sandbox("none", workdir).close()
+    assert (workdir / "slot-0456").is_dir()
+    assert not old.exists() and new.exists()

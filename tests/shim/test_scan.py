@@ -326,3 +326,37 @@ def test_a_long_include_chain_changed_at_its_end(
     (tmp_path / "h600.h").write_text('#include "end.h"\n')
     (tmp_path / "end.h").write_text("\n")
     assert "end.h" in scan(scanner, tmp_path, ["-c", "b.c"])[0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'const char *s = R"(a\n /* b)";\n#include "hidden.h"\nint x; // */\n',
+        'auto s = u8R"xy(a /* b)xy";\n',
+        'auto s = R"(never closed\n',
+    ],
+    ids=["spans-lines", "comment-start-inside", "open"],
+)
+def test_a_raw_string_that_could_hide_a_directive_is_uncertain(text: str) -> None:
+    """gcc reads raw strings in C++ and GNU C (so the first text includes
+    hidden.h) but not in strict C: a scan cannot tell which the compile is."""
+    with pytest.raises(ScanUncertain, match="scan-raw-string"):
+        parse_includes(text.encode())
+
+
+def test_a_plain_raw_string_reads_the_same_either_way() -> None:
+    text = b'const char *s = R"(abc)";\nconst char *t = FOOR"(x\n";\n#include <x.h>\n'
+    assert [i.name for i in parse_includes(text).includes] == ["x.h"]
+
+
+def test_include_next_in_a_file_included_by_its_own_path_is_a_plain_include(
+    tmp_path: Path,
+) -> None:
+    """gcc has no place in the chain to go on from: `#include_next "lib.h"`
+    looks beside the file first, as `#include "lib.h"` would."""
+    write(tmp_path, {"w/wrap.h": '#include_next "lib.h"\n', "w/lib.h": "\n", "inc/lib.h": "\n"})
+    write(tmp_path, {"a.c": f'#include "{tmp_path}/w/wrap.h"\n'})
+    arguments = ["-Iinc", "-c", "a.c"]
+    found, _absent = scan(Scanner(), tmp_path, arguments)
+    assert gcc_reads(tmp_path, arguments) <= found
+    assert "w/lib.h" in found
