@@ -83,6 +83,8 @@ _RAW_STRING = re.compile(rb'(?<![A-Za-z0-9_])(?:u8|[uUL])?R"([^()\\ \t\v\f\n]{0,
 # one in one reading and not in the other: raw, or (strict C) a name followed
 # by an ordinary string.
 _RAW_STRING_RISKS = (b"\n", b'"', b"'", b"/*", b"//", b"\\")
+# A backslash, blanks, then the line's end: a line splice to gcc.
+_SPLICE = re.compile(rb"\\[ \t\v\f\r]*\n")
 _MACRO = re.compile(rb"([A-Za-z_]\w*)\s*$")
 _DEFINE = re.compile(rb"^[ \t]*(?:#|%:)[ \t]*define[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
 _HAS_INCLUDE = re.compile(rb"__has_include(_next)?\s*\(\s*(.?)")
@@ -184,7 +186,11 @@ def parse_includes(data: bytes) -> Parsed:
     computed include, and `#embed`, raise ScanUncertain."""
     if b'R"' in data:
         _check_raw_strings(data)
+    if b"??=" in data or b"??/" in data:  # trigraphs: on in strict C modes, or -trigraphs
+        raise ScanUncertain("scan-trigraph")
     text = data.replace(b"\\\n", b"")
+    if b"\\ " in text or b"\\\t" in text or b"\\\r" in text:
+        text = _SPLICE.sub(b"", text)  # gcc splices lines there too (with a warning)
     if b"/" in text:
         text = _COMMENT_OR_LITERAL.sub(_without_comment, text)
     found: list[Include] = []

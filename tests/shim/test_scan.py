@@ -360,3 +360,23 @@ def test_include_next_in_a_file_included_by_its_own_path_is_a_plain_include(
     found, _absent = scan(Scanner(), tmp_path, arguments)
     assert gcc_reads(tmp_path, arguments) <= found
     assert "w/lib.h" in found
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        (b'/* a *\\ \n/\n#include "x.h"\n/* b */\n', "x.h"),  # "*", splice, "/" ends it
+        (b"#inc\\\t\nlude <x.h>\n", "x.h"),
+        (b'#inc\\\r\nlude "x.h"\r\n', "x.h"),
+    ],
+    ids=["comment-end", "directive", "crlf"],
+)
+def test_lines_are_spliced_as_gcc_splices_them(text: bytes, name: str) -> None:
+    """A backslash, blanks, then the line's end: gcc splices there too."""
+    assert [i.name for i in parse_includes(text).includes] == [name]
+
+
+def test_trigraphs_are_uncertain() -> None:
+    """`??=include` is a directive where trigraphs are on (strict C modes)."""
+    with pytest.raises(ScanUncertain, match="scan-trigraph"):
+        parse_includes(b'??=include "x.h"\n')
