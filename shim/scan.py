@@ -83,6 +83,10 @@ _RAW_STRING = re.compile(rb'(?<![A-Za-z0-9_])(?:u8|[uUL])?R"([^()\\ \t\v\f\n]{0,
 # one in one reading and not in the other: raw, or (strict C) a name followed
 # by an ordinary string.
 _RAW_STRING_RISKS = (b"\n", b'"', b"'", b"/*", b"//", b"\\")
+# Trigraphs (read in strict C modes, or with -trigraphs) that could make or hide
+# a directive: ??= starting a line (#), ??/ (a backslash) splicing lines or
+# escaping a quote. The others, and ??/ elsewhere, read the same either way.
+_RISKY_TRIGRAPH = re.compile(rb"^[ \t]*\?\?=|\?\?/[ \t\v\f\r]*\n|\?\?/[\"']", re.MULTILINE)
 # A backslash, blanks, then the line's end: a line splice to gcc.
 _SPLICE = re.compile(rb"\\[ \t\v\f\r]*\n")
 _MACRO = re.compile(rb"([A-Za-z_]\w*)\s*$")
@@ -186,7 +190,7 @@ def parse_includes(data: bytes) -> Parsed:
     computed include, and `#embed`, raise ScanUncertain."""
     if b'R"' in data:
         _check_raw_strings(data)
-    if b"??=" in data or b"??/" in data:  # trigraphs: on in strict C modes, or -trigraphs
+    if b"??" in data and _RISKY_TRIGRAPH.search(data):
         raise ScanUncertain("scan-trigraph")
     text = data.replace(b"\\\n", b"")
     if b"\\ " in text or b"\\\t" in text or b"\\\r" in text:

@@ -376,7 +376,17 @@ def test_lines_are_spliced_as_gcc_splices_them(text: bytes, name: str) -> None:
     assert [i.name for i in parse_includes(text).includes] == [name]
 
 
-def test_trigraphs_are_uncertain() -> None:
-    """`??=include` is a directive where trigraphs are on (strict C modes)."""
+@pytest.mark.parametrize(
+    "text",
+    [b'??=include "x.h"\n', b'// a ??/\n#include "x.h"\n', b'char *s = "??/";\n'],
+    ids=["directive", "splice", "quote"],
+)
+def test_trigraphs_that_could_change_a_directive_are_uncertain(text: bytes) -> None:
+    """Where trigraphs are on (strict C modes), these make, hide or show one."""
     with pytest.raises(ScanUncertain, match="scan-trigraph"):
-        parse_includes(b'??=include "x.h"\n')
+        parse_includes(text)
+
+
+def test_other_trigraphs_read_the_same_either_way() -> None:
+    text = b'/* .git/objects/??/?{38} */\nint a ??( 2 ??) = ??< 0 ??>;\n#include "x.h"\n'
+    assert [i.name for i in parse_includes(text).includes] == ["x.h"]
