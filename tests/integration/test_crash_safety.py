@@ -92,10 +92,17 @@ async def load_then_kill(server: ServerProcess, rng: random.Random, delay: float
         tasks = [asyncio.create_task(job) for job in jobs]
         # `delay` counts from the first upload in flight, not from the start: a
         # loaded machine can take longer than the shortest delay to get there.
-        uploads, deadline = server.storage / "tmp", time.monotonic() + 30
-        while not (uploads.is_dir() and any(uploads.iterdir())) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        uploads = server.storage / "tmp"
+
+        async def until_an_upload_is_in_flight() -> None:
+            deadline = time.monotonic() + 30
+            while not (uploads.is_dir() and any(uploads.iterdir())):
+                assert time.monotonic() < deadline, "no upload reached tmp/"
+                await asyncio.sleep(0.002)
+
+        await until_an_upload_is_in_flight()
         await asyncio.sleep(delay)
+        await until_an_upload_is_in_flight()  # the streams may be between two blobs
         server.kill()
         results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
