@@ -60,11 +60,6 @@ def file_identity(path: str, status: tuple[int, int, int] | None = None) -> tupl
     return digest, status[0]
 
 
-def file_sha256(path: str) -> str | None:
-    found = file_identity(path)
-    return None if found is None else found[0]
-
-
 class SystemFiles:
     """A worker's check of manifests against its own files. A status comes from
     the watcher (reapi/watch.py) while inotify reports no change in its

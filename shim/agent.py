@@ -375,20 +375,17 @@ class Agent:
             self.stats.add_reason("scan_fallbacks", "scan_fallback_reasons", str(uncertain))
             read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
             return self._prepare_files(cwd, compiler, decision, env, read, [])
-        prepared = self._prepare_files(
-            cwd, compiler, decision, env, found.files, _system(found.absent), found.statuses
-        )
-        prepared.depends = self._depends(compiler, prepared, found, path)
-        return prepared
+        return self._prepare_scanned(cwd, compiler, decision, env, found.files, found, path)
 
     async def _prepare_deps(
         self, cwd: str, compiler: str, decision: RemoteCompile, env: dict[str, str]
     ) -> Prepared:
         """`deps`: the preprocessor's list is the inputs. The scanner runs too,
         first (so that the statuses it takes are from before anything was
-        read), for direct mode alone: it vouches for a compile when it found
-        every file the preprocessor listed, since the lookups that found them
-        are then among those it recorded."""
+        read), for direct mode and the manifest's ABSENT lines: it vouches
+        for a compile when it found every file the preprocessor listed. It
+        follows every directive of every file it reaches (or gives up), so
+        the lookups gcc made are among those it recorded."""
         try:
             found, path = await self._scan(cwd, compiler, decision, env)
         except ScanUncertain:
@@ -399,8 +396,23 @@ class Agent:
         read = await preprocessor_dependencies(compiler, decision.arguments, cwd, env)
         if found is None or not found.statuses.keys() >= set(read):
             return self._prepare_files(cwd, compiler, decision, env, read, [])
-        absent = _system(found.absent)
-        prepared = self._prepare_files(cwd, compiler, decision, env, read, absent, found.statuses)
+        return self._prepare_scanned(cwd, compiler, decision, env, read, found, path)
+
+    def _prepare_scanned(
+        self,
+        cwd: str,
+        compiler: str,
+        decision: RemoteCompile,
+        env: dict[str, str],
+        read: list[str],
+        found: ScanResult,
+        path: SearchPath,
+    ) -> Prepared:
+        """`read` as the inputs, with what the scan `found` for the manifest
+        (absent system paths, statuses) and for direct mode."""
+        prepared = self._prepare_files(
+            cwd, compiler, decision, env, read, _system(found.absent), found.statuses
+        )
         prepared.depends = self._depends(compiler, prepared, found, path)
         return prepared
 

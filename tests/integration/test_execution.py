@@ -12,7 +12,7 @@ from google.rpc import code_pb2
 
 from cas.disk import DiskStore
 from cas.remote import RemoteStore
-from reapi.conventions import file_sha256
+from reapi.conventions import file_identity
 from reapi.digests import Digest
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.actions import (
@@ -446,8 +446,9 @@ async def test_output_directories_exist_when_the_command_starts(channel: grpc.ai
 
 
 async def test_worker_refuses_when_its_system_files_differ(channel: grpc.aio.Channel) -> None:
-    real = file_sha256("/bin/sh")
-    assert real is not None
+    identity = file_identity("/bin/sh")
+    assert identity is not None
+    real = identity[0]
     for digest, expect_ok in ((real, True), ("0" * 64, False)):
         manifest = f"{digest} 0 /bin/sh\n".encode()
         action = await upload_action(
