@@ -22,11 +22,12 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from google.rpc import code_pb2, status_pb2
 
+from cas.existence import ExistenceCache
 from reapi.digests import Digest
 from reapi.errors import FailedPrecondition, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -93,15 +94,10 @@ class WorkerHandle:
     cancels: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     # Input files of this worker's earlier leases: its cache has them (or fetched
     # them itself), so no lease needs to carry them again.
-    held: set[Digest] = field(default_factory=set)
+    held: ExistenceCache = field(default_factory=lambda: ExistenceCache(HELD_FILES))
 
     def matches(self, job: Job) -> bool:
         return job.requirements <= self.properties
-
-    def hold(self, files: Iterable[Digest]) -> None:
-        if len(self.held) > HELD_FILES:
-            self.held.clear()  # at worst a file travels twice
-        self.held.update(files)
 
 
 OnComplete = Callable[[Job], Awaitable[None]]

@@ -20,6 +20,12 @@ from typing import Any
 
 import grpc
 
+from cas.existence import (
+    REMEMBERED_BLOBS,
+    TRUST_SERVER_SECONDS,
+    ExistenceCache,
+    ExistenceCachingStore,
+)
 from cas.remote import RemoteStore, channel_for
 from executor.local_cache import LocalCache
 from executor.runner import ActionRunner
@@ -94,7 +100,9 @@ class Worker:
         # of up to 4 MiB, and up to 2 MiB of inputs): its server's messages are
         # taken whatever their size.
         async with channel_for(config.server, config.tls_ca, max_receive=-1) as channel:
-            store = RemoteStore(channel, metadata)
+            # Outputs already stored (an empty file, a result seen before) are not asked about.
+            known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
+            store = ExistenceCachingStore(RemoteStore(channel, metadata), known)
             cache = LocalCache(config.workdir / "cache", store)
             runner = ActionRunner(store, cache, config.name)
             outgoing: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()

@@ -164,4 +164,4 @@ async def add_inputs(
             log.warning("input files of %s not read for its lease: %s", job.action_digest, error)
             found = {}
         assign.input_files.extend(found[d] for d in files if d in found)
-    worker.hold(job.input_files)
+    worker.held.add(job.input_files)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cas.disk import DiskStore
+from cas.existence import ExistenceCache, ExistenceCachingStore
 from cas.memory import MemoryStore
 from cas.small_blobs import SMALL_BLOB
 from cas.store import BlobStore, get_blob, put_blob
@@ -21,6 +22,7 @@ SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 STORES: dict[str, Callable[[Path], BlobStore]] = {
     "memory": lambda tmp: MemoryStore(),
     "disk": lambda tmp: DiskStore(tmp / "store"),
+    "existence-caching": lambda tmp: ExistenceCachingStore(MemoryStore(), ExistenceCache(100)),
 }
 
 
