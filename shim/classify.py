@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shim.options import FAMILIES, NATIVE, Kind, lookup
@@ -34,6 +34,17 @@ LANGUAGES = {
 REMOTE_LANGUAGES = frozenset(LANGUAGES.values())
 
 ReadFile = Callable[[str], "str | None"]
+# Environment variables that change what gcc does: their presence keeps a compile local.
+COMPILER_ENVIRONMENT = (
+    "CPATH",
+    "C_INCLUDE_PATH",
+    "CPLUS_INCLUDE_PATH",
+    "OBJC_INCLUDE_PATH",
+    "DEPENDENCIES_OUTPUT",
+    "SUNPRO_DEPENDENCIES",
+    "GCC_EXEC_PREFIX",
+    "COMPILER_PATH",
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +73,17 @@ def _with_suffix(path: str, suffix: str) -> str:
     return os.path.splitext(path)[0] + suffix
 
 
-def classify(arguments: Sequence[str]) -> Decision:
-    """What to do with `COMPILER arguments...`."""
+def classify(arguments: Sequence[str], env: Mapping[str, str] | None = None) -> Decision:
+    """What to do with `COMPILER arguments...`, run with environment `env`."""
+    decision = _classify_arguments(arguments)
+    if isinstance(decision, Local):
+        return decision
+    if env and any(name in env for name in COMPILER_ENVIRONMENT):
+        return Local("compiler-environment")
+    return decision
+
+
+def _classify_arguments(arguments: Sequence[str]) -> Decision:
     sources: list[str] = []
     output: str | None = None
     language: str | None = None

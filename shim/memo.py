@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reapi.digests import Digest
-from shim.scan import RACY_NS, Seen, StatKey, stat_key
+from shim.scan import RACY_NS, ScanResult, SearchPath, Seen, StatKey, stat_key
 
 # Whether files still have their statuses and directories their facts (Scanner.unchanged).
 Unchanged = Callable[[Iterable[tuple[str, StatKey | None]], Seen], bool]
@@ -47,6 +47,21 @@ class Depends:
     missing: list[str]  # absolute paths that did not exist
     seen: Seen  # what the include lookups found in each directory
     newest: int  # the files' latest mtime or ctime (ns)
+
+
+def scan_depends(found: ScanResult, search: SearchPath, programs: list[str]) -> Depends | None:
+    """What direct mode must see unchanged to take a compile's action again:
+    the files its scan `found`, the compiler's `programs` and the lookups'
+    facts; None when a program is being replaced."""
+    files = list(found.read)
+    newest = found.newest
+    for program in programs:
+        status = stat_key(program)
+        if status is None:
+            return None
+        files.append((program, status))
+        newest = max(newest, status[1], status[2])
+    return Depends(files=files, missing=list(search.skipped), seen=found.seen, newest=newest)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,20 @@ from pathlib import Path
 import pytest
 
 from reapi.conventions import ABSENT
-from shim.agent import MANIFEST, Agent, Stats
+from shim.agent import Agent
 from shim.classify import RemoteCompile, classify
+from shim.layout import lay_out
+from shim.manifest import MANIFEST
+from shim.modes import Compile
 from shim.scan import Scanner, search_arguments
+from shim.stats import Stats
+
+
+def prepare(agent: Agent, compile: Compile) -> tuple[dict[str, bytes], bool]:
+    """The compile's input tree (files made here) and whether direct mode may take it."""
+    inputs = asyncio.run(agent.modes[compile.mode].find(compile))
+    spec = lay_out(compile, inputs, agent.digests, agent.manifests)
+    return spec.contents, inputs.scanned is not None and "a.c" in spec.files
 
 
 @pytest.mark.parametrize("mode", ["deps", "scan"])
@@ -30,9 +41,8 @@ def test_system_places_tried_before_a_header_must_be_absent(tmp_path: Path, mode
     agent = Agent(Stats(tmp_path / "stats.json"))
     env = dict(os.environ, REAPI_CC_MODE=mode)
     cwd = str(tmp_path)
-    build = agent._prepare_scan if mode == "scan" else agent._prepare_deps
-    prepared = asyncio.run(build(cwd, "/usr/bin/gcc", decision, env))
-    manifest = prepared.contents[MANIFEST].decode().splitlines()
+    contents, direct = prepare(agent, Compile(cwd, "/usr/bin/gcc", decision, env, mode))
+    manifest = contents[MANIFEST].decode().splitlines()
     absent = {line.split(" ", 2)[2] for line in manifest if line.startswith(f"{ABSENT} ")}
     read = {line.split(" ", 2)[2] for line in manifest if not line.startswith(f"{ABSENT} ")}
     search = search_arguments(decision.arguments).search
@@ -42,7 +52,7 @@ def test_system_places_tried_before_a_header_must_be_absent(tmp_path: Path, mode
     assert {f"{d}/stdio.h" for d in before} <= absent
     assert "/usr/include/stdio.h" in read
     assert not any(path.startswith(cwd) for path in absent | read)
-    assert prepared.depends is not None  # and direct mode may take it again
+    assert direct  # and direct mode may take it again
 
 
 def test_a_scan_that_fails_in_deps_mode_only_costs_direct_mode(
@@ -57,6 +67,14 @@ def test_a_scan_that_fails_in_deps_mode_only_costs_direct_mode(
         raise OSError("a header vanished mid-scan")
 
     monkeypatch.setattr(agent.scanner, "scan", broken)
-    prepared = asyncio.run(agent._prepare_deps(str(tmp_path), "/usr/bin/gcc", decision, {}))
-    assert "a.c" in prepared.files and prepared.depends is None
-    assert b"/usr/include/stdio.h" in prepared.contents[MANIFEST]  # -M's list, as before
+    inputs = asyncio.run(
+        agent.modes["deps"].find(Compile(str(tmp_path), "/usr/bin/gcc", decision, {}, "deps"))
+    )
+    spec = lay_out(
+        Compile(str(tmp_path), "/usr/bin/gcc", decision, {}, "deps"),
+        inputs,
+        agent.digests,
+        agent.manifests,
+    )
+    assert "a.c" in spec.files and inputs.scanned is None
+    assert b"/usr/include/stdio.h" in spec.contents[MANIFEST]  # -M's list, as before

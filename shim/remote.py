@@ -1,0 +1,105 @@
+"""The agent's side of one server: upload what it lacks, Execute, fetch results.
+
+Every failure is raised (grpc.aio.AioRpcError, ReapiError, ValueError): the
+agent then leaves the compile to the local compiler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+
+from cas.existence import (
+    REMEMBERED_BLOBS,
+    TRUST_SERVER_SECONDS,
+    ExistenceCache,
+    ExistenceCachingStore,
+)
+from cas.remote import RemoteStore, channel_for
+from cas.store import get_blob, put_missing
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import NotFound
+from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
+
+SHA256 = DigestFunction.SHA256
+# How long a compile may run remotely (seconds).
+EXECUTE_TIMEOUT = 3600
+
+
+class Server:
+    """One server: its channel, and the blobs it is known to hold."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = channel_for(target)
+        known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
+        self.store = ExistenceCachingStore(RemoteStore(self.channel), known)
+        self._cache: Any = re_grpc.ActionCacheStub(self.channel)  # type: ignore[no-untyped-call]
+        self._execution: Any = re_grpc.ExecutionStub(self.channel)  # type: ignore[no-untyped-call]
+
+    async def cached_result(self, action: Digest, outputs: list[str]) -> re_pb2.ActionResult | None:
+        """The action cache's result for `action` (outputs inlined), or None."""
+        request = re_pb2.GetActionResultRequest(
+            action_digest=action.to_proto(),
+            inline_stdout=True,
+            inline_stderr=True,
+            inline_output_files=outputs,
+        )
+        try:
+            result: re_pb2.ActionResult = await self._cache.GetActionResult(request)
+        except grpc.aio.AioRpcError:
+            return None
+        return result
+
+    async def upload(self, digests: Iterable[Digest], data_of: Callable[[Digest], bytes]) -> int:
+        """Send those of `digests` the server lacks; the bytes sent."""
+        return await put_missing(self.store, list(set(digests)), data_of)
+
+    async def execute(self, action: Digest, outputs: list[str]) -> re_pb2.ExecuteResponse:
+        """Run `action` (the server answers from its action cache when it can);
+        raises ValueError when it ends without a result."""
+        request = re_pb2.ExecuteRequest(
+            action_digest=action.to_proto(),
+            inline_stdout=True,
+            inline_stderr=True,
+            inline_output_files=outputs,
+        )
+        last = None
+        async for operation in self._execution.Execute(request, timeout=EXECUTE_TIMEOUT):
+            last = operation
+        response = re_pb2.ExecuteResponse()
+        if last is None or not last.done or not last.response.Unpack(response):
+            raise ValueError("the Execute stream ended without a result")
+        if response.status.code != 0:
+            raise ValueError(f"remote execution failed: {response.status.message}")
+        return response
+
+    async def stream(self, result: re_pb2.ActionResult, name: str) -> bytes:
+        """The result's `stdout` or `stderr`, inlined or read from the CAS."""
+        raw: bytes = getattr(result, f"{name}_raw")
+        if raw or not result.HasField(f"{name}_digest"):
+            return raw
+        return await get_blob(
+            self.store, Digest.from_proto(SHA256, getattr(result, f"{name}_digest"))
+        )
+
+    async def output_files(self, result: re_pb2.ActionResult) -> list[tuple[str, bytes, bool]]:
+        """(path, bytes, executable) of each output file: inlined when the
+        bytes match the digest, else read from the CAS."""
+        digests = [Digest.from_proto(SHA256, f.digest) for f in result.output_files]
+        found = {
+            digest: output.contents
+            for output, digest in zip(result.output_files, digests, strict=True)
+            if digest.size == 0 or SHA256.digest_of(output.contents) == digest
+        }
+        missing = [digest for digest in digests if digest not in found]
+        if missing:
+            found.update(await self.store.get_many(missing))
+        if lost := [digest for digest in digests if digest not in found]:
+            raise NotFound(f"output {lost[0]} is missing from the CAS")
+        return [
+            (output.path, found[digest], output.is_executable)
+            for output, digest in zip(result.output_files, digests, strict=True)
+        ]
