@@ -14,7 +14,7 @@ from executor import layout
 from executor.local_cache import CachedFile, LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Slot
-from reapi.conventions import MANIFEST_VARIABLE, SystemFiles
+from reapi.conventions import MANIFEST_VARIABLE, PROVIDED_DIRS, SystemFiles
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -94,11 +94,17 @@ def _add_directories(tree: layout.Dir, workdir: str, outputs: list[str]) -> None
 
 
 class ActionRunner:
-    def __init__(self, store: BlobStore, cache: LocalCache, worker_name: str) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        cache: LocalCache,
+        worker_name: str,
+        provided: tuple[str, ...] = PROVIDED_DIRS,
+    ) -> None:
         self._store = store
         self._cache = cache
         self._name = worker_name
-        self._system_files = SystemFiles(Watcher())
+        self._system_files = SystemFiles(Watcher(), provided)
 
     async def run(self, assign: worker_pb2.Assign, slot: Slot) -> worker_pb2.Finished:
         """Run the leased action in `slot`; its outcome, for the server. The

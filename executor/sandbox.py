@@ -53,11 +53,10 @@ from pathlib import Path
 from typing import IO
 
 from executor import layout
-from reapi.conventions import SANDBOX_ROOT
+from reapi.conventions import PROVIDED_DIRS, SANDBOX_ROOT, provided_by
 
 log = logging.getLogger(__name__)
 
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc")
 # Inside the user namespace the action runs as this (unprivileged) user.
 SANDBOX_UID = 1000
 HELPER_SOURCE = Path(__file__).with_name("sandbox_helper.py")
@@ -88,7 +87,11 @@ class Sandbox:
     """The sandbox of one worker: `slots` places to run actions in, each
     with its own warm bubblewrap (kind `bwrap`)."""
 
-    def __init__(self, kind: str, workdir: Path, slots: int = 1) -> None:
+    def __init__(
+        self, kind: str, workdir: Path, slots: int = 1, provided: tuple[str, ...] = PROVIDED_DIRS
+    ) -> None:
+        """`provided`: the directories mounted read-only at their own paths
+        (reapi/conventions.py): PROVIDED_DIRS and any the worker adds."""
         if kind not in ("bwrap", "none"):
             raise ValueError(f"unknown sandbox {kind!r}; use bwrap or none")
         self._bwrap = shutil.which("bwrap") or ""
@@ -99,6 +102,7 @@ class Sandbox:
         if kind == "none":
             log.warning("sandbox 'none': actions run unconfined, with the worker's rights")
         self.kind = kind
+        self.provided = provided
         self.workdir = Path(workdir)
         self.warm = kind == "bwrap"  # until a helper fails to start
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +160,7 @@ class Sandbox:
             "--gid",
             str(SANDBOX_UID),
         ]
-        for directory in SYSTEM_DIRS:
+        for directory in self.provided:
             argv += ["--ro-bind-try", directory, directory]
         for directory in extra_binds:
             argv += ["--ro-bind", directory, directory]
@@ -399,7 +403,7 @@ class _Warm:
                 {
                     prefix
                     for prefix in (sys.base_prefix, os.path.dirname(os.path.dirname(python)))
-                    if not any(_is_under(prefix, d) for d in SYSTEM_DIRS)
+                    if not provided_by(prefix, sandbox.provided)
                 }
             )
         )
@@ -483,10 +487,6 @@ def _through_env(arguments: list[str], environment: dict[str, str]) -> list[str]
     fixup = [f"PWD={pwd}"] if pwd is not None else []
     unset = [] if pwd is not None else ["-u", "PWD"]
     return ["/usr/bin/env", *unset, "--", *fixup, *arguments]
-
-
-def _is_under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory + "/")
 
 
 async def _exit_code(process: subprocess.Popen[bytes]) -> int:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from google.rpc import code_pb2, status_pb2
 
 from cas.existence import ExistenceCache
+from reapi.conventions import PROVIDED_DIRS, is_under, provided_by
 from reapi.digests import Digest
 from reapi.errors import FailedPrecondition, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -95,6 +96,8 @@ class WorkerHandle:
     # Input files of this worker's earlier leases: its cache has them (or fetched
     # them itself), so no lease needs to carry them again.
     held: ExistenceCache = field(default_factory=lambda: ExistenceCache(HELD_FILES))
+    # The directories it mounts for every action (reapi/conventions.py).
+    provided: tuple[str, ...] = PROVIDED_DIRS
 
     def matches(self, job: Job) -> bool:
         return job.requirements <= self.properties
@@ -212,13 +215,30 @@ class Scheduler:
 
     # ------------------------------------------------------------ workers
 
-    async def connect(self, name: str, properties: Properties, slots: int) -> WorkerHandle:
-        worker = WorkerHandle(name, properties, max(1, slots))
+    async def connect(
+        self,
+        name: str,
+        properties: Properties,
+        slots: int,
+        provided: tuple[str, ...] = PROVIDED_DIRS,
+    ) -> WorkerHandle:
+        worker = WorkerHandle(name, properties, max(1, slots), provided=provided)
         self._workers.add(worker)
         async with self._work_available:
             self._work_available.notify_all()
         log.info("worker %s connected (%d slots, %s)", name, worker.slots, sorted(properties))
         return worker
+
+    def provided(self) -> tuple[str, ...]:
+        """The directories every connected worker provides (PROVIDED_DIRS when
+        none is connected): what a client may rely on wherever its action runs."""
+        if not self._workers:
+            return PROVIDED_DIRS
+        candidates = {d for worker in self._workers for d in worker.provided}
+        common = {d for d in candidates if all(provided_by(d, w.provided) for w in self._workers)}
+        return tuple(
+            sorted(d for d in common if not any(d != c and is_under(d, c) for c in common))
+        )
 
     async def next_job(self, worker: WorkerHandle) -> Job:
         """Wait for a free slot and a queued job this worker matches; lease it."""

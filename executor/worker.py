@@ -30,6 +30,7 @@ from cas.remote import RemoteStore, channel_for
 from executor.local_cache import LocalCache
 from executor.runner import ActionRunner
 from executor.sandbox import Sandbox
+from reapi.conventions import PROVIDED_DIRS
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
@@ -52,12 +53,21 @@ class WorkerConfig:
     token: str | None = None
     # Set by `reapi serve` for its local workers (its own pid): stop when it is gone.
     parent_pid: int | None = None
+    # Directories provided to every action besides PROVIDED_DIRS (`--provide`).
+    provide: Sequence[str] = ()
+
+    @property
+    def provided(self) -> tuple[str, ...]:
+        """Every directory the sandbox mounts for an action (reapi/conventions.py)."""
+        return tuple(sorted({*PROVIDED_DIRS, *self.provide}))
 
 
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self._sandbox = Sandbox(config.sandbox, config.workdir / "actions", config.slots)
+        self._sandbox = Sandbox(
+            config.sandbox, config.workdir / "actions", config.slots, config.provided
+        )
 
     async def run_forever(self) -> None:
         """Serve the server's leases until cancelled (or, for a local worker, until
@@ -104,7 +114,7 @@ class Worker:
             known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
             store = ExistenceCachingStore(RemoteStore(channel, metadata), known)
             cache = LocalCache(config.workdir / "cache", store)
-            runner = ActionRunner(store, cache, config.name)
+            runner = ActionRunner(store, cache, config.name, config.provided)
             outgoing: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
             hello = worker_pb2.Hello(
                 name=config.name,
@@ -112,6 +122,7 @@ class Worker:
                 properties=[
                     re_pb2.Platform.Property(name=k, value=v) for k, v in sorted(config.properties)
                 ],
+                provided_directories=config.provided,
             )
             outgoing.put_nowait(worker_pb2.WorkerMessage(hello=hello))
 

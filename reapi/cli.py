@@ -4,7 +4,7 @@
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
                 [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
     reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
-                 [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
+                 [--provide DIR ...] [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
     reapi cas gc | stats | verify ...      (see reapi/cas_commands.py)
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -28,6 +29,7 @@ from typing import Any
 from cas.inventory import StorageError
 from executor.worker import Worker, WorkerConfig
 from reapi import cas_commands
+from reapi.conventions import provided_directory
 from reapi.security import ConfigError, TlsFiles, load_tokens
 from reapi.server import ServerConfig, default_storage, reapi_home, serve
 
@@ -106,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="platform property this worker offers (repeatable)",
     )
+    worker_cmd.add_argument(
+        "--provide",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory to mount read-only for every action, besides the system's "
+        "(a toolchain under /opt, say; repeatable): clients then rely on its files",
+    )
     worker_cmd.add_argument("--sandbox", choices=("bwrap", "none"), default="bwrap")
     worker_cmd.add_argument("--name", help="name in logs and results (default: host name)")
     worker_cmd.add_argument(
@@ -179,6 +189,14 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         if not sep or not key:
             raise ConfigError(f"--property {item!r}: expected KEY=VALUE")
         properties.append((key, value))
+    provide = []
+    for directory in args.provide:
+        try:
+            provide.append(provided_directory(directory))
+        except ValueError as error:
+            raise ConfigError(f"--provide {error}") from None
+        if not os.path.isdir(directory):
+            raise ConfigError(f"--provide {directory!r}: not a directory")
     config = WorkerConfig(
         server=args.server,
         workdir=args.workdir or reapi_home() / "worker",
@@ -186,6 +204,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         properties=properties,
         sandbox=args.sandbox,
         parent_pid=args.parent_pid,
+        provide=provide,
     )
     if args.name:
         config.name = args.name

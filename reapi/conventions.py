@@ -4,6 +4,14 @@ Where the input root is: workers mount it at SANDBOX_ROOT, so a client can map
 that path back to its own (e.g. -fdebug-prefix-map) and results do not depend
 on which worker ran them.
 
+What a worker provides to every action besides its input tree: the
+directories of PROVIDED_DIRS, mounted read-only at their own paths in the
+sandbox (executor/sandbox.py), and whatever a deployment adds with `reapi
+worker --provide DIR` (a toolchain under /opt, say). Workers tell the server
+in their Hello; the server tells clients what every connected worker provides
+(Workers.GetProvided). A client counts on nothing else: a file outside these
+directories travels as an input.
+
 Which system files an action relies on, and checking them on the worker:
 
 A client that relies on files outside the input tree (a compiler, its cc1,
@@ -27,6 +35,11 @@ from reapi.errors import FailedPrecondition, InvalidArgument
 from reapi.watch import Watcher
 
 SANDBOX_ROOT = "/build"
+# The system's own directories, which every worker mounts read-only.
+PROVIDED_DIRS = ("/bin", "/etc", "/lib", "/lib32", "/lib64", "/sbin", "/usr")
+# Places a worker cannot provide: the sandbox makes its own (or they are the
+# machine's, not the system's).
+_UNPROVIDABLE = (SANDBOX_ROOT, "/dev", "/proc", "/sys", "/tmp", "/run")
 MANIFEST_VARIABLE = "REAPI_SYSTEM_FILES"
 ABSENT = "ABSENT"
 
@@ -34,6 +47,36 @@ ABSENT = "ABSENT"
 _digests: dict[tuple[str, int, int, int], str] = {}
 # Manifests a worker remembers having found true (a few per project built).
 VERIFIED_MANIFESTS = 256
+# Paths a worker remembers resolving inside its provided directories.
+VERIFIED_PATHS = 100_000
+
+
+def provided_directory(path: str) -> str:
+    """`path` as a directory a worker may provide (absolute, normalized);
+    raises ValueError with a message for one it cannot."""
+    if not os.path.isabs(path):
+        raise ValueError(f"{path!r}: a provided directory must be an absolute path")
+    normal = os.path.normpath(path)
+    if normal.startswith("//"):
+        normal = normal[1:]
+    if normal == "/":
+        raise ValueError(f"{path!r}: cannot be provided (the sandbox makes its own /)")
+    clash = next((d for d in _UNPROVIDABLE if is_under(normal, d) or is_under(d, normal)), None)
+    if clash is not None:
+        raise ValueError(f"{path!r}: cannot be provided (the sandbox makes its own {clash})")
+    return normal
+
+
+def is_under(path: str, directory: str) -> bool:
+    """Whether normalized `path` is `directory` or inside it."""
+    if directory == "/":
+        return path.startswith("/")
+    return path == directory or path.startswith(directory + "/")
+
+
+def provided_by(path: str, directories: tuple[str, ...]) -> bool:
+    """Whether normalized absolute `path` lies in one of `directories`."""
+    return any(is_under(path, directory) for directory in directories)
 
 
 def file_identity(path: str, status: tuple[int, int, int] | None = None) -> tuple[str, int] | None:
@@ -67,12 +110,18 @@ class SystemFiles:
     at its files, until the watcher takes in a change: most compiles of a
     project list the same system files, which rarely change during a build."""
 
-    def __init__(self, watcher: Watcher) -> None:
+    def __init__(self, watcher: Watcher, provided: tuple[str, ...] = PROVIDED_DIRS) -> None:
         self._watcher = watcher
+        self._provided = provided
         self._verified: dict[str, int] = {}  # manifest -> watcher.changes when found true
+        # Whether each path resolves inside the provided directories, as of
+        # watcher.changes == self._resolved_at.
+        self._resolved: dict[str, bool] = {}
+        self._resolved_at = -1
 
     def verify(self, root: Path, manifest: str) -> None:
-        """Raise FailedPrecondition if a listed file is missing or differs here."""
+        """Raise FailedPrecondition if a listed file is missing or differs here,
+        or is not one this worker provides (the action could not read it)."""
         path = (root / manifest).resolve()
         if root.resolve() not in path.parents:
             raise InvalidArgument(f"{MANIFEST_VARIABLE} {manifest!r} is outside the input tree")
@@ -97,6 +146,11 @@ class SystemFiles:
                         "produce a different result"
                     )
                 continue
+            if not self._provides(name):
+                raise FailedPrecondition(
+                    f"system file {name} is not in a directory this worker provides "
+                    f"({', '.join(self._provided)}); refusing an action that could not read it"
+                )
             found = (
                 None if status is None else file_identity(name, (status[0], status[1], status[3]))
             )
@@ -109,3 +163,18 @@ class SystemFiles:
             if len(self._verified) >= VERIFIED_MANIFESTS:
                 self._verified.clear()
             self._verified[text] = watcher.changes
+
+    def _provides(self, name: str) -> bool:
+        """Whether the sandbox shows `name` as this process sees it: in a
+        provided directory, and no symbolic link on its way leads out of them
+        (the sandbox would show a dangling link: a header missing, or a
+        __has_include answered otherwise)."""
+        if not provided_by(os.path.normpath(name), self._provided):
+            return False
+        if self._resolved_at != self._watcher.changes or len(self._resolved) > VERIFIED_PATHS:
+            self._resolved.clear()
+            self._resolved_at = self._watcher.changes
+        inside = self._resolved.get(name)
+        if inside is None:
+            inside = self._resolved[name] = provided_by(os.path.realpath(name), self._provided)
+        return inside

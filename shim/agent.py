@@ -29,25 +29,28 @@ import hashlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from reapi.conventions import provided_by
 from reapi.digests import Digest
 from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from shim.action import build_action
 from shim.classify import Local, classify, expand_response_files
-from shim.inputs import DigestCache, InputsUnknown, is_system
-from shim.layout import PASSED_ENVIRONMENT, lay_out
+from shim.inputs import DigestCache, InputsUnknown, PreprocessHere
+from shim.layout import PASSED_ENVIRONMENT, Layout, lay_out
 from shim.manifest import Manifests
 from shim.memo import DirectMemo, scan_depends
-from shim.modes import Compile, input_modes
-from shim.options import Kind, lookup
+from shim.modes import Compile, Inputs, input_modes
 from shim.outputs import write_outputs
+from shim.paths import PathMap, Root, RootFinder, Unmappable, to_local_text
 from shim.protocol import (
     HEADER_SIZE,
     decode_length,
@@ -67,14 +70,31 @@ DEFAULT_SERVER = "grpc://127.0.0.1:8980"
 NATIVE_SOURCE = Path(__file__).parent / "native" / "reapi-cc.c"
 
 
+@dataclass(frozen=True)
+class Placed:
+    """An action, with what taking its result needs: where its outputs go."""
+
+    action: Digest
+    paths: PathMap
+    workdir: str  # the sandbox's working directory
+    outputs: list[str]  # as the action names them
+
+    def local(self, path: str) -> str:
+        """Where an output the action names goes here."""
+        return self.paths.local(os.path.normpath(os.path.join(self.workdir, path)))
+
+
 class Agent:
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, scratch: str | None = None) -> None:
+        """`scratch`: a directory for the preprocessor's files (default: the
+        system's temporary directory)."""
         self.stats = stats
         self.digests = DigestCache()
         self.scanner = Scanner()
-        self.memo = DirectMemo()
+        self.memo: DirectMemo[Placed] = DirectMemo()
         self.manifests = Manifests()
-        self.modes = input_modes(self.scanner)
+        self.roots = RootFinder()
+        self.modes = input_modes(self.scanner, scratch or tempfile.gettempdir())
         self._servers: dict[str, Server] = {}
         self.last_used = time.monotonic()
 
@@ -93,7 +113,7 @@ class Agent:
         self.stats.add("invocations")
         try:
             return await self._compile(request)
-        except InputsUnknown as unknown:
+        except (InputsUnknown, Unmappable) as unknown:
             return self.stats.local(str(unknown))
         except (grpc.aio.AioRpcError, ReapiError, OSError, ValueError) as error:
             log.warning("remote compile failed, compiling locally: %s", error)
@@ -113,17 +133,47 @@ class Agent:
         decision = classify(expand_response_files(arguments, read), env)
         if isinstance(decision, Local):
             return self.stats.local(decision.reason)
-        if _absolute_project_path(decision.arguments):
-            return self.stats.local("absolute-project-path")
+        server = self.server(env.get("REAPI_SERVER") or DEFAULT_SERVER)
+        provided = await server.provided()
+        programs = [compiler, *self.manifests.programs(compiler)]
+        if not all(provided_by(os.path.realpath(p), provided) for p in programs):
+            return self.stats.local("compiler-not-provided")
         mode = env.get("REAPI_CC_MODE", "deps")
-        return await self._remote_compile(Compile(cwd, compiler, decision, env, mode))
+        compile = Compile(cwd, compiler, decision, env, mode, provided)
+        result, placed = await self._result(server, compile)
+        if result.exit_code != 0:
+            # Most likely a real error, but one of the remote side's own (a
+            # header it lacks, a full disk) looks the same: the local compiler
+            # has the last word, and its own output reaches make.
+            return await self._compile_here(request)
+        files = await server.output_files(result)
+        where = {placed.local(path): (data, executable) for path, data, executable in files}
+        if _local(cwd, decision.output) not in where:
+            return self.stats.local("remote-output-missing")
+        if decision.dependency_file is not None:
+            dependencies = _local(cwd, decision.dependency_file)
+            if dependencies in where:
+                data, executable = where[dependencies]
+                where[dependencies] = (to_local_text(data, placed.paths, True), executable)
+        self.stats.add("bytes_downloaded", sum(len(data) for data, _ in where.values()))
+        write_outputs(where)
+        stdout = await self._stream(server, result, "stdout")
+        stderr = await self._stream(server, result, "stderr")
+        return {
+            "do": "exit",
+            "code": 0,
+            "stdout": to_local_text(stdout, placed.paths),
+            "stderr": to_local_text(stderr, placed.paths),
+        }
 
-    async def _remote_compile(self, compile: Compile) -> dict[str, Any]:
+    async def _result(self, server: Server, compile: Compile) -> tuple[re_pb2.ActionResult, Placed]:
+        """The compile's result: from the action cache when direct mode knows
+        its action, else executed (or found in the cache by Execute)."""
         started_ns = time.time_ns()
-        server = self.server(compile.env.get("REAPI_SERVER") or DEFAULT_SERVER)
+        roots = self.roots.roots(compile.cwd, compile.env)
         memo_key = None
         if compile.mode in ("deps", "scan"):
-            # What the action depends on besides files: PASSED_ENVIRONMENT reaches it.
+            # What the action depends on besides files.
             passed = map(compile.env.get, PASSED_ENVIRONMENT)
             memo_key = (
                 compile.mode,
@@ -131,53 +181,76 @@ class Agent:
                 compile.compiler,
                 *compile.decision.arguments,
                 *passed,
+                roots,
+                compile.provided,
             )
         remembered = self.memo.get(memo_key, self.scanner.unchanged) if memo_key else None
-        outputs = compile.outputs
-        result = None
         if remembered is not None:
-            result = await server.cached_result(remembered, outputs)
-        depends = None
-        if result is not None:
-            self.stats.add("cache_hits")
-            self.stats.add("direct_hits")
-        else:
-            # Execute answers from the action cache itself when it can: asking the
-            # cache first would cost every new compile one more round trip.
-            mode = "deps" if compile.mode == "cpp" and compile.debug else compile.mode
-            # A debug build from preprocessed text differs from the local compile (its
-            # line tables name the .i file), even on this machine: it takes `deps` inputs.
+            result = await server.cached_result(remembered.action, remembered.outputs)
+            if result is not None:
+                self.stats.add("cache_hits")
+                self.stats.add("direct_hits")
+                return result, remembered
+        # Execute answers from the action cache itself when it can: asking the
+        # cache first would cost every new compile one more round trip.
+        inputs, layout = await self._lay_out(compile, roots)
+        built = build_action(layout.spec)
+        sent = await server.upload([*built.blobs, *built.files], self._data_of(built.blobs))
+        self.stats.add("bytes_uploaded", sent)
+        executed = await server.execute(built.action, layout.spec.outputs)
+        self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
+        placed = Placed(built.action, layout.paths, layout.workdir, layout.spec.outputs)
+        result = executed.result
+        if memo_key and inputs.scanned and not layout.spec.do_not_cache and result.exit_code == 0:
+            programs = [compile.compiler, *self.manifests.programs(compile.compiler)]
+            scanned = inputs.scanned
+            depends = scan_depends(scanned.result, scanned.search, programs)
+            if depends is not None:  # (else nothing to find next time)
+                self.memo.put(memo_key, placed, depends, started_ns)
+        return result, placed
+
+    async def _lay_out(
+        self, compile: Compile, roots: tuple[Root, ...] | None
+    ) -> tuple[Inputs, Layout]:
+        """The inputs of the compile's mode, laid out; preprocessed here
+        instead where that is the only exact way (not for a debug build:
+        its line tables would name the preprocessed file)."""
+        # A debug build from preprocessed text differs from the local compile, even
+        # on this machine: `cpp` takes `deps` inputs for one.
+        mode = "deps" if compile.mode == "cpp" and compile.debug else compile.mode
+        try:
             inputs = await self.modes.get(mode, self.modes["deps"]).find(compile)
             if inputs.scan_fallback:
-                self.stats.add_reason(
-                    "scan_fallbacks", "scan_fallback_reasons", inputs.scan_fallback
-                )
-            spec = lay_out(compile, inputs, self.digests, self.manifests)
-            built = build_action(spec)
-            if inputs.scanned and not spec.do_not_cache:  # else nothing to find next time
-                programs = [compile.compiler, *self.manifests.programs(compile.compiler)]
-                depends = scan_depends(inputs.scanned.result, inputs.scanned.search, programs)
-            sent = await server.upload([*built.blobs, *built.files], self._data_of(built.blobs))
-            self.stats.add("bytes_uploaded", sent)
-            executed = await server.execute(built.action, spec.outputs)
-            result = executed.result
-            self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
-        if result.exit_code == 0 and compile.decision.output not in {
-            f.path for f in result.output_files
-        }:
-            return self.stats.local("remote-output-missing")
-        if result.exit_code != 0 and compile.mode == "scan":
-            # Most likely a real error, but a header the scanner missed looks the
-            # same: the local compiler has the last word.
-            return self.stats.local("scan-remote-failed")
-        files = await server.output_files(result)
-        self.stats.add("bytes_downloaded", sum(len(data) for _, data, _ in files))
-        write_outputs(compile.cwd, files)
-        if memo_key and depends and result.exit_code == 0:
-            self.memo.put(memo_key, built.action, depends, started_ns)
-        stdout = await self._stream(server, result, "stdout")
-        stderr = await self._stream(server, result, "stderr")
-        return {"do": "exit", "code": result.exit_code, "stdout": stdout, "stderr": stderr}
+                reason = inputs.scan_fallback
+                self.stats.add_reason("scan_fallbacks", "scan_fallback_reasons", reason)
+            return inputs, self._layout(compile, inputs, roots)
+        except PreprocessHere as why:
+            if compile.debug:
+                raise
+            self.stats.add_reason("preprocessed_here", "preprocessed_reasons", str(why))
+        inputs = await self.modes["cpp"].find(compile)
+        return inputs, self._layout(compile, inputs, roots)
+
+    def _layout(self, compile: Compile, inputs: Inputs, roots: tuple[Root, ...] | None) -> Layout:
+        return lay_out(compile, inputs, self.digests, self.manifests, roots)
+
+    async def _compile_here(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Run the compile with the local compiler, as reapi-cc would; counted
+        by its outcome, so that a remote side failing where the local compiler
+        succeeds shows in the statistics."""
+        process = await asyncio.create_subprocess_exec(
+            *request["argv"],
+            cwd=request["cwd"],
+            env=request["env"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await process.communicate()
+        code = process.returncode or 0
+        reason = "remote-failed-local-ok" if code == 0 else "compile-error"
+        self.stats.add_reason("local_fallbacks", "local_reasons", reason)
+        return {"do": "exit", "code": code, "stdout": stdout, "stderr": stderr}
 
     async def _stream(self, server: Server, result: re_pb2.ActionResult, name: str) -> bytes:
         data = await server.stream(result, name)
@@ -195,18 +268,8 @@ class Agent:
         return data_of
 
 
-def _absolute_project_path(arguments: Sequence[str]) -> bool:
-    """An absolute path outside the system directories: the remote tree is
-    relative, so such a compile stays local."""
-    for argument in arguments:
-        value: str | None = argument
-        if argument.startswith("-"):
-            option, value = lookup(argument)
-            if option is None or not option.kind & Kind.PATH or value is None:
-                continue
-        if os.path.isabs(value or "") and not is_system(value or ""):
-            return True
-    return False
+def _local(cwd: str, path: str) -> str:
+    return os.path.normpath(os.path.join(cwd, path))
 
 
 async def _serve_connection(
@@ -273,7 +336,7 @@ async def run_agent(idle_seconds: float = IDLE_SECONDS) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         (directory / "agent.pid").write_text(str(os.getpid()))
-        agent = Agent(Stats(directory / "stats.json"))
+        agent = Agent(Stats(directory / "stats.json"), scratch=str(directory))
         server = await asyncio.start_unix_server(
             lambda r, w: _serve_connection(agent, r, w), path=str(path)
         )

@@ -124,7 +124,12 @@ def show_stats(arguments: Sequence[str]) -> int:
     elif op == "stats":
         for key in protocol.STAT_KEYS:
             print(f"{key.replace('_', ' '):<20} {stats.get(key, 0)}")
-        for kind, reasons in (("local", "local_reasons"), ("scan", "scan_fallback_reasons")):
+        tables = (
+            ("local", "local_reasons"),
+            ("scan", "scan_fallback_reasons"),
+            ("preprocessed", "preprocessed_reasons"),
+        )
+        for kind, reasons in tables:
             for reason, count in sorted(stats.get(reasons, {}).items()):
                 print(f"  {kind}: {reason:<24} {count}")
     return 0

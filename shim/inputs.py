@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,10 +28,35 @@ class InputsUnknown(Exception):
     """The inputs could not be determined; the message is a stats reason."""
 
 
+class PreprocessHere(InputsUnknown):
+    """The compile cannot be sent as its files, faithfully, but its
+    preprocessed text can (`cpp` mode); the message is a stats reason."""
+
+
+# Words whose expansion depends on more than a file's text.
+_DATE_TIME = (b"__DATE__", b"__TIME__")
+_FILE_NAME = (b"__FILE__", b"__BASE_FILE__", b"__builtin_FILE")
+_ONCE = (b"pragma once", b"import")
+
+
 @dataclass(frozen=True)
 class FileInfo:
     digest: Digest
-    uses_date_time: bool  # mentions __DATE__ or __TIME__
+    uses_date_time: bool  # mentions __DATE__ or __TIME__: the object changes every build
+    uses_timestamp: bool  # mentions __TIMESTAMP__: the source's mtime, which differs remotely
+    uses_file_name: bool  # mentions __FILE__ or its kin: the object may name a path
+    once: bool  # may be included once only (#pragma once, #import): gcc compares mtimes
+
+
+def file_info(data: bytes) -> FileInfo:
+    digest = Digest(DigestFunction.SHA256, hashlib.sha256(data).hexdigest(), len(data))
+    return FileInfo(
+        digest,
+        uses_date_time=any(word in data for word in _DATE_TIME),
+        uses_timestamp=b"__TIMESTAMP__" in data,
+        uses_file_name=any(word in data for word in _FILE_NAME),
+        once=any(word in data for word in _ONCE),
+    )
 
 
 class DigestCache:
@@ -50,16 +76,17 @@ class DigestCache:
         found = self._known.get(key)
         if found is None:
             with open(path, "rb") as file:
-                data = file.read()
-            digest = Digest(DigestFunction.SHA256, hashlib.sha256(data).hexdigest(), len(data))
-            found = FileInfo(digest, b"__DATE__" in data or b"__TIME__" in data)
-            self._known[key] = found
+                found = self._known[key] = file_info(file.read())
         self.data[found.digest] = path
         return found
 
 
-def dependency_query(compiler: str, arguments: Sequence[str]) -> list[str]:
-    """The compile's own arguments, outputs removed, asking for `-M` on stdout."""
+def dependency_query(
+    compiler: str, arguments: Sequence[str], text_to: str | None = None
+) -> list[str]:
+    """The compile's own arguments, outputs removed, asking for `-M` on stdout;
+    or, with `text_to`, for the preprocessed text on stdout and the
+    dependencies in the file `text_to`."""
     query = [compiler]
     skip = False
     for argument in arguments:
@@ -74,6 +101,8 @@ def dependency_query(compiler: str, arguments: Sequence[str]) -> list[str]:
         if argument.startswith("-Wp,-M") or argument in ("--coverage", "-ftest-coverage"):
             continue
         query.append(argument)
+    if text_to is not None:
+        return [*query, "-E", "-o", "-", "-MD", "-MF", text_to, "-MT", "x"]
     return [*query, "-M"]
 
 
@@ -125,12 +154,55 @@ async def run_preprocessor(
     return err if stderr else out
 
 
+@dataclass(frozen=True)
+class Dependencies:
+    """What the local preprocessor says a compile reads."""
+
+    files: list[str]  # absolute, normalized paths
+    absolute: list[str]  # those it named by absolute paths (an absolute -I, source...)
+    text: bytes | None = None  # the preprocessed text, when asked for
+
+
 async def preprocessor_dependencies(
-    compiler: str, arguments: Sequence[str], cwd: str, env: Mapping[str, str]
-) -> list[str]:
-    """Absolute paths of every file the compile reads, from the local `-M`."""
-    out = await run_preprocessor(dependency_query(compiler, arguments), cwd, env)
-    return [os.path.normpath(os.path.join(cwd, path)) for path in parse_make_rule(out.decode())]
+    compiler: str,
+    arguments: Sequence[str],
+    cwd: str,
+    env: Mapping[str, str],
+    text_in: str | None = None,
+) -> Dependencies:
+    """Every file the compile reads, from the local preprocessor; with
+    `text_in` (a directory for a scratch file) its preprocessed text too.
+    Raises PreprocessHere for a path that goes up (`..`) from a symbolic
+    link: the kernel follows the link where a lexical reading would not."""
+    text = None
+    if text_in is None:
+        rule = (await run_preprocessor(dependency_query(compiler, arguments), cwd, env)).decode()
+    else:
+        fd, scratch = tempfile.mkstemp(suffix=".d", dir=text_in)
+        os.close(fd)
+        try:
+            query = dependency_query(compiler, arguments, scratch)
+            text = await run_preprocessor(query, cwd, env)
+            with open(scratch, "rb") as file:
+                rule = file.read().decode()
+        finally:
+            os.unlink(scratch)
+    files: list[str] = []
+    absolute: list[str] = []
+    for named in parse_make_rule(rule):
+        path = os.path.join(cwd, named)
+        if "/.." in path and not lexical_is_physical(path):
+            raise PreprocessHere("symlink-dotdot")
+        files.append(os.path.normpath(path))
+        if os.path.isabs(named):
+            absolute.append(files[-1])
+    return Dependencies(files, absolute, text)
+
+
+def lexical_is_physical(path: str) -> bool:
+    """Whether `path`'s `..` components lead where normalizing it would
+    (they do unless a symbolic link comes before one)."""
+    return os.path.realpath(path) == os.path.realpath(os.path.normpath(path))
 
 
 def is_system(path: str) -> bool:

@@ -1,27 +1,61 @@
 """Laying a compile out as the worker will run it: from the files and
 arguments an input mode found (local paths) to an ActionSpec (paths in the
-input root).
+input tree), through the compile's PathMap (shim/paths.py).
 
-Project files are sent at their paths relative to the input root, the deepest
-directory holding the working directory, the outputs and all of them, so that
-another checkout of the tree builds the same action. System files stay on the
-machines: the manifest lists them for the worker to check.
+Files in directories the workers provide stay on the machines (the manifest
+has the worker check its copies); every other file is sent, at its place.
+The remote compile must write what the local one would, byte for byte:
+- debug info names the compile's directories, so a debug build maps each
+  sandbox place back to its local path (-fdebug-prefix-map);
+- __FILE__ names a file as the compile reached it: where that could be an
+  absolute path that the sandbox names otherwise, the same for
+  -fmacro-prefix-map;
+- what no map can mend goes the safe way (PreprocessHere: preprocessed here,
+  which is exact): __TIMESTAMP__ (a file's mtime, which differs in the
+  sandbox), two copies of a `#pragma once` file whose mtimes differ here
+  (gcc takes such copies for one file when their mtimes match, and in the
+  sandbox all copies of one content are one file), a probe that would find
+  another file in the sandbox than here.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from reapi.conventions import MANIFEST_VARIABLE, SANDBOX_ROOT
+from reapi.digests import Digest
 from shim.action import ActionSpec
-from shim.inputs import DigestCache, input_root, is_system
+from shim.inputs import DigestCache, FileInfo, PreprocessHere
 from shim.manifest import MANIFEST, Manifests, digest_status
 from shim.modes import Compile, Inputs
+from shim.paths import (
+    DEBUG_MAPS,
+    MACRO_MAPS,
+    PathMap,
+    Root,
+    Unmappable,
+    choose,
+    relative_paths,
+    sandbox_arguments,
+)
 
 # Passed to the remote compile so it behaves as the local one would.
 PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "LC_MESSAGES", "LC_CTYPE", "SOURCE_DATE_EPOCH")
 REMOTE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class Layout:
+    spec: ActionSpec
+    paths: PathMap
+    workdir: str  # the sandbox's working directory (absolute)
+
+    def local_output(self, path: str) -> str:
+        """Where an output the action names (relative to its working
+        directory) goes here."""
+        return self.paths.local(os.path.normpath(os.path.join(self.workdir, path)))
 
 
 def passed_environment(env: Mapping[str, str]) -> dict[str, str]:
@@ -30,40 +64,63 @@ def passed_environment(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def lay_out(
-    compile: Compile, inputs: Inputs, digests: DigestCache, manifests: Manifests
-) -> ActionSpec:
+    compile: Compile,
+    inputs: Inputs,
+    digests: DigestCache,
+    manifests: Manifests,
+    roots: tuple[Root, ...] | None,
+) -> Layout:
+    """Raises Unmappable (a stats reason) when no input tree holds the
+    compile, PreprocessHere when only its preprocessed text can go."""
     cwd = compile.cwd
-    project: list[str] = []
-    system: list[str] = []
-    for path in inputs.read:
-        (system if is_system(path) else project).append(path)
     generated = {os.path.normpath(path): data for path, data in inputs.generated.items()}
-    outputs = [os.path.join(cwd, output) for output in inputs.outputs]
-    root = input_root(cwd, [*project, *generated, *outputs])
-    inside = root.rstrip("/") + "/"
-    files = {}
-    dated = False
-    for path in project:
+    named = relative_paths(inputs.arguments)
+    named += [path for path in inputs.outputs if not os.path.isabs(path)]
+    paths = choose(cwd, roots, named, [*inputs.read, *generated], compile.provided)
+    files: dict[str, tuple[Digest, bool]] = {}
+    system: list[str] = []
+    sent: list[tuple[str, FileInfo]] = []
+    for path in inputs.read:
+        place = paths.place(path)
+        if place is None:
+            system.append(path)
+            continue
         info = digests.info(path, digest_status(inputs.statuses.get(path)))
-        # Under the root by its choice: relpath's work is not needed.
-        files[path[len(inside) :]] = (info.digest, False)
-        dated = dated or info.uses_date_time
-    arguments = list(inputs.arguments)
+        files[_in_tree(place)] = (info.digest, False)
+        sent.append((path, info))
+    contents = {}
+    for path, data in generated.items():
+        place = paths.place(path)
+        if place is None:
+            raise Unmappable("generated-in-provided-directory")
+        contents[_in_tree(place)] = data
+    _check_probes(inputs, paths)
+    _check_once(sent, inputs)
+    if any(info.uses_timestamp for _, info in sent):
+        raise PreprocessHere("timestamp-macro")
+    arguments = sandbox_arguments(inputs.arguments, paths)
+    ours: list[str] = []
     if compile.debug:
-        # Debug info names the compile's directory: make it this machine's.
-        arguments.append(f"-fdebug-prefix-map={SANDBOX_ROOT}={root}")
-    manifest = manifests.manifest(
-        compile.compiler, system, [p for p in inputs.absent if is_system(p)], inputs.statuses
-    )
-    contents = {path[len(inside) :]: data for path, data in generated.items()}
-    contents[MANIFEST] = manifest
-    relative = os.path.relpath(cwd, root)
-    return ActionSpec(
-        arguments=[compile.compiler, *arguments],
+        ours += paths.prefix_maps(DEBUG_MAPS, inputs.arguments)
+    if _names_files_otherwise(compile, inputs, paths, sent, system, digests):
+        ours += paths.prefix_maps(MACRO_MAPS, inputs.arguments)
+    workdir = paths.remote(cwd)
+    if not workdir.startswith(f"{SANDBOX_ROOT}/"):
+        raise Unmappable("working-directory-provided")
+    outputs = [
+        os.path.relpath(paths.remote(os.path.normpath(os.path.join(cwd, output))), workdir)
+        for output in inputs.outputs
+    ]
+    absent = [path for path in inputs.absent if paths.place(path) is None]
+    contents[MANIFEST] = manifests.manifest(compile.compiler, system, absent, inputs.statuses)
+    dated = any(info.uses_date_time for _, info in sent)
+    spec = ActionSpec(
+        # Ours first: gcc tries the last map given first, and the user's decide.
+        arguments=[compile.compiler, *ours, *arguments],
         files=files,
         contents=contents,
-        workdir="" if relative == "." else relative,
-        outputs=list(inputs.outputs),
+        workdir=_in_tree(workdir),
+        outputs=outputs,
         environment={
             "PATH": REMOTE_PATH,
             MANIFEST_VARIABLE: MANIFEST,
@@ -72,3 +129,70 @@ def lay_out(
         # __DATE__ and __TIME__ change every build unless SOURCE_DATE_EPOCH pins them.
         do_not_cache=dated and "SOURCE_DATE_EPOCH" not in compile.env,
     )
+    return Layout(spec, paths, workdir)
+
+
+def _in_tree(place: str) -> str:
+    """A sandbox path as a path in the input tree."""
+    return place[len(SANDBOX_ROOT) + 1 :]
+
+
+def _check_probes(inputs: Inputs, paths: PathMap) -> None:
+    """Each probe that found a file here must find it in the sandbox: not
+    so when its name climbs (`..`) from one place into another."""
+    for directory, name, found in inputs.probes:
+        if directory == "/":
+            continue
+        there = os.path.normpath(os.path.join(paths.remote(directory), name))
+        if paths.remote(found) != there:
+            raise PreprocessHere("probe-across-places")
+
+
+def _check_once(sent: list[tuple[str, FileInfo]], inputs: Inputs) -> None:
+    """Copies of one content that gcc may take for one file (`#pragma once`)
+    here only when their mtimes match: in the sandbox they always do."""
+    by_digest: dict[Digest, list[str]] = {}
+    for path, info in sent:
+        if info.once:
+            by_digest.setdefault(info.digest, []).append(path)
+    for copies in by_digest.values():
+        if len(copies) > 1:
+            mtimes = {_mtime(path, inputs) for path in copies}
+            if len(mtimes) > 1:
+                raise PreprocessHere("once-only-copies")
+
+
+def _mtime(path: str, inputs: Inputs) -> int:
+    status = inputs.statuses.get(path)
+    return status[1] if status is not None else os.stat(path).st_mtime_ns
+
+
+def _names_files_otherwise(
+    compile: Compile,
+    inputs: Inputs,
+    paths: PathMap,
+    sent: list[tuple[str, FileInfo]],
+    system: list[str],
+    digests: DigestCache,
+) -> bool:
+    """Whether __FILE__ (or its kin) may expand to a path the sandbox names
+    otherwise: as the input mode found, or judged from the text of every
+    file read (a system header's macro, assert's, expands in the file that
+    uses it) and the -D options."""
+    if inputs.file_names is not None:
+        return inputs.file_names
+    if not (compile.names_outside or inputs.named_absolutely):
+        return False
+    words = ("__FILE__", "__BASE_FILE__", "__builtin_FILE")
+    if any(word in argument for argument in inputs.arguments for word in words):
+        return True
+    if any(info.uses_file_name for _, info in sent):
+        return True
+    statuses = inputs.statuses
+    for path in system:
+        try:
+            if digests.info(path, digest_status(statuses.get(path))).uses_file_name:
+                return True
+        except OSError:
+            return True
+    return False

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from reapi.digests import Digest
 from shim.scan import RACY_NS, ScanResult, SearchPath, Seen, StatKey, stat_key
 
 # Whether files still have their statuses and directories their facts (Scanner.unchanged).
@@ -64,22 +63,28 @@ def scan_depends(found: ScanResult, search: SearchPath, programs: list[str]) -> 
     return Depends(files=files, missing=list(search.skipped), seen=found.seen, newest=newest)
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class _Entry:
-    action: Digest
+class _Entry(Generic[T]):
+    action: T
     statuses: tuple[tuple[str, StatKey | None], ...]  # None: must not exist
     seen: Seen
 
 
-class DirectMemo:
+class DirectMemo(Generic[T]):
+    """Compiles' actions (a digest, with what the agent needs to take its
+    result), by key, while what they came from is unchanged."""
+
     def __init__(self, limit: int = MEMO_ENTRIES) -> None:
         self._limit = limit
-        self._entries: dict[Hashable, _Entry] = {}  # in order of use, oldest first
+        self._entries: dict[Hashable, _Entry[T]] = {}  # in order of use, oldest first
         # One copy of each (path, status) and (directory, facts) pair: most compiles
         # of a build read the same headers and search the same directories.
         self._shared: dict[object, Any] = {}
 
-    def get(self, key: Hashable, unchanged: Unchanged) -> Digest | None:
+    def get(self, key: Hashable, unchanged: Unchanged) -> T | None:
         """The action remembered for `key`, if everything it came from is
         unchanged: `unchanged` checks the files' statuses and the lookups'
         facts (Scanner.unchanged)."""
@@ -91,7 +96,7 @@ class DirectMemo:
         self._entries[key] = entry
         return entry.action
 
-    def put(self, key: Hashable, action: Digest, depends: Depends, started_ns: int) -> bool:
+    def put(self, key: Hashable, action: T, depends: Depends, started_ns: int) -> bool:
         """Remember `action` for `key`, unless a file it came from changed too
         recently (after started_ns - RACY_NS) to be trusted."""
         if depends.newest > started_ns - RACY_NS:

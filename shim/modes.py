@@ -7,6 +7,13 @@ arguments and outputs of the remote compile, all in the client's own terms
 
 - `deps` (default): the local preprocessor's `-M` list, exact. The include
   scanner runs too, first, for direct mode and the ABSENT lines.
+
+Both `deps` and `scan` add what the compile probes without reading
+(`__has_include`): gcc's list names only the files it reads, yet a probed
+file that exists here must exist in the sandbox too, and a probed system
+path must be as present or absent on the worker as here. Where a probe cannot
+be resolved from the text, the mode raises PreprocessHere: the compile is
+then preprocessed here (`cpp`), which is exact.
 - `cpp`: preprocess here, send the preprocessed text (distcc's plain mode).
 - `scan`: the memoized include scanner (distcc's pump mode); `deps` for a
   compile it cannot be sure of.
@@ -16,13 +23,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from reapi.conventions import provided_by
 from shim.classify import RemoteCompile, compile_only_arguments
-from shim.inputs import preprocess, preprocessor_dependencies
-from shim.scan import Scanner, ScanResult, ScanUncertain, SearchPath, StatKey, search_arguments
+from shim.inputs import Dependencies, PreprocessHere, preprocess, preprocessor_dependencies
+from shim.paths import map_path_arguments
+from shim.scan import (
+    Probed,
+    Scanner,
+    ScanResult,
+    ScanUncertain,
+    SearchPath,
+    StatKey,
+    search_arguments,
+)
 
 log = logging.getLogger("reapi.agent")
 
@@ -36,10 +54,26 @@ class Compile:
     decision: RemoteCompile
     env: Mapping[str, str]
     mode: str  # deps, cpp or scan
+    provided: tuple[str, ...]  # the directories every worker provides
 
     @property
     def debug(self) -> bool:
         return any(a.startswith("-g") and a != "-g0" for a in self.decision.arguments)
+
+    @property
+    def names_outside(self) -> bool:
+        """Whether its arguments name an absolute path that the sandbox will
+        name otherwise (not a provided one): __FILE__ may then differ."""
+        found = False
+
+        def note(value: str) -> str:
+            nonlocal found
+            if os.path.isabs(value) and not provided_by(os.path.normpath(value), self.provided):
+                found = True
+            return value
+
+        map_path_arguments(self.decision.arguments, note)
+        return found
 
     @property
     def outputs(self) -> list[str]:
@@ -70,6 +104,13 @@ class Inputs:
     statuses: Mapping[str, StatKey] = field(default_factory=dict)  # of files in `read`
     scanned: Scanned | None = None
     scan_fallback: str | None = None  # why `scan` used `deps` for this compile
+    # (directory searched, name, path found) of each __has_include that found a file
+    probes: list[tuple[str, str, str]] = field(default_factory=list)
+    # Whether __FILE__ and its kin expand to a path that differs in the sandbox:
+    # known (the preprocessed text was looked at), or None: to be judged from
+    # the files' text.
+    file_names: bool | None = False
+    named_absolutely: list[str] = field(default_factory=list)  # read files named by absolute paths
 
 
 class InputMode(Protocol):
@@ -85,10 +126,15 @@ class DepsMode:
     for direct mode and the manifest's ABSENT lines: it vouches for a compile
     when it found every file the preprocessor listed. It follows every
     directive of every file it reaches (or gives up), so the lookups gcc made
-    are among those it recorded."""
+    are among those it recorded.
 
-    def __init__(self, scanner: Scanner) -> None:
+    When the arguments name absolute paths (CMake's builds), the preprocessor
+    is asked for its text as well as its list (the same run): whether
+    __FILE__ expanded to one of those paths is then known, not guessed."""
+
+    def __init__(self, scanner: Scanner, scratch: str) -> None:
         self.scanner = scanner
+        self.scratch = scratch  # a directory for the preprocessor's dependency file
 
     async def find(self, compile: Compile) -> Inputs:
         try:
@@ -98,10 +144,24 @@ class DepsMode:
         except Exception:  # the scan only helps here: whatever it hit, compile without it
             log.exception("include scan of %s failed; compiling without direct mode", compile.cwd)
             scanned = None
-        read = await self.dependencies(compile)
-        if scanned is None or not scanned.result.statuses.keys() >= set(read):
-            return self.inputs(compile, read)
-        return self.inputs(compile, read, scanned)
+        return await self.listed(compile, scanned)
+
+    async def listed(self, compile: Compile, scanned: Scanned | None) -> Inputs:
+        """The preprocessor's list as the inputs; `scanned`, when it covers
+        them, for the manifest and direct mode."""
+        with_text = compile.names_outside
+        found = await self.dependencies(compile, self.scratch if with_text else None)
+        read = found.files
+        if scanned is not None and not scanned.result.statuses.keys() >= set(read):
+            scanned = None
+        inputs = self.inputs(compile, read, scanned)
+        inputs.named_absolutely = found.absolute
+        if found.text is not None:
+            inputs.file_names = _names_a_file(found.text, found.absolute)
+        elif found.absolute:
+            inputs.file_names = None
+        await self.add_probes(compile, inputs, scanned)
+        return inputs
 
     async def scan(self, compile: Compile) -> Scanned:
         """Our own memoized include scan; raises ScanUncertain."""
@@ -113,17 +173,45 @@ class DepsMode:
         return Scanned(self.scanner.scan(compile.cwd, decision.source, arguments, path), path)
 
     @staticmethod
-    async def dependencies(compile: Compile) -> list[str]:
+    async def dependencies(compile: Compile, text_in: str | None = None) -> Dependencies:
         return await preprocessor_dependencies(
-            compile.compiler, compile.decision.arguments, compile.cwd, compile.env
+            compile.compiler, compile.decision.arguments, compile.cwd, compile.env, text_in
         )
+
+    async def add_probes(
+        self, compile: Compile, inputs: Inputs, scanned: Scanned | None = None
+    ) -> None:
+        """Add what the files read probe: a file found is read too (it must be
+        there), a place tried and found empty must stay so."""
+        decision = compile.decision
+        arguments = search_arguments(decision.arguments)
+        if scanned is not None:
+            search = scanned.search
+        else:
+            try:
+                search = await self.scanner.search_path(
+                    compile.compiler, decision.language, arguments.search, compile.cwd, compile.env
+                )
+            except ScanUncertain as uncertain:
+                raise PreprocessHere(str(uncertain)) from None
+        statuses = inputs.statuses
+        try:
+            probed: Probed = self.scanner.probes(
+                ((path, statuses.get(path)) for path in inputs.read), search, arguments
+            )
+        except ScanUncertain as uncertain:
+            raise PreprocessHere(str(uncertain)) from None
+        known = set(inputs.read)
+        inputs.read.extend(path for _, _, path in probed.found if path not in known)
+        inputs.absent.extend(probed.absent)
+        inputs.probes = probed.found
 
     @staticmethod
     def inputs(compile: Compile, read: list[str], scanned: Scanned | None = None) -> Inputs:
         """`read` as the inputs, with what a scan found for the manifest (absent
         paths, statuses) and for direct mode."""
         return Inputs(
-            read=read,
+            read=list(read),
             absent=list(scanned.result.absent) if scanned else [],
             arguments=list(compile.decision.arguments),
             outputs=compile.outputs,
@@ -140,10 +228,13 @@ class ScanMode(DepsMode):
         try:
             scanned = await self.scan(compile)
         except ScanUncertain as uncertain:
-            inputs = self.inputs(compile, await self.dependencies(compile))
+            inputs = await self.listed(compile, None)
             inputs.scan_fallback = str(uncertain)
             return inputs
-        return self.inputs(compile, scanned.result.files, scanned)
+        inputs = self.inputs(compile, list(scanned.result.files), scanned)
+        inputs.file_names = None if compile.names_outside else False
+        await self.add_probes(compile, inputs, scanned)
+        return inputs
 
 
 class CppMode:
@@ -172,5 +263,34 @@ class CppMode:
         )
 
 
-def input_modes(scanner: Scanner) -> dict[str, InputMode]:
-    return {"deps": DepsMode(scanner), "cpp": CppMode(), "scan": ScanMode(scanner)}
+def input_modes(scanner: Scanner, scratch: str) -> dict[str, InputMode]:
+    """The modes by name; `scratch`: a directory for the preprocessor's files."""
+    return {
+        "deps": DepsMode(scanner, scratch),
+        "cpp": CppMode(),
+        "scan": ScanMode(scanner, scratch),
+    }
+
+
+# A string literal that is an absolute path, in preprocessed text.
+_ABSOLUTE_STRING = re.compile(rb'"(/[^"\\\n]*)"')
+
+
+def _names_a_file(text: bytes, absolute: list[str]) -> bool:
+    """Whether the preprocessed `text` holds, outside its line markers, a
+    string that is one of the `absolute` paths of the files read: what
+    __FILE__ and its kin expand to. A path gcc would have to escape in a
+    string is taken as named."""
+    names = set()
+    for path in absolute:
+        if "\\" in path or '"' in path:
+            return True
+        names.add(path.encode())
+    if not names:
+        return False
+    for match in _ABSOLUTE_STRING.finditer(text):
+        if os.path.normpath(match.group(1).decode(errors="replace")).encode() in names:
+            start = text.rfind(b"\n", 0, match.start()) + 1
+            if not text.startswith(b"# ", start):  # a line marker: `# 12 "path" 2`
+                return True
+    return False

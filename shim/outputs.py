@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
-def write_outputs(cwd: str, files: list[tuple[str, bytes, bool]]) -> None:
-    """Write each (path relative to `cwd`, bytes, executable), atomically:
-    make never sees half an object."""
-    for path, data, executable in files:
-        target = Path(cwd, path)
+def write_outputs(files: Mapping[str, tuple[bytes, bool]]) -> None:
+    """Write each file (absolute path -> bytes, executable), atomically: make
+    never sees half an object."""
+    for path, (data, executable) in files.items():
+        target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.reapi-{os.getpid()}")
         tmp.write_bytes(data)

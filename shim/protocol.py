@@ -41,6 +41,7 @@ STAT_KEYS = (
     "bytes_uploaded",
     "bytes_downloaded",
     "scan_fallbacks",  # `scan` mode compiles that used `deps` (scan_fallback_reasons)
+    "preprocessed_here",  # compiles sent preprocessed, the only exact way (preprocessed_reasons)
 )
 MAX_MESSAGE = 64 * 1024 * 1024
 OPS = ("compile", "stats", "zero-stats")

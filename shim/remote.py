@@ -6,6 +6,7 @@ agent then leaves the compile to the local compiler.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,25 +20,52 @@ from cas.existence import (
 )
 from cas.remote import RemoteStore, channel_for
 from cas.store import get_blob, put_missing
+from reapi.conventions import PROVIDED_DIRS, provided_directory
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
+from reapi.protos import worker_pb2
+from reapi.protos import worker_pb2_grpc as worker_grpc
 
 SHA256 = DigestFunction.SHA256
+# How long the server's word on what its workers provide is kept (seconds).
+PROVIDED_SECONDS = 60.0
 # How long a compile may run remotely (seconds).
 EXECUTE_TIMEOUT = 3600
 
 
 class Server:
-    """One server: its channel, and the blobs it is known to hold."""
+    """One server: its channel, the blobs it is known to hold, and what its
+    workers provide."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.channel = channel_for(target)
         known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
         self.store = ExistenceCachingStore(RemoteStore(self.channel), known)
         self._cache: Any = re_grpc.ActionCacheStub(self.channel)  # type: ignore[no-untyped-call]
         self._execution: Any = re_grpc.ExecutionStub(self.channel)  # type: ignore[no-untyped-call]
+        self._workers: Any = worker_grpc.WorkersStub(self.channel)  # type: ignore[no-untyped-call]
+        self._clock = clock
+        self._provided: tuple[float, tuple[str, ...]] | None = None
+
+    async def provided(self) -> tuple[str, ...]:
+        """The directories every worker provides (reapi/conventions.py), as
+        the server said at most PROVIDED_SECONDS ago. A server that does not
+        say (an older one) is taken to have workers that provide PROVIDED_DIRS."""
+        now = self._clock()
+        if self._provided is not None and now - self._provided[0] < PROVIDED_SECONDS:
+            return self._provided[1]
+        try:
+            answer = await self._workers.GetProvided(worker_pb2.GetProvidedRequest(), timeout=60)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            directories = PROVIDED_DIRS
+        else:
+            directories = tuple(d for d in answer.directories if _usable(d))
+        self._provided = (now, directories)
+        return directories
 
     async def cached_result(self, action: Digest, outputs: list[str]) -> re_pb2.ActionResult | None:
         """The action cache's result for `action` (outputs inlined), or None."""
@@ -103,3 +131,12 @@ class Server:
             (output.path, found[digest], output.is_executable)
             for output, digest in zip(result.output_files, digests, strict=True)
         ]
+
+
+def _usable(directory: str) -> bool:
+    """Whether a directory the server says workers provide is one (a lying
+    or broken server must not make the agent leave project files out)."""
+    try:
+        return provided_directory(directory) == directory
+    except ValueError:
+        return False

@@ -24,7 +24,10 @@ missing directories skipped). Lookups follow gcc's manual:
 - `#include_next`: the chain after the directory the current file came from;
 - `-include f` / `-imacros f`: the working directory, then the `"f"` chain;
 - `__has_include(...)` is treated as an include, so its answer is the same
-  wherever the compile runs.
+  wherever the compile runs (Scanner.probes finds the probes of a list of
+  files, for `deps` mode: `gcc -M` lists only the files a compile reads).
+  A quoted or `_next` probe inside a `#define` is looked up where the macro
+  is expanded, which this scanner does not follow: uncertain.
 Every place a lookup tried and found nothing is reported as absent: the
 places tried before the one it found (a worker with a file there would read
 that one instead: another version of a library in /usr/local/include, say),
@@ -92,6 +95,7 @@ _SPLICE = re.compile(rb"\\[ \t\v\f\r]*\n")
 _MACRO = re.compile(rb"([A-Za-z_]\w*)\s*$")
 _DEFINE = re.compile(rb"^[ \t]*(?:#|%:)[ \t]*define[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
 _HAS_INCLUDE = re.compile(rb"__has_include(_next)?\s*\(\s*(.?)")
+_DEFINE_LINE = re.compile(rb"[ \t]*(?:#|%:)[ \t]*define\b")
 
 
 def _without_comment(match: re.Match[bytes]) -> bytes:
@@ -113,6 +117,7 @@ class Include:
     angle: bool  # <name> rather than "name"
     next: bool = False  # #include_next
     macro: bool = False  # `#include NAME`: resolved from -D options, if at all
+    probe: bool = False  # `__has_include(...)`: looked up, not read
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,15 @@ class ScanResult:
     newest: int = 0  # the latest mtime or ctime (ns) among them
 
 
+@dataclass
+class Probed:
+    """The answers of a compile's `__has_include` probes."""
+
+    # (directory searched, name, path found) of each probe that found a file
+    found: list[tuple[str, str, str]] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # every place tried that held nothing
+
+
 def parse_includes(data: bytes) -> Parsed:
     """The include directives (and `__has_include` names) in a file's text, and
     the macros it defines. `#include NAME` is kept as a macro include; any other
@@ -212,9 +226,11 @@ def parse_includes(data: bytes) -> Parsed:
     if b"__has_include" in text:
         for match in _HAS_INCLUDE.finditer(text):
             rest = text[match.start(2) :]
-            include = _delimited(rest, match.group(1) is not None)
+            include = _delimited(rest, match.group(1) is not None, probe=True)
             if include is None:
                 raise ScanUncertain("scan-computed-include")
+            if (include.next or not include.angle) and _in_define(text, match.start()):
+                raise ScanUncertain("scan-probe-in-macro")
             found.append(include)
     return Parsed(tuple(found), defines)
 
@@ -230,7 +246,13 @@ def _check_raw_strings(data: bytes) -> None:
             raise ScanUncertain("scan-raw-string")
 
 
-def _delimited(rest: bytes, next_: bool) -> Include | None:
+def _in_define(text: bytes, position: int) -> bool:
+    """Whether `position` lies on a #define line (lines already spliced)."""
+    start = text.rfind(b"\n", 0, position) + 1
+    return _DEFINE_LINE.match(text, start) is not None
+
+
+def _delimited(rest: bytes, next_: bool, probe: bool = False) -> Include | None:
     """`"name"` or `<name>` at the start of `rest`, or None."""
     if rest[:1] == b'"':
         end = rest.find(b'"', 1)
@@ -241,7 +263,7 @@ def _delimited(rest: bytes, next_: bool) -> Include | None:
     if end <= 1:
         return None
     name = rest[1:end].decode("utf-8", "surrogateescape")
-    return Include(name, angle=rest[:1] == b"<", next=next_)
+    return Include(name, angle=rest[:1] == b"<", next=next_, probe=probe)
 
 
 @dataclass(frozen=True)
@@ -382,6 +404,50 @@ class Scanner:
         if isinstance(known[1], str):
             raise ScanUncertain(known[1])
         return key, known[1]
+
+    def probes(
+        self,
+        files: Iterable[tuple[str, StatKey | None]],
+        search: SearchPath,
+        arguments: SearchArguments,
+    ) -> Probed:
+        """What `files` (absolute paths, with their statuses when known) probe
+        with `__has_include`, looked up as gcc does from each file. Raises
+        ScanUncertain where that cannot be known from the text: a name built
+        by macros, a quoted probe in a macro body, `__has_include_next` (its
+        start depends on where the file was found), a probe in a -D option,
+        a file with a probe that the parser gives up on."""
+        if any("__has_include" in value for value in arguments.defines.values()):
+            raise ScanUncertain("probe-in-option")
+        view = _DirectoryView(self._listings)
+        lookups = self._lookups.setdefault(search, {})
+        chain = search.chain
+        probed = Probed()
+        for path, key in files:
+            try:
+                _, parsed = self.parse(path, key)
+            except ScanUncertain:
+                with open(path, "rb") as file:
+                    if b"__has_include" in file.read():
+                        raise ScanUncertain("probe-uncertain") from None
+                continue
+            for include in parsed.includes:
+                if not include.probe:
+                    continue
+                if include.next:
+                    raise ScanUncertain("probe-next")
+                here = "" if include.angle else os.path.dirname(path)
+                start = len(search.quote) if include.angle else 0
+                cache_key = (include.name, start, here)
+                lookup = lookups.get(cache_key)
+                if lookup is None or not view.holds(lookup.probes):
+                    lookup = lookups[cache_key] = _look_up(include.name, here, chain, start, view)
+                probed.absent.extend(lookup.absent)
+                if lookup.found is not None:
+                    found, index = lookup.found
+                    directory = "/" if index is None else here if index < 0 else chain[index]
+                    probed.found.append((directory, include.name, found))
+        return probed
 
     def scan(
         self, cwd: str, source: str, arguments: SearchArguments, search: SearchPath

@@ -11,7 +11,7 @@ from typing import Any
 from shim.protocol import STAT_KEYS
 
 # The tables of reasons (reason -> count) beside the counters.
-REASON_TABLES = ("local_reasons", "scan_fallback_reasons")
+REASON_TABLES = ("local_reasons", "scan_fallback_reasons", "preprocessed_reasons")
 
 
 class Stats:

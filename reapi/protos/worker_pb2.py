@@ -25,27 +25,31 @@ _sym_db = _symbol_database.Default()
 from reapi.protos import remote_execution_pb2 as reapi_dot_protos_dot_remote__execution__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19reapi/protos/worker.proto\x12\x0freapi.worker.v1\x1a#reapi/protos/remote_execution.proto\"\xa0\x01\n\rWorkerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.reapi.worker.v1.HelloH\x00\x12/\n\theartbeat\x18\x02 \x01(\x0b\x32\x1a.reapi.worker.v1.HeartbeatH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.reapi.worker.v1.FinishedH\x00\x42\x06\n\x04kind\"l\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x46\n\nproperties\x18\x02 \x03(\x0b\x32\x32.build.bazel.remote.execution.v2.Platform.Property\x12\r\n\x05slots\x18\x03 \x01(\x05\"\x0b\n\tHeartbeat\"v\n\x08\x46inished\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x42\n\x08response\x18\x02 \x01(\x0b\x32\x30.build.bazel.remote.execution.v2.ExecuteResponse\x12\x14\n\x0coutput_blobs\x18\x03 \x03(\x0c\"m\n\rServerMessage\x12)\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x17.reapi.worker.v1.AssignH\x00\x12)\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x17.reapi.worker.v1.CancelH\x00\x42\x06\n\x04kind\"\x80\x03\n\x06\x41ssign\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12>\n\raction_digest\x18\x02 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12N\n\x0f\x64igest_function\x18\x03 \x01(\x0e\x32\x35.build.bazel.remote.execution.v2.DigestFunction.Value\x12\x37\n\x06\x61\x63tion\x18\x04 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Action\x12\x39\n\x07\x63ommand\x18\x05 \x01(\x0b\x32(.build.bazel.remote.execution.v2.Command\x12\x15\n\rinstance_name\x18\x06 \x01(\t\x12\x19\n\x11input_directories\x18\x07 \x03(\x0c\x12\x19\n\x11output_blob_bytes\x18\x08 \x01(\x03\x12\x13\n\x0binput_files\x18\t \x03(\x0c\"\x1a\n\x06\x43\x61ncel\x12\x10\n\x08lease_id\x18\x01 \x01(\t2U\n\x07Workers\x12J\n\x04Work\x12\x1e.reapi.worker.v1.WorkerMessage\x1a\x1e.reapi.worker.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19reapi/protos/worker.proto\x12\x0freapi.worker.v1\x1a#reapi/protos/remote_execution.proto\"+\n\x12GetProvidedRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"\x1f\n\x08Provided\x12\x13\n\x0b\x64irectories\x18\x01 \x03(\t\"\xa0\x01\n\rWorkerMessage\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.reapi.worker.v1.HelloH\x00\x12/\n\theartbeat\x18\x02 \x01(\x0b\x32\x1a.reapi.worker.v1.HeartbeatH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.reapi.worker.v1.FinishedH\x00\x42\x06\n\x04kind\"\x8a\x01\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x46\n\nproperties\x18\x02 \x03(\x0b\x32\x32.build.bazel.remote.execution.v2.Platform.Property\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x1c\n\x14provided_directories\x18\x04 \x03(\t\"\x0b\n\tHeartbeat\"v\n\x08\x46inished\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x42\n\x08response\x18\x02 \x01(\x0b\x32\x30.build.bazel.remote.execution.v2.ExecuteResponse\x12\x14\n\x0coutput_blobs\x18\x03 \x03(\x0c\"m\n\rServerMessage\x12)\n\x06\x61ssign\x18\x01 \x01(\x0b\x32\x17.reapi.worker.v1.AssignH\x00\x12)\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x17.reapi.worker.v1.CancelH\x00\x42\x06\n\x04kind\"\x80\x03\n\x06\x41ssign\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12>\n\raction_digest\x18\x02 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Digest\x12N\n\x0f\x64igest_function\x18\x03 \x01(\x0e\x32\x35.build.bazel.remote.execution.v2.DigestFunction.Value\x12\x37\n\x06\x61\x63tion\x18\x04 \x01(\x0b\x32\'.build.bazel.remote.execution.v2.Action\x12\x39\n\x07\x63ommand\x18\x05 \x01(\x0b\x32(.build.bazel.remote.execution.v2.Command\x12\x15\n\rinstance_name\x18\x06 \x01(\t\x12\x19\n\x11input_directories\x18\x07 \x03(\x0c\x12\x19\n\x11output_blob_bytes\x18\x08 \x01(\x03\x12\x13\n\x0binput_files\x18\t \x03(\x0c\"\x1a\n\x06\x43\x61ncel\x12\x10\n\x08lease_id\x18\x01 \x01(\t2\xa4\x01\n\x07Workers\x12J\n\x04Work\x12\x1e.reapi.worker.v1.WorkerMessage\x1a\x1e.reapi.worker.v1.ServerMessage(\x01\x30\x01\x12M\n\x0bGetProvided\x12#.reapi.worker.v1.GetProvidedRequest\x1a\x19.reapi.worker.v1.Providedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reapi.protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERMESSAGE']._serialized_start=84
-  _globals['_WORKERMESSAGE']._serialized_end=244
-  _globals['_HELLO']._serialized_start=246
-  _globals['_HELLO']._serialized_end=354
-  _globals['_HEARTBEAT']._serialized_start=356
-  _globals['_HEARTBEAT']._serialized_end=367
-  _globals['_FINISHED']._serialized_start=369
-  _globals['_FINISHED']._serialized_end=487
-  _globals['_SERVERMESSAGE']._serialized_start=489
-  _globals['_SERVERMESSAGE']._serialized_end=598
-  _globals['_ASSIGN']._serialized_start=601
-  _globals['_ASSIGN']._serialized_end=985
-  _globals['_CANCEL']._serialized_start=987
-  _globals['_CANCEL']._serialized_end=1013
-  _globals['_WORKERS']._serialized_start=1015
-  _globals['_WORKERS']._serialized_end=1100
+  _globals['_GETPROVIDEDREQUEST']._serialized_start=83
+  _globals['_GETPROVIDEDREQUEST']._serialized_end=126
+  _globals['_PROVIDED']._serialized_start=128
+  _globals['_PROVIDED']._serialized_end=159
+  _globals['_WORKERMESSAGE']._serialized_start=162
+  _globals['_WORKERMESSAGE']._serialized_end=322
+  _globals['_HELLO']._serialized_start=325
+  _globals['_HELLO']._serialized_end=463
+  _globals['_HEARTBEAT']._serialized_start=465
+  _globals['_HEARTBEAT']._serialized_end=476
+  _globals['_FINISHED']._serialized_start=478
+  _globals['_FINISHED']._serialized_end=596
+  _globals['_SERVERMESSAGE']._serialized_start=598
+  _globals['_SERVERMESSAGE']._serialized_end=707
+  _globals['_ASSIGN']._serialized_start=710
+  _globals['_ASSIGN']._serialized_end=1094
+  _globals['_CANCEL']._serialized_start=1096
+  _globals['_CANCEL']._serialized_end=1122
+  _globals['_WORKERS']._serialized_start=1125
+  _globals['_WORKERS']._serialized_end=1289
 # @@protoc_insertion_point(module_scope)

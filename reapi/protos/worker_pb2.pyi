@@ -7,6 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetProvidedRequest(_message.Message):
+    __slots__ = ("instance_name",)
+    INSTANCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    instance_name: str
+    def __init__(self, instance_name: _Optional[str] = ...) -> None: ...
+
+class Provided(_message.Message):
+    __slots__ = ("directories",)
+    DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
+    directories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, directories: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "finished")
     HELLO_FIELD_NUMBER: _ClassVar[int]
@@ -18,14 +30,16 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("name", "properties", "slots")
+    __slots__ = ("name", "properties", "slots", "provided_directories")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PROVIDED_DIRECTORIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     properties: _containers.RepeatedCompositeFieldContainer[_remote_execution_pb2.Platform.Property]
     slots: int
-    def __init__(self, name: _Optional[str] = ..., properties: _Optional[_Iterable[_Union[_remote_execution_pb2.Platform.Property, _Mapping]]] = ..., slots: _Optional[int] = ...) -> None: ...
+    provided_directories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., properties: _Optional[_Iterable[_Union[_remote_execution_pb2.Platform.Property, _Mapping]]] = ..., slots: _Optional[int] = ..., provided_directories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()

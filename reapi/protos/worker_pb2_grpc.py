@@ -39,6 +39,11 @@ class WorkersStub:
                 request_serializer=reapi_dot_protos_dot_worker__pb2.WorkerMessage.SerializeToString,
                 response_deserializer=reapi_dot_protos_dot_worker__pb2.ServerMessage.FromString,
                 _registered_method=True)
+        self.GetProvided = channel.unary_unary(
+                '/reapi.worker.v1.Workers/GetProvided',
+                request_serializer=reapi_dot_protos_dot_worker__pb2.GetProvidedRequest.SerializeToString,
+                response_deserializer=reapi_dot_protos_dot_worker__pb2.Provided.FromString,
+                _registered_method=True)
 
 
 class WorkersServicer:
@@ -50,6 +55,15 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProvided(self, request, context):
+        """The directories every connected worker provides to its actions besides
+        their input trees (see reapi/conventions.py): a client (reapi-cc) relies
+        on the files there being the worker's own, and sends the rest as inputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +71,11 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.Work,
                     request_deserializer=reapi_dot_protos_dot_worker__pb2.WorkerMessage.FromString,
                     response_serializer=reapi_dot_protos_dot_worker__pb2.ServerMessage.SerializeToString,
+            ),
+            'GetProvided': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProvided,
+                    request_deserializer=reapi_dot_protos_dot_worker__pb2.GetProvidedRequest.FromString,
+                    response_serializer=reapi_dot_protos_dot_worker__pb2.Provided.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +105,33 @@ class Workers:
             '/reapi.worker.v1.Workers/Work',
             reapi_dot_protos_dot_worker__pb2.WorkerMessage.SerializeToString,
             reapi_dot_protos_dot_worker__pb2.ServerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProvided(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reapi.worker.v1.Workers/GetProvided',
+            reapi_dot_protos_dot_worker__pb2.GetProvidedRequest.SerializeToString,
+            reapi_dot_protos_dot_worker__pb2.Provided.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from executor.scheduler import Job, Scheduler, WorkerHandle
+from reapi.conventions import PROVIDED_DIRS, provided_directory
 from reapi.errors import InvalidArgument, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
@@ -62,8 +63,12 @@ class WorkersService(worker_grpc.WorkersServicer):
             raise InvalidArgument("a Work stream starts with Hello")
         hello = first.hello
         properties = frozenset((p.name, p.value) for p in hello.properties)
+        try:
+            provided = tuple(sorted({provided_directory(d) for d in hello.provided_directories}))
+        except ValueError as error:
+            raise InvalidArgument(f"Hello: {error}") from None
         worker = await self._scheduler.connect(
-            hello.name or context.peer(), properties, hello.slots
+            hello.name or context.peer(), properties, hello.slots, provided or PROVIDED_DIRS
         )
         reason = "stream ended"
         try:
@@ -78,6 +83,12 @@ class WorkersService(worker_grpc.WorkersServicer):
             reason = f"{type(failed.exceptions[0]).__name__}: {failed.exceptions[0]}"
         finally:
             await self._scheduler.disconnect(worker, reason)
+
+    @grpc_errors
+    async def GetProvided(
+        self, request: worker_pb2.GetProvidedRequest, context: Context
+    ) -> worker_pb2.Provided:
+        return worker_pb2.Provided(directories=self._scheduler.provided())
 
     async def _receive(
         self, messages: AsyncIterator[worker_pb2.WorkerMessage], worker: WorkerHandle

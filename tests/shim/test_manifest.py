@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reapi.conventions import ABSENT
+from reapi.conventions import ABSENT, PROVIDED_DIRS
 from shim.agent import Agent
 from shim.classify import RemoteCompile, classify
 from shim.layout import lay_out
@@ -22,8 +22,8 @@ from shim.stats import Stats
 def prepare(agent: Agent, compile: Compile) -> tuple[dict[str, bytes], bool]:
     """The compile's input tree (files made here) and whether direct mode may take it."""
     inputs = asyncio.run(agent.modes[compile.mode].find(compile))
-    spec = lay_out(compile, inputs, agent.digests, agent.manifests)
-    return spec.contents, inputs.scanned is not None and "a.c" in spec.files
+    spec = lay_out(compile, inputs, agent.digests, agent.manifests, None).spec
+    return spec.contents, inputs.scanned is not None and "src/a.c" in spec.files
 
 
 @pytest.mark.parametrize("mode", ["deps", "scan"])
@@ -41,7 +41,9 @@ def test_system_places_tried_before_a_header_must_be_absent(tmp_path: Path, mode
     agent = Agent(Stats(tmp_path / "stats.json"))
     env = dict(os.environ, REAPI_CC_MODE=mode)
     cwd = str(tmp_path)
-    contents, direct = prepare(agent, Compile(cwd, "/usr/bin/gcc", decision, env, mode))
+    contents, direct = prepare(
+        agent, Compile(cwd, "/usr/bin/gcc", decision, env, mode, PROVIDED_DIRS)
+    )
     manifest = contents[MANIFEST].decode().splitlines()
     absent = {line.split(" ", 2)[2] for line in manifest if line.startswith(f"{ABSENT} ")}
     read = {line.split(" ", 2)[2] for line in manifest if not line.startswith(f"{ABSENT} ")}
@@ -67,14 +69,8 @@ def test_a_scan_that_fails_in_deps_mode_only_costs_direct_mode(
         raise OSError("a header vanished mid-scan")
 
     monkeypatch.setattr(agent.scanner, "scan", broken)
-    inputs = asyncio.run(
-        agent.modes["deps"].find(Compile(str(tmp_path), "/usr/bin/gcc", decision, {}, "deps"))
-    )
-    spec = lay_out(
-        Compile(str(tmp_path), "/usr/bin/gcc", decision, {}, "deps"),
-        inputs,
-        agent.digests,
-        agent.manifests,
-    )
-    assert "a.c" in spec.files and inputs.scanned is None
+    compile = Compile(str(tmp_path), "/usr/bin/gcc", decision, {}, "deps", PROVIDED_DIRS)
+    inputs = asyncio.run(agent.modes["deps"].find(compile))
+    spec = lay_out(compile, inputs, agent.digests, agent.manifests, None).spec
+    assert "src/a.c" in spec.files and inputs.scanned is None
     assert b"/usr/include/stdio.h" in spec.contents[MANIFEST]  # -M's list, as before

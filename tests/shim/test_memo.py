@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from reapi.digests import DigestFunction
+from reapi.digests import Digest, DigestFunction
 from shim.memo import Depends, DirectMemo
 from shim.scan import Scanner, Seen, StatKey, stat_key
 
@@ -28,7 +28,7 @@ def depends(*files: str, missing: tuple[str, ...] = (), seen: Seen = frozenset()
 
 def test_an_unchanged_compile_is_remembered_and_an_edit_forgets_it(tmp_path: Path) -> None:
     header = old_file(tmp_path / "a.h", "int a;\n")
-    memo = DirectMemo()
+    memo: DirectMemo[Digest] = DirectMemo()
     unchanged = Scanner().unchanged  # the agent's check, its watcher included
     # As if the compile had begun an hour from now: the file is old enough to trust.
     assert memo.put("key", ACTION, depends(header), time.time_ns() + AN_HOUR_NS)
@@ -41,7 +41,7 @@ def test_an_unchanged_compile_is_remembered_and_an_edit_forgets_it(tmp_path: Pat
 
 def test_files_changed_just_before_the_compile_are_not_trusted(tmp_path: Path) -> None:
     header = old_file(tmp_path / "a.h", "int a;\n")
-    memo = DirectMemo()
+    memo: DirectMemo[Digest] = DirectMemo()
     unchanged = Scanner().unchanged  # the agent's check, its watcher included
     assert not memo.put("key", ACTION, depends(header), time.time_ns())
     assert memo.get("key", unchanged) is None
@@ -50,7 +50,7 @@ def test_files_changed_just_before_the_compile_are_not_trusted(tmp_path: Path) -
 def test_a_path_that_appears_forgets_the_compile(tmp_path: Path) -> None:
     header = old_file(tmp_path / "a.h", "int a;\n")
     skipped = tmp_path / "include"
-    memo = DirectMemo()
+    memo: DirectMemo[Digest] = DirectMemo()
     unchanged = Scanner().unchanged  # the agent's check, its watcher included
     later = time.time_ns() + AN_HOUR_NS
     assert memo.put("key", ACTION, depends(header, missing=(str(skipped),)), later)
@@ -62,7 +62,7 @@ def test_a_path_that_appears_forgets_the_compile(tmp_path: Path) -> None:
 
 def test_the_lookups_facts_are_checked(tmp_path: Path) -> None:
     header = old_file(tmp_path / "a.h", "int a;\n")
-    memo = DirectMemo()
+    memo: DirectMemo[Digest] = DirectMemo()
     seen: Seen = frozenset({(str(tmp_path), (frozenset({"a.h"}), frozenset({"b.h"})))})
     facts = depends(header, seen=seen)
     assert memo.put("key", ACTION, facts, time.time_ns() + AN_HOUR_NS)
@@ -84,7 +84,7 @@ def test_the_status_seen_before_reading_is_the_one_kept(tmp_path: Path) -> None:
     before = os.stat(header)
     status = (before.st_size, before.st_mtime_ns, before.st_ctime_ns, before.st_ino)
     Path(header).write_text("int changed;\n")
-    memo = DirectMemo()
+    memo: DirectMemo[Digest] = DirectMemo()
     unchanged = Scanner().unchanged  # the agent's check, its watcher included
     facts = Depends(files=[(header, status)], missing=[], seen=frozenset(), newest=status[2])
     assert memo.put("key", ACTION, facts, time.time_ns() + AN_HOUR_NS)
@@ -93,7 +93,7 @@ def test_the_status_seen_before_reading_is_the_one_kept(tmp_path: Path) -> None:
 
 def test_the_least_recently_used_are_forgotten_first(tmp_path: Path) -> None:
     header = old_file(tmp_path / "a.h", "int a;\n")
-    memo = DirectMemo(limit=2)
+    memo: DirectMemo[Digest] = DirectMemo(limit=2)
     unchanged = Scanner().unchanged
     later = time.time_ns() + AN_HOUR_NS
     memo.put("a", ACTION, depends(header), later)

@@ -48,7 +48,7 @@ from shim.scan import (
         ),
         (
             b"#if __has_include(<zstd.h>)\n#include <zstd.h>\n#endif\n",
-            [Include("zstd.h", angle=True), Include("zstd.h", angle=True)],
+            [Include("zstd.h", angle=True), Include("zstd.h", angle=True, probe=True)],
         ),
         (b"#define include_me 1\nint include;\n", []),
     ],

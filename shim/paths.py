@@ -1,0 +1,352 @@
+"""Where a compile's files lie in the worker's sandbox, and the way back.
+
+A remote compile runs in an input tree mounted at SANDBOX_ROOT (/build), with
+the directories every worker provides (reapi/conventions.py) at their own
+paths. A `PathMap` places each local path there:
+
+- under a project root: the root's place in the sandbox, plus the path below
+  the root. Two checkouts, or two build directories, at different absolute
+  paths then build the same actions, so they share cache hits;
+- in a provided directory (/usr/include...): unchanged, not sent (the
+  manifest has the worker check its own copy);
+- anywhere else (/opt/sdk, a home-directory SDK): under EXTERNAL, at its
+  whole absolute path, sent like the project's files.
+
+The project roots (`find_roots`, `choose`):
+1. REAPI_CC_BASEDIR, when set: one root, at SANDBOX_ROOT/src.
+2. Otherwise, in a CMake build tree (a CMakeCache.txt in the working
+   directory or above it): the build tree at SANDBOX_ROOT/bin and its source
+   tree (the cache's CMAKE_HOME_DIRECTORY) at SANDBOX_ROOT/src. CMake names
+   sources and include directories by absolute paths, often across the two
+   trees (an out-of-source build in /tmp/b for sources in ~/proj): each tree
+   is placed on its own, so a second build directory anywhere builds the same
+   actions. An in-source build is one root, at SANDBOX_ROOT/src.
+3. Otherwise, the deepest directory holding the working directory, the paths
+   the arguments name relatively and every file the compile reads outside
+   the provided directories (if that is `/`, only the first two): one root,
+   at SANDBOX_ROOT/src. Relative make builds keep their trees' shapes.
+A relative path in the arguments must lead to the same place in the sandbox
+as here; when the roots of 1 or 2 would break one (`-I../..` out of the
+build tree), rule 3 decides instead.
+
+No place in the sandbox lies in another (src, bin, .reapi/abs): gcc applies
+a `-f...-prefix-map` to any path that starts with its OLD string, so with
+places apart each map made for one place can only ever apply to it. That is
+what lets the prefix maps of the debug info and of __FILE__ be put back
+exactly, the user's own maps included (`translate_prefix_map`).
+
+Going back: the dependency file and the diagnostics name sandbox paths; each
+is put back to the local path it stands for (`to_local_text`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from reapi.conventions import SANDBOX_ROOT, is_under, provided_by
+from shim.options import Kind, lookup
+
+# The sandbox places: a project root (or the source tree), a CMake build tree,
+# and files from anywhere else. None is a prefix of another.
+SOURCE_PLACE = f"{SANDBOX_ROOT}/src"
+BUILD_PLACE = f"{SANDBOX_ROOT}/bin"
+EXTERNAL = f"{SANDBOX_ROOT}/.reapi/abs"
+CMAKE_CACHE = "CMakeCache.txt"
+# How long the absence of a CMake cache above a directory is believed (seconds).
+NO_CACHE_SECONDS = 5.0
+DEBUG_MAPS = ("-fdebug-prefix-map=", "-ffile-prefix-map=")
+MACRO_MAPS = ("-fmacro-prefix-map=", "-ffile-prefix-map=")
+_PREFIX_MAPS = ("-fdebug-prefix-map=", "-fmacro-prefix-map=", "-ffile-prefix-map=")
+
+Root = tuple[str, str]  # (local directory, its place in the sandbox)
+
+
+class Unmappable(Exception):
+    """No input tree holds the compile's paths faithfully; the message is a stats reason."""
+
+
+@dataclass(frozen=True)
+class PathMap:
+    roots: tuple[Root, ...]  # the project roots, deepest local directory first
+    provided: tuple[str, ...]  # what every worker provides (reapi/conventions.py)
+
+    def place(self, path: str) -> str | None:
+        """Where the file at `path` (absolute, normalized) goes in the sandbox;
+        None when the worker provides it."""
+        for local, remote in self.roots:
+            if is_under(path, local):
+                return remote + path[len(local) :]
+        if provided_by(path, self.provided):
+            return None
+        return EXTERNAL + path
+
+    def remote(self, path: str) -> str:
+        """`path` as the sandbox names it (a provided path is its own)."""
+        placed = self.place(path)
+        return path if placed is None else placed
+
+    @property
+    def places(self) -> list[Root]:
+        """(sandbox place, the local prefix it stands for): EXTERNAL + P is P."""
+        return [(remote, local) for local, remote in self.roots] + [(EXTERNAL, "")]
+
+    def local(self, path: str) -> str:
+        """The local path a sandbox path stands for (the inverse of `remote`)."""
+        for remote, local in self.places:
+            if is_under(path, remote):
+                return (local + path[len(remote) :]) or "/"
+        return path
+
+    def keeps_relative(self, cwd: str, relative: str) -> bool:
+        """Whether `relative` leads from the sandbox's working directory to
+        where it leads from `cwd` here."""
+        here = os.path.normpath(os.path.join(cwd, relative))
+        there = os.path.normpath(os.path.join(self.remote(cwd), relative))
+        return self.remote(here) == there
+
+    def prefix_maps(self, kinds: tuple[str, ...], arguments: Sequence[str]) -> list[str]:
+        """`kinds[0]` maps for the sandbox places, so that the paths the
+        compiler writes (kinds: DEBUG_MAPS, MACRO_MAPS) read as they would
+        here; none for a place a user's map of `kinds` in `arguments` covers
+        whole (those maps, translated, decide there)."""
+        maps = []
+        for remote, local in self.places:
+            if local and _covered(arguments, kinds, local):
+                continue
+            maps.append(f"{kinds[0]}{remote}={local}")
+        return maps
+
+
+def _covered(arguments: Sequence[str], kinds: tuple[str, ...], local: str) -> bool:
+    for argument in arguments:
+        if argument.startswith(kinds):
+            old = argument.partition("=")[2].partition("=")[0]
+            if old and local.startswith(old):
+                return True
+    return False
+
+
+def choose(
+    cwd: str,
+    roots: tuple[Root, ...] | None,
+    relative: Iterable[str],
+    files: Iterable[str],
+    provided: tuple[str, ...],
+) -> PathMap:
+    """The PathMap of a compile in `cwd`: `roots` (from RootFinder) unless
+    they cannot hold it, else one root (rule 3 above). `relative`: the
+    relative paths its arguments name; `files`: the files it reads (absolute).
+    Raises Unmappable when everything would have to be under `/`."""
+    relative = list(relative)
+    if roots is not None:
+        candidate = PathMap(roots, provided)
+        if any(is_under(cwd, local) for local, _ in roots) and all(
+            candidate.keeps_relative(cwd, path) for path in relative
+        ):
+            return candidate
+    named = [os.path.normpath(os.path.join(cwd, path)) for path in relative]
+    sent = [path for path in files if not provided_by(path, provided)]
+    top = os.path.commonpath([cwd, *named, *sent])
+    if top == "/":
+        top = os.path.commonpath([cwd, *named])
+    if top == "/":
+        raise Unmappable("inputs-scattered")
+    return PathMap(((top, SOURCE_PLACE),), provided)
+
+
+class RootFinder:
+    """Finds a compile's project roots (rules 1 and 2 above), remembering
+    each working directory's CMake cache (read again when it changes)."""
+
+    def __init__(self) -> None:
+        # cwd -> (cache path, its mtime, roots), or (None, when looked, None)
+        self._known: dict[str, tuple[str | None, float, tuple[Root, ...] | None]] = {}
+
+    def roots(self, cwd: str, env: Mapping[str, str]) -> tuple[Root, ...] | None:
+        base = env.get("REAPI_CC_BASEDIR")
+        if base and os.path.isabs(base) and os.path.normpath(base) != "/":
+            return ((os.path.normpath(base), SOURCE_PLACE),)
+        return self._cmake(cwd)
+
+    def _cmake(self, cwd: str) -> tuple[Root, ...] | None:
+        known = self._known.get(cwd)
+        if known is not None:
+            cache, when, roots = known
+            if cache is None and time.monotonic() - when < NO_CACHE_SECONDS:
+                return None
+            if cache is not None and _mtime(cache) == when:
+                return roots
+        cache = _find_upwards(cwd, CMAKE_CACHE)
+        if cache is None:
+            self._known[cwd] = (None, time.monotonic(), None)
+            return None
+        mtime = _mtime(cache)
+        roots = cmake_roots(os.path.dirname(cache), _read(cache))
+        self._known[cwd] = (cache, mtime, roots)
+        return roots
+
+
+def cmake_roots(build: str, cache_text: str) -> tuple[Root, ...] | None:
+    """The roots of a CMake build tree whose CMakeCache.txt holds `cache_text`."""
+    match = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.+)$", cache_text, re.MULTILINE)
+    if match is None or not os.path.isabs(match.group(1).strip()):
+        return None
+    source = os.path.normpath(match.group(1).strip())
+    if source == build:
+        return ((build, SOURCE_PLACE),)
+    roots = ((build, BUILD_PLACE), (source, SOURCE_PLACE))
+    return tuple(sorted(roots, key=lambda root: len(root[0]), reverse=True))
+
+
+def _find_upwards(directory: str, name: str) -> str | None:
+    while True:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return None
+        directory = parent
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+def map_path_arguments(arguments: Sequence[str], change: Callable[[str], str]) -> list[str]:
+    """`arguments` with `change` applied to every path they name: the
+    source, and the values of options that name files (the option table's
+    PATH and DEPS kinds, `-Wp,-MD,FILE`). The user's prefix maps are left
+    alone (see translate_prefix_map)."""
+    changed: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        index += 1
+        if not argument.startswith("-"):
+            changed.append(change(argument))
+            continue
+        if argument.startswith("-Wp,"):
+            parts = argument.split(",")
+            changed.append(",".join([*parts[:2], *map(change, parts[2:])]))
+            continue
+        option, value = lookup(argument)
+        names_path = option is not None and bool(option.kind & (Kind.PATH | Kind.DEPS))
+        if option is not None and option.kind & Kind.SEPARATE and value is None:
+            if index < len(arguments):
+                following = arguments[index]
+                index += 1
+                changed += [argument, change(following) if names_path else following]
+            else:
+                changed.append(argument)
+        elif names_path and value is not None:
+            changed.append(argument[: len(argument) - len(value)] + change(value))
+        else:
+            changed.append(argument)
+    return changed
+
+
+def relative_paths(arguments: Sequence[str]) -> list[str]:
+    """The relative paths `arguments` name."""
+    found: list[str] = []
+
+    def note(value: str) -> str:
+        if value and not os.path.isabs(value) and value != "-":
+            found.append(value)
+        return value
+
+    map_path_arguments(arguments, note)
+    return found
+
+
+def sandbox_arguments(arguments: Sequence[str], paths: PathMap) -> list[str]:
+    """`arguments` for the remote compiler: each absolute path placed in the
+    sandbox, each of the user's prefix maps translated."""
+
+    def change(value: str) -> str:
+        if not os.path.isabs(value):
+            return value
+        remote = paths.remote(os.path.normpath(value))
+        return remote + "/" if value.endswith("/") and remote != "/" else remote
+
+    mapped = map_path_arguments(arguments, change)
+    result: list[str] = []
+    for argument in mapped:
+        if argument.startswith(_PREFIX_MAPS):
+            result.extend(translate_prefix_map(argument, paths))
+        else:
+            result.append(argument)
+    return result
+
+
+def translate_prefix_map(argument: str, paths: PathMap) -> list[str]:
+    """A user's `-f...-prefix-map=OLD=NEW` for the sandbox. gcc applies it to
+    any path that starts with the string OLD. Here that path P would be a
+    sandbox path: for each place standing for the local prefix L, either L
+    starts with OLD (every path there maps: the place maps to NEW and the
+    rest of L) or OLD starts with L (the paths there under the rest of OLD
+    map). The original stays, for provided paths; the translations follow it
+    (gcc tries the last given first). Raises Unmappable for an OLD that would
+    also match sandbox paths it does not stand for."""
+    option, _, value = argument.partition("=")
+    old, sep, new = value.partition("=")
+    if not sep or not old.startswith("/"):
+        return [argument]
+    if old.startswith(SANDBOX_ROOT) or f"{SANDBOX_ROOT}/".startswith(old):
+        raise Unmappable("prefix-map-over-sandbox")
+    translated = [argument]
+    for remote, local in paths.places:
+        if local and local.startswith(old):
+            translated.append(f"{option}={remote}={new}{local[len(old) :]}")
+        elif old.startswith(local):
+            translated.append(f"{option}={remote}{old[len(local) :]}={new}")
+    return translated
+
+
+# Where a sandbox path may start in a diagnostic: the line's start, a blank,
+# an opening quote or parenthesis, or the end of a colour escape (CMake's
+# Ninja builds ask gcc for colours).
+_PATH_START = rb"(?:^|(?<=[\s'\"(\x60])|(?<=\x1b\[K)|(?<=\x1b\[m))"
+# A quoted source line in a diagnostic ("  12 | code"): the user's own text.
+_SOURCE_LINE = re.compile(rb"^\s*\d*\s+\|")
+
+
+def to_local_text(text: bytes, paths: PathMap, make_syntax: bool = False) -> bytes:
+    """`text` (a dependency file, diagnostics) with every sandbox path that
+    starts a word put back to the local path it stands for. In `make_syntax`
+    (a dependency file) the local part is escaped as gcc escapes one (space,
+    #, $), and a word starts only after an unescaped blank."""
+    if SANDBOX_ROOT.encode() not in text:
+        return text
+    places = b"|".join(re.escape(remote.encode()) for remote, _ in paths.places)
+    start = rb"(?:^|(?<=[^\\][ \t])|(?<=^[ \t]))" if make_syntax else _PATH_START
+    pattern = re.compile(start + rb"(" + places + rb")(?=[/\s:,'\")\x1b\x60]|$)", re.MULTILINE)
+    locals_ = {remote.encode(): local.encode() for remote, local in paths.places}
+
+    def back(match: re.Match[bytes]) -> bytes:
+        local = locals_[match.group(1)]
+        if make_syntax:
+            local = local.replace(b"$", b"$$").replace(b"#", b"\\#").replace(b" ", b"\\ ")
+        return local
+
+    if make_syntax:
+        return pattern.sub(back, text)
+    lines = text.split(b"\n")
+    return b"\n".join(
+        line if _SOURCE_LINE.match(line) else pattern.sub(back, line) for line in lines
+    )
