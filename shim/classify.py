@@ -91,6 +91,7 @@ def _classify_arguments(arguments: Sequence[str]) -> Decision:
     dep_file: str | None = None
     wp_dep_file: str | None = None
     cpp: list[str] = []
+    unknown = False  # an option we do not know: the compile stays local, and a link is a link
     index = 0
     while index < len(arguments):
         argument = arguments[index]
@@ -106,8 +107,7 @@ def _classify_arguments(arguments: Sequence[str]) -> Decision:
             return Local("native-arch")
         option, value = lookup(argument)
         if option is None:
-            if not argument.startswith(FAMILIES):
-                return Local("unknown-option")
+            unknown = unknown or not argument.startswith(FAMILIES)
             continue
         if option.kind & Kind.LOCAL:
             return Local(option.reason)
@@ -143,7 +143,10 @@ def _classify_arguments(arguments: Sequence[str]) -> Decision:
         if option.kind & Kind.CPP:
             cpp.extend(taken)
     if not (compile_only or assemble_only):
-        return Local("link")
+        # A link with a link-only option (CMake's -rdynamic) is a link; a query is not.
+        return Local("link" if sources or not unknown else "unknown-option")
+    if unknown:
+        return Local("unknown-option")
     if not sources:
         return Local("no-source")
     if len(sources) > 1:

@@ -1,10 +1,9 @@
-"""Finding a compile's inputs (`deps` mode) and digesting them, with caches.
+"""Asking the local preprocessor about a compile, and digesting files.
 
 `deps` asks the local preprocessor for the exact list of files the compile
-reads (`-M`, which includes system headers). Files under the system
-directories stay on the machines (the worker checks its copies against a
-manifest); every other file is shipped, at its path relative to the input
-root: the deepest directory holding the working directory and all of them.
+reads (`-M`, which includes system headers); `cpp` for its preprocessed
+text. A file's digest, and the facts of its text that decide how it may
+travel (FileInfo), are read once while the file is unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 
 from reapi.digests import Digest, DigestFunction
 
-SYSTEM_DIRS = ("/usr/", "/lib/", "/lib64/", "/etc/", "/opt/")
 # Options whose only effect is an output: left out of the dependency query.
 _OUTPUT_OPTIONS_WITH_VALUE = ("-o", "-MF", "-MT", "-MQ")
 _OUTPUT_FLAGS = ("-c", "-S", "-MD", "-MMD", "-MP")
@@ -35,7 +33,7 @@ class PreprocessHere(InputsUnknown):
 
 # Words whose expansion depends on more than a file's text.
 _DATE_TIME = (b"__DATE__", b"__TIME__")
-_FILE_NAME = (b"__FILE__", b"__BASE_FILE__", b"__builtin_FILE")
+_FILE_NAME = (b"__FILE__", b"__BASE_FILE__", b"__builtin_FILE", b"__builtin_source_location")
 _ONCE = (b"pragma once", b"import")
 
 
@@ -203,18 +201,6 @@ def lexical_is_physical(path: str) -> bool:
     """Whether `path`'s `..` components lead where normalizing it would
     (they do unless a symbolic link comes before one)."""
     return os.path.realpath(path) == os.path.realpath(os.path.normpath(path))
-
-
-def is_system(path: str) -> bool:
-    return path.startswith(SYSTEM_DIRS)
-
-
-def input_root(cwd: str, project_files: Sequence[str]) -> str:
-    """The deepest directory holding `cwd` and every project file."""
-    root = os.path.commonpath([cwd, *project_files]) if project_files else cwd
-    if root == "/":
-        raise InputsUnknown("inputs-scattered")
-    return root
 
 
 def preprocess_query(

@@ -100,10 +100,11 @@ def lay_out(
         raise PreprocessHere("timestamp-macro")
     arguments = sandbox_arguments(inputs.arguments, paths)
     ours: list[str] = []
-    if compile.debug:
-        ours += paths.prefix_maps(DEBUG_MAPS, inputs.arguments)
-    if _names_files_otherwise(compile, inputs, paths, sent, system, digests):
-        ours += paths.prefix_maps(MACRO_MAPS, inputs.arguments)
+    if compile.debug:  # the directory, and the files it came from
+        ours += paths.prefix_maps(DEBUG_MAPS, inputs.arguments, [cwd, *(p for p, _ in sent)])
+    expanded = _file_names(compile, inputs, sent, system, digests)
+    if expanded:
+        ours += paths.prefix_maps(MACRO_MAPS, inputs.arguments, expanded)
     workdir = paths.remote(cwd)
     if not workdir.startswith(f"{SANDBOX_ROOT}/"):
         raise Unmappable("working-directory-provided")
@@ -167,32 +168,32 @@ def _mtime(path: str, inputs: Inputs) -> int:
     return status[1] if status is not None else os.stat(path).st_mtime_ns
 
 
-def _names_files_otherwise(
+def _file_names(
     compile: Compile,
     inputs: Inputs,
-    paths: PathMap,
     sent: list[tuple[str, FileInfo]],
     system: list[str],
     digests: DigestCache,
-) -> bool:
-    """Whether __FILE__ (or its kin) may expand to a path the sandbox names
-    otherwise: as the input mode found, or judged from the text of every
-    file read (a system header's macro, assert's, expands in the file that
-    uses it) and the -D options."""
+) -> frozenset[str]:
+    """The paths __FILE__ (or its kin) may expand to that the sandbox names
+    otherwise: as the input mode found, or judged from the text of every file
+    read (a system header's macro, assert's, expands in the file that uses
+    it) and the -D options: then any file sent."""
     if inputs.file_names is not None:
         return inputs.file_names
     if not (compile.names_outside or inputs.named_absolutely):
-        return False
-    words = ("__FILE__", "__BASE_FILE__", "__builtin_FILE")
+        return frozenset()
+    everything = frozenset(path for path, _ in sent)
+    words = ("__FILE__", "__BASE_FILE__", "__builtin_FILE", "__builtin_source_location")
     if any(word in argument for argument in inputs.arguments for word in words):
-        return True
+        return everything
     if any(info.uses_file_name for _, info in sent):
-        return True
+        return everything
     statuses = inputs.statuses
     for path in system:
         try:
             if digests.info(path, digest_status(statuses.get(path))).uses_file_name:
-                return True
+                return everything
         except OSError:
-            return True
-    return False
+            return everything
+    return frozenset()

@@ -106,10 +106,11 @@ class Inputs:
     scan_fallback: str | None = None  # why `scan` used `deps` for this compile
     # (directory searched, name, path found) of each __has_include that found a file
     probes: list[tuple[str, str, str]] = field(default_factory=list)
-    # Whether __FILE__ and its kin expand to a path that differs in the sandbox:
-    # known (the preprocessed text was looked at), or None: to be judged from
-    # the files' text.
-    file_names: bool | None = False
+    # The paths __FILE__ and its kin expand to, where they may differ in the
+    # sandbox: known (the preprocessed text was looked at: those of the files
+    # named by absolute paths that it holds), or None: to be judged from the
+    # files' text.
+    file_names: frozenset[str] | None = frozenset()
     named_absolutely: list[str] = field(default_factory=list)  # read files named by absolute paths
 
 
@@ -157,7 +158,7 @@ class DepsMode:
         inputs = self.inputs(compile, read, scanned)
         inputs.named_absolutely = found.absolute
         if found.text is not None:
-            inputs.file_names = _names_a_file(found.text, found.absolute)
+            inputs.file_names = _named_files(found.text, found.absolute)
         elif found.absolute:
             inputs.file_names = None
         await self.add_probes(compile, inputs, scanned)
@@ -232,7 +233,7 @@ class ScanMode(DepsMode):
             inputs.scan_fallback = str(uncertain)
             return inputs
         inputs = self.inputs(compile, list(scanned.result.files), scanned)
-        inputs.file_names = None if compile.names_outside else False
+        inputs.file_names = None if compile.names_outside else frozenset()
         await self.add_probes(compile, inputs, scanned)
         return inputs
 
@@ -274,23 +275,28 @@ def input_modes(scanner: Scanner, scratch: str) -> dict[str, InputMode]:
 
 # A string literal that is an absolute path, in preprocessed text.
 _ABSOLUTE_STRING = re.compile(rb'"(/[^"\\\n]*)"')
+# Builtins the compiler itself expands to the current file's name.
+_FILE_BUILTINS = (b"__builtin_FILE", b"__builtin_source_location")
 
 
-def _names_a_file(text: bytes, absolute: list[str]) -> bool:
-    """Whether the preprocessed `text` holds, outside its line markers, a
-    string that is one of the `absolute` paths of the files read: what
-    __FILE__ and its kin expand to. A path gcc would have to escape in a
-    string is taken as named."""
-    names = set()
-    for path in absolute:
-        if "\\" in path or '"' in path:
-            return True
-        names.add(path.encode())
+def _named_files(text: bytes, absolute: list[str]) -> frozenset[str]:
+    """Those of the `absolute` paths of the files read (as the preprocessor
+    named them) that the preprocessed `text` holds as strings outside its
+    line markers: what __FILE__ and its kin expanded to. All of them where
+    the compiler will name the file itself (__builtin_FILE), or where a path
+    would have to be escaped in a string."""
+    if any(builtin in text for builtin in _FILE_BUILTINS):
+        return frozenset(absolute)
+    if any("\\" in path or '"' in path for path in absolute):
+        return frozenset(absolute)
+    names = {path.encode(): path for path in absolute}
+    found: set[str] = set()
     if not names:
-        return False
+        return frozenset()
     for match in _ABSOLUTE_STRING.finditer(text):
-        if os.path.normpath(match.group(1).decode(errors="replace")).encode() in names:
+        path = names.get(os.path.normpath(match.group(1).decode(errors="replace")).encode())
+        if path is not None and path not in found:
             start = text.rfind(b"\n", 0, match.start()) + 1
             if not text.startswith(b"# ", start):  # a line marker: `# 12 "path" 2`
-                return True
-    return False
+                found.add(path)
+    return frozenset(found)

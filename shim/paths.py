@@ -108,13 +108,20 @@ class PathMap:
         there = os.path.normpath(os.path.join(self.remote(cwd), relative))
         return self.remote(here) == there
 
-    def prefix_maps(self, kinds: tuple[str, ...], arguments: Sequence[str]) -> list[str]:
-        """`kinds[0]` maps for the sandbox places, so that the paths the
-        compiler writes (kinds: DEBUG_MAPS, MACRO_MAPS) read as they would
-        here; none for a place a user's map of `kinds` in `arguments` covers
-        whole (those maps, translated, decide there)."""
+    def prefix_maps(
+        self, kinds: tuple[str, ...], arguments: Sequence[str], used: Iterable[str]
+    ) -> list[str]:
+        """`kinds[0]` maps for the sandbox places that hold any of the `used`
+        paths, so that the paths the compiler writes there (kinds: DEBUG_MAPS,
+        MACRO_MAPS) read as they would here. Only those: each map puts a
+        local path in the action, which then differs between checkouts. None
+        for a place a user's map of `kinds` in `arguments` covers whole
+        (those maps, translated, decide there)."""
+        sandbox_paths = [self.remote(path) for path in used]
         maps = []
         for remote, local in self.places:
+            if not any(is_under(path, remote) for path in sandbox_paths):
+                continue
             if local and _covered(arguments, kinds, local):
                 continue
             maps.append(f"{kinds[0]}{remote}={local}")

@@ -93,6 +93,8 @@ def test_remote_compiles(
         ("--version", "unknown-option"),
         ("-V", "unknown-option"),
         ("-qversion", "unknown-option"),
+        ("-rdynamic main.o -o app", "link"),
+        ("-rdynamic -c a.c", "unknown-option"),
         ("-c foo.m", "unsupported-language"),
         ("-c data.bin", "unsupported-language"),
         ("-c a.c -o", "missing-option-value"),
