@@ -59,7 +59,7 @@ from shim.protocol import (
     socket_path,
     state_dir,
 )
-from shim.remote import Server
+from shim.remote import RemoteFailed, Server
 from shim.scan import Scanner
 from shim.stats import Stats
 
@@ -115,6 +115,9 @@ class Agent:
             return await self._compile(request)
         except (InputsUnknown, Unmappable) as unknown:
             return self.stats.local(str(unknown))
+        except RemoteFailed as failed:
+            log.warning("the remote side did not run a compile, compiling locally: %s", failed)
+            return self.stats.local(failed.reason)
         except (grpc.aio.AioRpcError, ReapiError, OSError, ValueError) as error:
             log.warning("remote compile failed, compiling locally: %s", error)
             return self.stats.local("remote-error")

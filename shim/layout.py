@@ -98,20 +98,19 @@ def lay_out(
     _check_once(sent, inputs)
     if any(info.uses_timestamp for _, info in sent):
         raise PreprocessHere("timestamp-macro")
-    arguments = sandbox_arguments(inputs.arguments, paths)
+    # The paths the compiler may write into the object (debug info, __FILE__).
+    used = [cwd, *inputs.read, *generated, *(_local(cwd, o) for o in inputs.outputs)]
+    arguments = sandbox_arguments(inputs.arguments, paths, used)
     ours: list[str] = []
-    if compile.debug:  # the directory, and the files it came from
-        ours += paths.prefix_maps(DEBUG_MAPS, inputs.arguments, [cwd, *(p for p, _ in sent)])
+    if compile.debug:
+        ours += paths.prefix_maps(DEBUG_MAPS, inputs.arguments, used)
     expanded = _file_names(compile, inputs, sent, system, digests)
     if expanded:
         ours += paths.prefix_maps(MACRO_MAPS, inputs.arguments, expanded)
     workdir = paths.remote(cwd)
     if not workdir.startswith(f"{SANDBOX_ROOT}/"):
         raise Unmappable("working-directory-provided")
-    outputs = [
-        os.path.relpath(paths.remote(os.path.normpath(os.path.join(cwd, output))), workdir)
-        for output in inputs.outputs
-    ]
+    outputs = [os.path.relpath(paths.remote(_local(cwd, o)), workdir) for o in inputs.outputs]
     absent = [path for path in inputs.absent if paths.place(path) is None]
     contents[MANIFEST] = manifests.manifest(compile.compiler, system, absent, inputs.statuses)
     dated = any(info.uses_date_time for _, info in sent)
@@ -131,6 +130,10 @@ def lay_out(
         do_not_cache=dated and "SOURCE_DATE_EPOCH" not in compile.env,
     )
     return Layout(spec, paths, workdir)
+
+
+def _local(cwd: str, path: str) -> str:
+    return os.path.normpath(os.path.join(cwd, path))
 
 
 def _in_tree(place: str) -> str:

@@ -281,9 +281,11 @@ def relative_paths(arguments: Sequence[str]) -> list[str]:
     return found
 
 
-def sandbox_arguments(arguments: Sequence[str], paths: PathMap) -> list[str]:
+def sandbox_arguments(arguments: Sequence[str], paths: PathMap, used: Sequence[str]) -> list[str]:
     """`arguments` for the remote compiler: each absolute path placed in the
-    sandbox, each of the user's prefix maps translated."""
+    sandbox, each of the user's prefix maps translated for the `used` paths
+    (those the compile may write into its outputs: its directory, the files
+    it reads, its outputs)."""
 
     def change(value: str) -> str:
         if not os.path.isabs(value):
@@ -295,29 +297,37 @@ def sandbox_arguments(arguments: Sequence[str], paths: PathMap) -> list[str]:
     result: list[str] = []
     for argument in mapped:
         if argument.startswith(_PREFIX_MAPS):
-            result.extend(translate_prefix_map(argument, paths))
+            result.extend(translate_prefix_map(argument, paths, used))
         else:
             result.append(argument)
     return result
 
 
-def translate_prefix_map(argument: str, paths: PathMap) -> list[str]:
+def translate_prefix_map(argument: str, paths: PathMap, used: Sequence[str]) -> list[str]:
     """A user's `-f...-prefix-map=OLD=NEW` for the sandbox. gcc applies it to
     any path that starts with the string OLD. Here that path P would be a
     sandbox path: for each place standing for the local prefix L, either L
     starts with OLD (every path there maps: the place maps to NEW and the
     rest of L) or OLD starts with L (the paths there under the rest of OLD
-    map). The original stays, for provided paths; the translations follow it
-    (gcc tries the last given first). Raises Unmappable for an OLD that would
-    also match sandbox paths it does not stand for."""
+    map). Only for places where some `used` path would be mapped: each
+    translation names a local path, which keeps checkouts from sharing. The
+    original stays where it could match provided paths (which keep their
+    names in the sandbox), before the translations (gcc tries the last given
+    first): else it would only put a local path in the action.
+    Raises Unmappable for an OLD that would also match sandbox paths it does
+    not stand for."""
     option, _, value = argument.partition("=")
     old, sep, new = value.partition("=")
     if not sep or not old.startswith("/"):
         return [argument]
     if old.startswith(SANDBOX_ROOT) or f"{SANDBOX_ROOT}/".startswith(old):
         raise Unmappable("prefix-map-over-sandbox")
-    translated = [argument]
+    provided = any(d.startswith(old) or old.startswith(d) for d in paths.provided)
+    translated = [argument] if provided else []
+    mapped = [paths.remote(path) for path in used if path.startswith(old)]
     for remote, local in paths.places:
+        if not any(is_under(path, remote) for path in mapped):
+            continue
         if local and local.startswith(old):
             translated.append(f"{option}={remote}={new}{local[len(old) :]}")
         elif old.startswith(local):

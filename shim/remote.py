@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
+from google.rpc import code_pb2
 
 from cas.existence import (
     REMEMBERED_BLOBS,
@@ -33,6 +34,16 @@ SHA256 = DigestFunction.SHA256
 PROVIDED_SECONDS = 60.0
 # How long a compile may run remotely (seconds).
 EXECUTE_TIMEOUT = 3600
+
+
+class RemoteFailed(Exception):
+    """The remote side could not run an action (the compile did not fail:
+    the worker refused it, or ran out of something); `reason` is a stats
+    reason, the message the server's."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Server:
@@ -87,7 +98,7 @@ class Server:
 
     async def execute(self, action: Digest, outputs: list[str]) -> re_pb2.ExecuteResponse:
         """Run `action` (the server answers from its action cache when it can);
-        raises ValueError when it ends without a result."""
+        raises RemoteFailed when it ends without a result."""
         request = re_pb2.ExecuteRequest(
             action_digest=action.to_proto(),
             inline_stdout=True,
@@ -99,9 +110,14 @@ class Server:
             last = operation
         response = re_pb2.ExecuteResponse()
         if last is None or not last.done or not last.response.Unpack(response):
-            raise ValueError("the Execute stream ended without a result")
+            raise RemoteFailed("remote-error", "the Execute stream ended without a result")
+        if response.status.code == code_pb2.FAILED_PRECONDITION:
+            # A worker whose system files differ from ours, or that lacks them.
+            raise RemoteFailed("worker-refused", response.status.message)
         if response.status.code != 0:
-            raise ValueError(f"remote execution failed: {response.status.message}")
+            raise RemoteFailed(
+                "remote-error", f"remote execution failed: {response.status.message}"
+            )
         return response
 
     async def stream(self, result: re_pb2.ActionResult, name: str) -> bytes:

@@ -45,7 +45,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from reapi.watch import StatKey, Watcher, list_files, stat_key
-from shim.inputs import InputsUnknown, run_preprocessor
+from shim.inputs import InputsUnknown, lexical_is_physical, run_preprocessor
 from shim.options import lookup
 
 __all__ = ["StatKey", "stat_key"]  # shared with shim.memo and shim.agent
@@ -330,8 +330,10 @@ def parse_search_list(text: str, cwd: str) -> SearchPath:
         elif line.startswith("End of search list"):
             return SearchPath(tuple(quote), tuple(bracket), tuple(skipped))
         elif target is not None and line.startswith(" "):
-            directory = line.strip().removesuffix(" (framework directory)")
-            target.append(os.path.normpath(os.path.join(cwd, directory)))
+            directory = os.path.join(cwd, line.strip().removesuffix(" (framework directory)"))
+            if "/.." in directory and not lexical_is_physical(directory):
+                raise ScanUncertain("scan-symlink-dotdot")
+            target.append(os.path.normpath(directory))
     raise ScanUncertain("scan-search-path-unknown")
 
 
@@ -733,9 +735,14 @@ def _look_up(
     else:
         places = [(-1, here)] if here else []
         places += list(enumerate(chain))[start:]
+    climbs = ".." in name.split("/")
     tried: list[str] = []
     probes: list[Probe] = []
     for index, directory in places:
+        if climbs and not lexical_is_physical(os.path.join(directory, name)):
+            # The kernel climbs from where a symbolic link leads, not where the
+            # name seems to: this scanner reads names as text.
+            raise ScanUncertain("scan-symlink-dotdot")
         path = os.path.normpath(os.path.join(directory, name))
         parent, base = os.path.split(path)
         present = base in view.files(parent)

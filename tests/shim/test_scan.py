@@ -15,6 +15,7 @@ import pytest
 import shim.scan
 from shim.scan import (
     Include,
+    Probed,
     Scanner,
     ScanUncertain,
     SearchPath,
@@ -390,3 +391,78 @@ def test_trigraphs_that_could_change_a_directive_are_uncertain(text: bytes) -> N
 def test_other_trigraphs_read_the_same_either_way() -> None:
     text = b'/* .git/objects/??/?{38} */\nint a ??( 2 ??) = ??< 0 ??>;\n#include "x.h"\n'
     assert [i.name for i in parse_includes(text).includes] == ["x.h"]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (b'#define HAVE_X __has_include("x.h")\n', "scan-probe-in-macro"),
+        (b"#  define HAVE_X \\\n  __has_include_next(<x.h>)\n", "scan-probe-in-macro"),
+    ],
+)
+def test_a_probe_looked_up_where_its_macro_expands_is_uncertain(text: bytes, reason: str) -> None:
+    with pytest.raises(ScanUncertain, match=reason):
+        parse_includes(text)
+
+
+def test_an_angle_probe_in_a_macro_is_the_same_everywhere() -> None:
+    parsed = parse_includes(b"#define USE_TBB __has_include(<tbb/tbb.h>)\n")
+    assert parsed.includes == (Include("tbb/tbb.h", angle=True, probe=True),)
+
+
+def probes_of(root: Path, files: list[str], arguments: list[str]) -> Probed:
+    scanner = Scanner()
+    found = search_arguments(arguments)
+    path = asyncio.run(scanner.search_path("gcc", "c", found.search, str(root), dict(os.environ)))
+    return scanner.probes(((str(root / f), None) for f in files), path, found)
+
+
+def test_probes_are_looked_up_as_gcc_does(tmp_path: Path) -> None:
+    """What `gcc -M` leaves out: a probed project file, beside the prober or
+    on the search path, and every place a probe found empty."""
+    write(
+        tmp_path,
+        {
+            "src/a.c": '#if __has_include("sub/extra.h") && __has_include(<lib.h>)\n#endif\n'
+            "#if __has_include(<nowhere.h>)\n#endif\n",
+            "src/sub/extra.h": "\n",
+            "inc/lib.h": "\n",
+        },
+    )
+    probed = probes_of(tmp_path, ["src/a.c"], ["-Iinc", "-c", "src/a.c"])
+    assert sorted(probed.found) == [
+        (str(tmp_path / "inc"), "lib.h", str(tmp_path / "inc/lib.h")),
+        (str(tmp_path / "src"), "sub/extra.h", str(tmp_path / "src/sub/extra.h")),
+    ]
+    chain = search_chain(tmp_path, ["-Iinc", "-c", "src/a.c"])
+    assert {f"{d}/nowhere.h" for d in chain} <= set(probed.absent)
+    assert "/usr/include/nowhere.h" in probed.absent
+    # gcc agrees: the probed files are not in its list, so they must be added.
+    assert "src/sub/extra.h" not in gcc_reads(tmp_path, ["-Iinc", "-c", "src/a.c"])
+
+
+@pytest.mark.parametrize(
+    ("files", "arguments", "reason"),
+    [
+        ({"a.c": "#define N <x.h>\n#if __has_include(N)\n#endif\n"}, [], "probe-uncertain"),
+        ({"a.c": "#if __has_include_next(<x.h>)\n#endif\n"}, [], "probe-next"),
+        ({"a.c": "int a;\n"}, ["-DHAS=__has_include(<x.h>)"], "probe-in-option"),
+        (
+            {"a.c": 'const char *s = R"(\n#x)";\n#if __has_include("y.h")\n#endif\n'},
+            [],
+            "probe-uncertain",
+        ),
+    ],
+)
+def test_probes_that_cannot_be_read_from_the_text_are_uncertain(
+    tmp_path: Path, files: dict[str, str], arguments: list[str], reason: str
+) -> None:
+    write(tmp_path, files)
+    with pytest.raises(ScanUncertain, match=reason):
+        probes_of(tmp_path, list(files), [*arguments, "-c", "a.c"])
+
+
+def test_a_file_the_parser_gives_up_on_without_probes_has_none(tmp_path: Path) -> None:
+    write(tmp_path, {"a.c": 'const char *s = R"(\n#x)";\n'})
+    probed = probes_of(tmp_path, ["a.c"], ["-c", "a.c"])
+    assert probed.found == [] and probed.absent == []
