@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 
 import grpc
@@ -108,12 +108,23 @@ class ServerProcess:
 class WorkerProcess:
     """`python -m reapi worker` as a child process, connected to `server` over TCP."""
 
-    def __init__(self, server: ServerProcess, name: str, workdir: Path, slots: int = 1) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        name: str,
+        workdir: Path,
+        slots: int = 1,
+        extra: Sequence[str] = (),
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        """`extra`: more options; `wrapper`: a command to start it with (prlimit...)."""
         self.name = name
+        self.server = server
         self.log_path = workdir.parent / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "reapi",
@@ -126,6 +137,7 @@ class WorkerProcess:
                 str(workdir),
                 "--slots",
                 str(slots),
+                *extra,
             ],
             cwd=REPO,
             stdout=self._log,
@@ -134,6 +146,13 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while f"worker {self.name} connected (" not in self.server.log():
+            assert self.process.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.server.log()
+            time.sleep(0.05)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:

@@ -9,8 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from shim.layout import lay_out
 from shim.manifest import MANIFEST
 from shim.modes import Compile
 from shim.stats import Stats
-from tests.helpers import REPO, ServerProcess
+from tests.helpers import ServerProcess, WorkerProcess
 from tests.shim.compiles import MODES, compile_both, write
 
 PROBER = {
@@ -128,14 +126,11 @@ def test_a_system_header_only_the_worker_has(
     """Its worker would take the other branch: it refuses (the probe's place
     is listed ABSENT) and the compile runs here, or goes preprocessed."""
     server = ServerProcess(tmp_path / "storage")
-    worker = subprocess.Popen(
-        [*NAMESPACE, ONLY_THERE
-         + f'exec "{sys.executable}" -m reapi worker --server grpc://{server.address} '
-         f'--workdir "{tmp_path / "worker"}" --name only-here'],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    # (the wrapper's last word is the script: the worker's command line follows as "$@")
+    wrapper = [*NAMESPACE, ONLY_THERE + 'exec "$@"', "sh"]
+    worker = WorkerProcess(server, "only-here", tmp_path / "worker", wrapper=wrapper)
     try:
-        wait_for_worker(server)
+        worker.wait_connected()
         env = dict(os.environ, REAPI_SERVER=f"grpc://{server.address}", REAPI_HOME=str(reapi_home))
         project = write(tmp_path / "p", {"a.c": ONLY})
         for mode in MODES:
@@ -146,8 +141,7 @@ def test_a_system_header_only_the_worker_has(
             else:
                 assert compared.moved.get("local_reasons") == {"worker-refused": 1}, mode
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=30)
+        worker.stop()
         server.stop()
 
 
@@ -180,13 +174,6 @@ def test_a_system_header_only_the_client_has(
     gcc = subprocess.run(["gcc", "-c", "a.c", "-o", "here.o"], cwd=project)
     assert gcc.returncode == 0
     assert (project / "here.o").read_bytes() != (project / "a.o").read_bytes()  # x = 0 here
-
-
-def wait_for_worker(server: ServerProcess, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while "worker only-here connected" not in server.log():
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.1)
 
 
 def stop_agent(home: Path) -> None:
