@@ -5,9 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: real Bazel 4 (offline), bubblewrap, and the
-# toolchain the shim's real-project builds need (autoreconf for libyaml).
+# toolchain the shim's real-project builds need (autoreconf for libyaml, CMake
+# with Ninja; prlimit and unshare come with util-linux).
 packages=(bazel-bootstrap bazel-platforms bazel-rules-java bubblewrap
-          gcc g++ make autoconf automake libtool)
+          gcc g++ make autoconf automake libtool cmake ninja-build util-linux)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
