@@ -118,7 +118,7 @@ async def find_rate(address: str, stored: list[Digest], clients: int, stop: asyn
 
     async def client(channel: grpc.aio.Channel) -> None:
         nonlocal answered
-        stub = re_grpc.ContentAddressableStorageStub(channel)  # type: ignore[no-untyped-call]
+        stub = re_grpc.ContentAddressableStorageStub(channel)
         while not stop.is_set():
             present = rng.sample(stored, FIND_BATCH // 2)
             absent = [

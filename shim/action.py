@@ -8,7 +8,7 @@ messages and the files made here (the manifest, a preprocessed source).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cas.merkle import build_tree
 from reapi.digests import Digest, DigestFunction
@@ -28,6 +28,7 @@ class ActionSpec:
     outputs: list[str]  # relative to workdir
     environment: dict[str, str]
     do_not_cache: bool
+    directories: list[str] = field(default_factory=list)  # input paths made even if empty
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def build_action(spec: ActionSpec, function: DigestFunction = SHA256) -> Built:
         digest = function.digest_of(data)
         files[path] = (digest, False)
         blobs[digest] = data
-    root_digest, directories = build_tree(files, function)
+    root_digest, directories = build_tree(files, function, spec.directories)
     command = re_pb2.Command(
         arguments=spec.arguments,
         environment_variables=[

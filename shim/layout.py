@@ -30,6 +30,7 @@ from shim.action import ActionSpec
 from shim.inputs import DigestCache, FileInfo, PreprocessHere
 from shim.manifest import MANIFEST, Manifests, digest_status
 from shim.modes import Compile, Inputs
+from shim.options import lookup
 from shim.paths import (
     DEBUG_MAPS,
     MACRO_MAPS,
@@ -89,6 +90,11 @@ def lay_out(
         files[_in_tree(place)] = (info.digest, False)
         sent.append((path, info))
     contents = {}
+    directories = []
+    for directory in _include_directories(inputs.arguments, cwd):
+        place = paths.place(directory)
+        if place is not None:  # as here: gcc warns of a missing one (-Wmissing-include-dirs)
+            directories.append(_in_tree(place))
     for path, data in generated.items():
         place = paths.place(path)
         if place is None:
@@ -128,8 +134,29 @@ def lay_out(
         },
         # __DATE__ and __TIME__ change every build unless SOURCE_DATE_EPOCH pins them.
         do_not_cache=dated and "SOURCE_DATE_EPOCH" not in compile.env,
+        directories=directories,
     )
     return Layout(spec, paths, workdir)
+
+
+def _include_directories(arguments: list[str], cwd: str) -> list[str]:
+    """The include directories the arguments name that exist here."""
+    found = []
+    index = 0
+    while index < len(arguments):
+        option, value = lookup(arguments[index])
+        index += 1
+        if option is None or option.name not in _INCLUDE_OPTIONS:
+            continue
+        if value is None and index < len(arguments):
+            value, index = arguments[index], index + 1
+        directory = _local(cwd, value or "")
+        if os.path.isdir(directory):
+            found.append(directory)
+    return found
+
+
+_INCLUDE_OPTIONS = ("-I", "-idirafter", "-iquote", "-isystem")
 
 
 def _local(cwd: str, path: str) -> str:

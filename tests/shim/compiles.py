@@ -39,6 +39,7 @@ class Compared:
     moved: dict[str, Any]  # the agent's counters that moved
     gcc: subprocess.CompletedProcess[bytes]
     shim: subprocess.CompletedProcess[bytes]
+    others: dict[str, tuple[bytes, bytes]]  # more outputs: (gcc's, reapi-cc's)
 
     @property
     def remote(self) -> bool:
@@ -53,6 +54,7 @@ def compile_both(
     mode: str,
     gcc_env: dict[str, str] | None = None,
     compiler: str = "gcc",
+    others: tuple[str, ...] = (),
 ) -> Compared:
     """`compiler ARGUMENTS` with plain gcc, then through reapi-cc in `mode`,
     in the same directory and to the same output (so that even debug info
@@ -62,6 +64,10 @@ def compile_both(
     assert gcc.returncode == 0, gcc.stderr.decode()
     expected = output.read_bytes()
     output.unlink()
+    theirs = {}
+    for other in others:
+        theirs[other] = (cwd / other).read_bytes()
+        (cwd / other).unlink()
     before = stats(env)
     reapi_cc = shutil.which("reapi-cc")
     assert reapi_cc is not None
@@ -72,7 +78,8 @@ def compile_both(
         capture_output=True,
     )
     assert shim.returncode == 0, shim.stderr.decode()
-    return Compared(expected, output.read_bytes(), changes(before, stats(env)), gcc, shim)
+    both = {other: (theirs[other], (cwd / other).read_bytes()) for other in others}
+    return Compared(expected, output.read_bytes(), changes(before, stats(env)), gcc, shim, both)
 
 
 def write(root: Path, files: dict[str, str]) -> Path:

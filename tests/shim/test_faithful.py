@@ -162,3 +162,33 @@ def test_parent_of_a_symbolic_link(tmp_path: Path, shim_env: dict[str, str], mod
     assert compared.actual == compared.expected
     if mode != "cpp":
         assert compared.moved.get("preprocessed_here") == 1, compared.moved
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_diagnostics_and_split_debug_info_read_as_here(
+    tmp_path: Path, shim_env: dict[str, str], mode: str
+) -> None:
+    """Under absolute paths: warnings name this machine's files (and an empty
+    include directory is there for -Wmissing-include-dirs), and the .dwo
+    of -gsplit-dwarf is gcc's too."""
+    project = write(
+        tmp_path / "p",
+        {
+            "src/a.c": '#include "w.h"\nint f(void) { int unused; return W; }\n',
+            "include/w.h": "#define W 1\nstatic int never_used;\n",
+        },
+    )
+    (project / "empty").mkdir()
+    (project / "build").mkdir()
+    arguments = [
+        f"-I{project}/include", f"-I{project}/empty", "-Wall", "-Wmissing-include-dirs",
+        "-g", "-gsplit-dwarf", "-c", str(project / "src/a.c"), "-o", "build/a.o",
+    ]  # fmt: skip
+    compared = compile_both(project, arguments, shim_env, mode, others=("build/a.dwo",))
+    assert compared.actual == compared.expected
+    assert compared.others["build/a.dwo"][0] == compared.others["build/a.dwo"][1]
+    assert (
+        b"unused variable" in compared.gcc.stderr and str(project).encode() in compared.gcc.stderr
+    )
+    assert compared.shim.stderr == compared.gcc.stderr
+    assert compared.remote, compared.moved

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from google.rpc import code_pb2
 
 from cas.memory import MemoryStore
@@ -103,3 +104,20 @@ async def test_outputs_the_server_cannot_store_fail_the_action() -> None:
     failed = await WorkersService(scheduler, FullStore())._store_outputs(worker, finished)
     assert failed.status.code == code_pb2.INTERNAL and "disk full" in failed.status.message
     assert not failed.HasField("result")
+
+
+def test_empty_directories_are_made() -> None:
+    """An include directory with nothing read in it is there all the same
+    (gcc warns about a missing one when asked: -Wmissing-include-dirs)."""
+    file = SHA256.digest_of(b"x")
+    root, blobs = build_tree({"a/x.h": (file, False)}, SHA256, ["a", "b/c", "b/d"])
+    top = re_pb2.Directory.FromString(blobs[root])
+    assert [d.name for d in top.directories] == ["a", "b"]
+    b = re_pb2.Directory.FromString(blobs[Digest.from_proto(SHA256, top.directories[1].digest)])
+    assert [d.name for d in b.directories] == ["c", "d"] and not b.files
+    assert (
+        build_tree({"a/x.h": (file, False)}, SHA256, ["a"])[0]
+        == build_tree({"a/x.h": (file, False)}, SHA256)[0]
+    )
+    with pytest.raises(ValueError, match="not a clean relative path"):
+        build_tree({}, SHA256, ["../up"])
