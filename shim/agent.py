@@ -14,10 +14,13 @@ Each compile goes down one pipeline, a stage per module:
          -> laid out as an input tree (shim/layout.py)
          -> the Action built (shim/action.py, pure)
          -> uploaded, executed, results fetched (shim/remote.py)
-         -> outputs written (shim/outputs.py)
+         -> outputs written (shim/outputs.py), dependency files and diagnostics
+            naming local paths (shim/paths.py)
 
-Anything that goes wrong on the remote side answers "local", and `reapi-cc`
-runs the real compiler.
+A compile that cannot go remote answers "local", and `reapi-cc` runs the
+real compiler; one whose remote side fails or exits non-zero is compiled
+here by the agent itself, which counts how that went (a remote failure
+where gcc succeeds is a problem to see in --stats).
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ from shim.layout import PASSED_ENVIRONMENT, Layout, lay_out
 from shim.manifest import Manifests
 from shim.memo import DirectMemo, scan_depends
 from shim.modes import Compile, Inputs, input_modes
-from shim.outputs import write_outputs
-from shim.paths import PathMap, Root, RootFinder, Unmappable, to_local_text
+from shim.outputs import reflow_dependencies, write_outputs
+from shim.paths import PathMap, RootFinder, Roots, Unmappable, to_local_text
 from shim.protocol import (
     HEADER_SIZE,
     decode_length,
@@ -157,7 +160,8 @@ class Agent:
             dependencies = _local(cwd, decision.dependency_file)
             if dependencies in where:
                 data, executable = where[dependencies]
-                where[dependencies] = (to_local_text(data, placed.paths, True), executable)
+                local = reflow_dependencies(to_local_text(data, placed.paths, True))
+                where[dependencies] = (local, executable)
         self.stats.add("bytes_downloaded", sum(len(data) for data, _ in where.values()))
         write_outputs(where)
         stdout = await self._stream(server, result, "stdout")
@@ -212,9 +216,7 @@ class Agent:
                 self.memo.put(memo_key, placed, depends, started_ns)
         return result, placed
 
-    async def _lay_out(
-        self, compile: Compile, roots: tuple[Root, ...] | None
-    ) -> tuple[Inputs, Layout]:
+    async def _lay_out(self, compile: Compile, roots: Roots | None) -> tuple[Inputs, Layout]:
         """The inputs of the compile's mode, laid out; preprocessed here
         instead where that is the only exact way (not for a debug build:
         its line tables would name the preprocessed file)."""
@@ -234,7 +236,7 @@ class Agent:
         inputs = await self.modes["cpp"].find(compile)
         return inputs, self._layout(compile, inputs, roots)
 
-    def _layout(self, compile: Compile, inputs: Inputs, roots: tuple[Root, ...] | None) -> Layout:
+    def _layout(self, compile: Compile, inputs: Inputs, roots: Roots | None) -> Layout:
         return lay_out(compile, inputs, self.digests, self.manifests, roots)
 
     async def _compile_here(self, request: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,9 +35,10 @@ from shim.paths import (
     DEBUG_MAPS,
     MACRO_MAPS,
     PathMap,
-    Root,
+    Roots,
     Unmappable,
     choose,
+    climbed,
     relative_paths,
     sandbox_arguments,
 )
@@ -69,7 +70,7 @@ def lay_out(
     inputs: Inputs,
     digests: DigestCache,
     manifests: Manifests,
-    roots: tuple[Root, ...] | None,
+    roots: Roots | None,
 ) -> Layout:
     """Raises Unmappable (a stats reason) when no input tree holds the
     compile, PreprocessHere when only its preprocessed text can go."""
@@ -90,10 +91,16 @@ def lay_out(
         files[_in_tree(place)] = (info.digest, False)
         sent.append((path, info))
     contents = {}
+    # Directories that must be there though nothing is read from them: the
+    # include directories (gcc warns of a missing one, with -Wmissing-include-dirs)
+    # and those a path climbs out of (`..`: the kernel walks through them).
     directories = []
-    for directory in _include_directories(inputs.arguments, cwd):
+    for directory in [
+        *_include_directories(inputs.arguments, cwd),
+        *climbed(inputs.arguments, cwd),
+    ]:
         place = paths.place(directory)
-        if place is not None:  # as here: gcc warns of a missing one (-Wmissing-include-dirs)
+        if place is not None and os.path.isdir(directory):
             directories.append(_in_tree(place))
     for path, data in generated.items():
         place = paths.place(path)
@@ -140,7 +147,7 @@ def lay_out(
 
 
 def _include_directories(arguments: list[str], cwd: str) -> list[str]:
-    """The include directories the arguments name that exist here."""
+    """The include directories the arguments name."""
     found = []
     index = 0
     while index < len(arguments):
@@ -150,9 +157,7 @@ def _include_directories(arguments: list[str], cwd: str) -> list[str]:
             continue
         if value is None and index < len(arguments):
             value, index = arguments[index], index + 1
-        directory = _local(cwd, value or "")
-        if os.path.isdir(directory):
-            found.append(directory)
+        found.append(_local(cwd, value or ""))
     return found
 
 

@@ -65,6 +65,17 @@ _PREFIX_MAPS = ("-fdebug-prefix-map=", "-fmacro-prefix-map=", "-ffile-prefix-map
 Root = tuple[str, str]  # (local directory, its place in the sandbox)
 
 
+@dataclass(frozen=True)
+class Roots:
+    """A compile's project roots, as RootFinder finds them."""
+
+    places: tuple[Root, ...]  # deepest local directory first
+    # CMake's source directory need not be the tree's top (git's is
+    # contrib/buildsystems): the source root may then grow to hold the files
+    # a compile reads, as rule 3 does.
+    stretch: bool = False
+
+
 class Unmappable(Exception):
     """No input tree holds the compile's paths faithfully; the message is a stats reason."""
 
@@ -88,6 +99,31 @@ class PathMap:
         """`path` as the sandbox names it (a provided path is its own)."""
         placed = self.place(path)
         return path if placed is None else placed
+
+    def remote_text(self, text: str) -> str:
+        """An absolute path as written (`.`, `..`, doubled slashes and all:
+        gcc keeps them in __FILE__, debug info and dependency files), with
+        the part that names its place replaced by the place. Raises
+        Unmappable where the rest climbs out of the place."""
+        normal = os.path.normpath(text)
+        remote = self.remote(normal)
+        if remote == normal:  # provided: the worker's own, as written
+            return text
+        parts = text.split("/")
+        cut, place = 1, EXTERNAL  # an external path keeps all of its text
+        for local, root_place in self.roots:
+            if is_under(normal, local):
+                cuts = (i for i in range(2, len(parts) + 1) if _normal(parts[:i]) == local)
+                cut, place = next(cuts, len(parts) + 1), root_place
+                break
+        # Where the text climbs (`..`), the directory it climbs from must be
+        # where the sandbox has it, and so must the end.
+        for end in [i for i, part in enumerate(parts) if part == ".."] + [len(parts)]:
+            if end >= cut:
+                written = _normal([place, *parts[cut:end]])
+                if written != self.remote(_normal(parts[:end])):
+                    raise Unmappable("path-leaves-its-place")
+        return "/".join([place, *parts[cut:]])
 
     @property
     def places(self) -> list[Root]:
@@ -128,6 +164,10 @@ class PathMap:
         return maps
 
 
+def _normal(parts: list[str]) -> str:
+    return os.path.normpath("/".join(parts))
+
+
 def _covered(arguments: Sequence[str], kinds: tuple[str, ...], local: str) -> bool:
     for argument in arguments:
         if argument.startswith(kinds):
@@ -139,7 +179,7 @@ def _covered(arguments: Sequence[str], kinds: tuple[str, ...], local: str) -> bo
 
 def choose(
     cwd: str,
-    roots: tuple[Root, ...] | None,
+    roots: Roots | None,
     relative: Iterable[str],
     files: Iterable[str],
     provided: tuple[str, ...],
@@ -149,9 +189,11 @@ def choose(
     relative paths its arguments name; `files`: the files it reads (absolute).
     Raises Unmappable when everything would have to be under `/`."""
     relative = list(relative)
+    files = list(files)
     if roots is not None:
-        candidate = PathMap(roots, provided)
-        if any(is_under(cwd, local) for local, _ in roots) and all(
+        places = _stretched(roots, files, provided) if roots.stretch else roots.places
+        candidate = PathMap(places, provided)
+        if any(is_under(cwd, local) for local, _ in places) and all(
             candidate.keeps_relative(cwd, path) for path in relative
         ):
             return candidate
@@ -165,21 +207,39 @@ def choose(
     return PathMap(((top, SOURCE_PLACE),), provided)
 
 
+def _stretched(roots: Roots, files: list[str], provided: tuple[str, ...]) -> tuple[Root, ...]:
+    """`roots` with the source root grown to the deepest directory holding it
+    and the files read outside the other roots (not to `/`: files scattered
+    that far travel as external)."""
+    source = next(local for local, remote in roots.places if remote == SOURCE_PLACE)
+    others = [local for local, remote in roots.places if remote != SOURCE_PLACE]
+    outside = [
+        path
+        for path in files
+        if not provided_by(path, provided) and not any(is_under(path, o) for o in others)
+    ]
+    top = os.path.commonpath([source, *outside]) if outside else source
+    if top in ("/", source):
+        return roots.places
+    grown = [(top if remote == SOURCE_PLACE else local, remote) for local, remote in roots.places]
+    return tuple(sorted(grown, key=lambda root: len(root[0]), reverse=True))
+
+
 class RootFinder:
     """Finds a compile's project roots (rules 1 and 2 above), remembering
     each working directory's CMake cache (read again when it changes)."""
 
     def __init__(self) -> None:
         # cwd -> (cache path, its mtime, roots), or (None, when looked, None)
-        self._known: dict[str, tuple[str | None, float, tuple[Root, ...] | None]] = {}
+        self._known: dict[str, tuple[str | None, float, Roots | None]] = {}
 
-    def roots(self, cwd: str, env: Mapping[str, str]) -> tuple[Root, ...] | None:
+    def roots(self, cwd: str, env: Mapping[str, str]) -> Roots | None:
         base = env.get("REAPI_CC_BASEDIR")
         if base and os.path.isabs(base) and os.path.normpath(base) != "/":
-            return ((os.path.normpath(base), SOURCE_PLACE),)
+            return Roots(((os.path.normpath(base), SOURCE_PLACE),))
         return self._cmake(cwd)
 
-    def _cmake(self, cwd: str) -> tuple[Root, ...] | None:
+    def _cmake(self, cwd: str) -> Roots | None:
         known = self._known.get(cwd)
         if known is not None:
             cache, when, roots = known
@@ -197,16 +257,16 @@ class RootFinder:
         return roots
 
 
-def cmake_roots(build: str, cache_text: str) -> tuple[Root, ...] | None:
+def cmake_roots(build: str, cache_text: str) -> Roots | None:
     """The roots of a CMake build tree whose CMakeCache.txt holds `cache_text`."""
     match = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.+)$", cache_text, re.MULTILINE)
     if match is None or not os.path.isabs(match.group(1).strip()):
         return None
     source = os.path.normpath(match.group(1).strip())
     if source == build:
-        return ((build, SOURCE_PLACE),)
+        return Roots(((build, SOURCE_PLACE),), stretch=True)
     roots = ((build, BUILD_PLACE), (source, SOURCE_PLACE))
-    return tuple(sorted(roots, key=lambda root: len(root[0]), reverse=True))
+    return Roots(tuple(sorted(roots, key=lambda root: len(root[0]), reverse=True)), stretch=True)
 
 
 def _find_upwards(directory: str, name: str) -> str | None:
@@ -268,6 +328,22 @@ def map_path_arguments(arguments: Sequence[str], change: Callable[[str], str]) -
     return changed
 
 
+def climbed(arguments: Sequence[str], cwd: str) -> list[str]:
+    """The directories the paths in `arguments` go up (`..`) from: the
+    kernel needs them to exist, in the sandbox too."""
+    found: list[str] = []
+
+    def note(value: str) -> str:
+        parts = os.path.join(cwd, value).split("/")
+        for index, part in enumerate(parts):
+            if part == ".." and index > 1:
+                found.append(os.path.normpath("/".join(parts[:index])))
+        return value
+
+    map_path_arguments(arguments, note)
+    return found
+
+
 def relative_paths(arguments: Sequence[str]) -> list[str]:
     """The relative paths `arguments` name."""
     found: list[str] = []
@@ -288,10 +364,7 @@ def sandbox_arguments(arguments: Sequence[str], paths: PathMap, used: Sequence[s
     it reads, its outputs)."""
 
     def change(value: str) -> str:
-        if not os.path.isabs(value):
-            return value
-        remote = paths.remote(os.path.normpath(value))
-        return remote + "/" if value.endswith("/") and remote != "/" else remote
+        return paths.remote_text(value) if os.path.isabs(value) else value
 
     mapped = map_path_arguments(arguments, change)
     result: list[str] = []

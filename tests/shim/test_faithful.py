@@ -192,3 +192,31 @@ def test_diagnostics_and_split_debug_info_read_as_here(
     )
     assert compared.shim.stderr == compared.gcc.stderr
     assert compared.remote, compared.moved
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_paths_written_with_dots(tmp_path: Path, shim_env: dict[str, str], mode: str) -> None:
+    """git's CMakeLists.txt lies in contrib/buildsystems and names the tree
+    `contrib/buildsystems/../..`: gcc keeps such names as written in __FILE__
+    and in the dependency file, and so must the sandbox's."""
+    project = write(
+        tmp_path / "git",
+        {
+            "contrib/buildsystems/CMakeLists.txt": "# (not read)\n",
+            "strbuf.h": "static const char *where = __FILE__;\n",
+            "src/a.c": '#include "strbuf.h"\nconst char *f(void) { return where; }\n',
+        },
+    )
+    cmake_dir = project / "contrib/buildsystems"
+    build = tmp_path / "build"
+    build.mkdir()
+    (build / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={cmake_dir}\n")
+    arguments = [
+        f"-I{cmake_dir}/../..", "-O2", "-MD", "-MT", "a.o", "-MF", "a.o.d",
+        "-c", f"{cmake_dir}/../../src/a.c", "-o", "a.o",
+    ]  # fmt: skip
+    compared = compile_both(build, arguments, shim_env, mode, others=("a.o.d",))
+    assert compared.actual == compared.expected
+    assert b"buildsystems/../../strbuf.h" in compared.expected
+    assert compared.others["a.o.d"][0] == compared.others["a.o.d"][1]
+    assert compared.remote, compared.moved

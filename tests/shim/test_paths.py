@@ -17,6 +17,7 @@ from shim.paths import (
     SOURCE_PLACE,
     PathMap,
     RootFinder,
+    Roots,
     Unmappable,
     choose,
     cmake_roots,
@@ -60,13 +61,12 @@ def test_sandbox_places_never_nest() -> None:
 
 def test_cmake_roots() -> None:
     cache = "CMAKE_HOME_DIRECTORY:INTERNAL=/src/zlib\nOTHER:STRING=x\n"
-    assert cmake_roots("/tmp/build", cache) == (
-        ("/tmp/build", BUILD_PLACE),
-        ("/src/zlib", SOURCE_PLACE),
+    assert cmake_roots("/tmp/build", cache) == Roots(
+        (("/tmp/build", BUILD_PLACE), ("/src/zlib", SOURCE_PLACE)), stretch=True
     )
-    assert cmake_roots("/src/zlib", cache) == (("/src/zlib", SOURCE_PLACE),)  # in-source
+    assert cmake_roots("/src/zlib", cache) == Roots((("/src/zlib", SOURCE_PLACE),), stretch=True)
     nested = cmake_roots("/src/zlib/build", cache)
-    assert nested is not None and nested[0] == ("/src/zlib/build", BUILD_PLACE)
+    assert nested is not None and nested.places[0] == ("/src/zlib/build", BUILD_PLACE)
     assert cmake_roots("/tmp/b", "CMAKE_HOME_DIRECTORY:INTERNAL=relative\n") is None
     assert cmake_roots("/tmp/b", "garbage") is None
 
@@ -79,27 +79,64 @@ def test_root_finder(tmp_path: Path) -> None:
     assert finder.roots(str(build / "sub"), {}) is None
     (build / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={source}\n")
     finder = RootFinder()  # (a missing cache is believed for a few seconds)
-    assert finder.roots(str(build / "sub" / "dir"), {}) == (
-        (str(build), BUILD_PLACE),
-        (str(source), SOURCE_PLACE),
+    assert finder.roots(str(build / "sub" / "dir"), {}) == Roots(
+        ((str(build), BUILD_PLACE), (str(source), SOURCE_PLACE)), stretch=True
     )
     base = {"REAPI_CC_BASEDIR": str(tmp_path)}
-    assert finder.roots(str(build), base) == ((str(tmp_path), SOURCE_PLACE),)
+    assert finder.roots(str(build), base) == Roots(((str(tmp_path), SOURCE_PLACE),))
     # Nonsense in the variable is ignored: `/` would send the system too.
     assert finder.roots(str(build), {"REAPI_CC_BASEDIR": "/"}) == finder.roots(str(build), {})
     assert finder.roots(str(build), {"REAPI_CC_BASEDIR": "rel"}) == finder.roots(str(build), {})
 
 
 def test_choose_takes_the_roots_unless_a_relative_path_would_break() -> None:
-    roots = CMAKE.roots
+    roots = Roots(CMAKE.roots)
     cwd = "/home/me/proj/build/lib"
     chosen = choose(cwd, roots, ["CMakeFiles/x.o"], ["/home/me/proj/a.c"], PROVIDED_DIRS)
-    assert chosen.roots == roots
+    assert chosen.roots == roots.places
     # -I../../include leads from the build tree into the source tree: the two
     # places cannot hold that, one root must.
     chosen = choose(cwd, roots, ["../../include"], ["/home/me/proj/a.c"], PROVIDED_DIRS)
     assert chosen.roots == (("/home/me/proj", SOURCE_PLACE),)
     assert chosen.keeps_relative(cwd, "../../include")
+
+
+def test_a_cmake_source_root_grows_to_hold_the_files_read() -> None:
+    """git's CMakeLists.txt is in contrib/buildsystems; its sources two up."""
+    cmake = Roots((("/b", BUILD_PLACE), ("/g/contrib/buildsystems", SOURCE_PLACE)), stretch=True)
+    files = ["/g/strbuf.h", "/g/contrib/buildsystems/x.h", "/b/gen.h", "/usr/include/stdio.h"]
+    chosen = choose("/b", cmake, [], files, PROVIDED_DIRS)
+    assert set(chosen.roots) == {("/g", SOURCE_PLACE), ("/b", BUILD_PLACE)}
+    # Not up to /: a file that far away travels as external.
+    chosen = choose("/b", cmake, [], [*files, "/opt/sdk/x.h"], PROVIDED_DIRS)
+    assert chosen.roots == cmake.places
+    fixed = Roots((("/g/contrib", SOURCE_PLACE),))  # REAPI_CC_BASEDIR: as the user says
+    assert choose("/g/contrib", fixed, [], files, PROVIDED_DIRS).roots == fixed.places
+
+
+@pytest.mark.parametrize(
+    ("written", "remote"),
+    [
+        ("/home/me/proj/contrib/cmake/../..", "/build/src/contrib/cmake/../.."),
+        ("/home/me/proj//a.c", "/build/src//a.c"),
+        ("/home/me/proj/include/", "/build/src/include/"),
+        ("/home/me/proj/build/./x.o", "/build/bin/./x.o"),
+        ("/opt/sdk/lib/../include", f"{EXTERNAL}/opt/sdk/lib/../include"),
+        ("/usr/include/../include/stdio.h", "/usr/include/../include/stdio.h"),
+        ("/home/me/other/../x.h", f"{EXTERNAL}/home/me/other/../x.h"),
+    ],
+)
+def test_paths_keep_their_text(written: str, remote: str) -> None:
+    """gcc writes names as given into __FILE__, debug info and dependency files."""
+    assert CMAKE.remote_text(written) == remote
+    assert os.path.normpath(remote) == CMAKE.remote(os.path.normpath(written))
+
+
+def test_a_path_that_climbs_out_of_its_place_cannot_be_written() -> None:
+    with pytest.raises(Unmappable, match="path-leaves-its-place"):
+        CMAKE.remote_text("/home/me/proj/build/../a.c")  # bin, then up into src
+    with pytest.raises(Unmappable, match="path-leaves-its-place"):
+        CMAKE.remote_text("/home/me/proj/../project/x.h")  # src, then up and out
 
 
 def test_choose_without_roots_is_the_deepest_common_directory() -> None:
@@ -262,3 +299,29 @@ def test_a_user_map_names_a_local_path_only_where_it_must() -> None:
     assert translate_prefix_map("-fdebug-prefix-map=/usr/include=/sys", CMAKE, PATHS) == [
         "-fdebug-prefix-map=/usr/include=/sys"
     ]
+
+
+def test_dependency_files_are_laid_out_as_gcc_lays_them_out(tmp_path: Path) -> None:
+    """Names put back are longer or shorter than the sandbox's, and gcc
+    breaks a rule's lines by length: the file is broken again as gcc would
+    have broken it here (checked against gcc itself)."""
+    import random
+    import subprocess
+
+    from shim.outputs import reflow_dependencies
+
+    rng = random.Random(7)
+    (tmp_path / "a.c").write_text('#include "h.h"\n#include <stdio.h>\n')
+    for _ in range(20):
+        include = tmp_path / ("x" * rng.randint(1, 60) + " sp" * rng.randint(0, 1)) / "inc"
+        include.mkdir(parents=True, exist_ok=True)
+        (include / "h.h").write_text("int h;\n")
+        target = rng.choice(["a.o", "t" * rng.randint(1, 90)])
+        subprocess.run(
+            ["gcc", f"-I{include}", "-MD", "-MP", "-MT", target, "-MF", "a.d", "-c", "a.c"],
+            cwd=tmp_path, check=True,
+        )  # fmt: skip
+        written = (tmp_path / "a.d").read_bytes()
+        assert reflow_dependencies(written.replace(b" \\\n", b" ")) == written
+    other = b"a.o: a.c \\\n  h.h\n"  # (clang's layout: left alone)
+    assert reflow_dependencies(other) == other
