@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -99,36 +101,26 @@ def dependency_query(
         if argument.startswith("-Wp,-M") or argument in ("--coverage", "-ftest-coverage"):
             continue
         query.append(argument)
-    if text_to is not None:
-        return [*query, "-E", "-o", "-", "-MD", "-MF", text_to, "-MT", "x"]
+    if text_to is not None:  # (-P: without line markers, which name every file)
+        return [*query, "-E", "-P", "-o", "-", "-MD", "-MF", text_to, "-MT", "x"]
     return [*query, "-M"]
 
 
 def parse_make_rule(text: str) -> list[str]:
-    """The prerequisites of a `target: prereq ...` rule as gcc writes it."""
+    """The prerequisites of a `target: prereq ...` rule as gcc writes it
+    (a space escaped as `\\ `, `#` as `\\#`, `$` as `$$`)."""
     body = text.replace("\\\n", " ")
     _target, sep, prerequisites = body.partition(": ")
     if not sep:
         raise InputsUnknown("unreadable-dependencies")
-    paths: list[str] = []
-    current = ""
-    index = 0
-    while index < len(prerequisites):
-        char = prerequisites[index]
-        if char == "\\" and index + 1 < len(prerequisites) and prerequisites[index + 1] == " ":
-            current += " "
-            index += 2
-            continue
-        if char.isspace():
-            if current:
-                paths.append(current)
-                current = ""
-        else:
-            current += char
-        index += 1
-    if current:
-        paths.append(current)
-    return paths
+    words = _WORD.findall(prerequisites)
+    if "\\" in prerequisites or "$$" in prerequisites:
+        words = [_ESCAPED.sub(r"\1", word).replace("$$", "$") for word in words]
+    return words
+
+
+_WORD = re.compile(r"(?:\\.|[^\s\\])+")
+_ESCAPED = re.compile(r"\\([ #])")
 
 
 async def run_preprocessor(
@@ -199,8 +191,24 @@ async def preprocessor_dependencies(
 
 def lexical_is_physical(path: str) -> bool:
     """Whether `path`'s `..` components lead where normalizing it would
-    (they do unless a symbolic link comes before one)."""
-    return os.path.realpath(path) == os.path.realpath(os.path.normpath(path))
+    (they do unless a symbolic link comes before one). What decides is the
+    path up to its last `..`, which hundreds of a build's names share (git's
+    `contrib/buildsystems/../..`): its answer is kept for a second."""
+    climb = path[: path.rindex("..") + 2] if ".." in path else path
+    now = time.monotonic()
+    known = _physical.get(climb)
+    if known is None or now - known[0] > PHYSICAL_SECONDS:
+        if len(_physical) > 10_000:
+            _physical.clear()
+        answer = os.path.realpath(climb) == os.path.realpath(os.path.normpath(climb))
+        known = _physical[climb] = (now, answer)
+    return known[1]
+
+
+# How long the answer of lexical_is_physical is believed (seconds): a directory
+# replaced by a symbolic link within that time is seen a little late.
+PHYSICAL_SECONDS = 1.0
+_physical: dict[str, tuple[float, bool]] = {}
 
 
 def preprocess_query(

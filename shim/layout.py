@@ -30,7 +30,6 @@ from shim.action import ActionSpec
 from shim.inputs import DigestCache, FileInfo, PreprocessHere
 from shim.manifest import MANIFEST, Manifests, digest_status
 from shim.modes import Compile, Inputs
-from shim.options import lookup
 from shim.paths import (
     DEBUG_MAPS,
     MACRO_MAPS,
@@ -38,8 +37,7 @@ from shim.paths import (
     Roots,
     Unmappable,
     choose,
-    climbed,
-    relative_paths,
+    named_paths,
     sandbox_arguments,
 )
 
@@ -76,9 +74,9 @@ def lay_out(
     compile, PreprocessHere when only its preprocessed text can go."""
     cwd = compile.cwd
     generated = {os.path.normpath(path): data for path, data in inputs.generated.items()}
-    named = relative_paths(inputs.arguments)
-    named += [path for path in inputs.outputs if not os.path.isabs(path)]
-    paths = choose(cwd, roots, named, [*inputs.read, *generated], compile.provided)
+    named = named_paths(inputs.arguments)
+    relative = [*named.relative, *(path for path in inputs.outputs if not os.path.isabs(path))]
+    paths = choose(cwd, roots, relative, [*inputs.read, *generated], compile.provided)
     files: dict[str, tuple[Digest, bool]] = {}
     system: list[str] = []
     sent: list[tuple[str, FileInfo]] = []
@@ -95,10 +93,7 @@ def lay_out(
     # include directories (gcc warns of a missing one, with -Wmissing-include-dirs)
     # and those a path climbs out of (`..`: the kernel walks through them).
     directories = []
-    for directory in [
-        *_include_directories(inputs.arguments, cwd),
-        *climbed(inputs.arguments, cwd),
-    ]:
+    for directory in [*(_local(cwd, d) for d in named.includes), *named.climbed(cwd)]:
         place = paths.place(directory)
         if place is not None and os.path.isdir(directory):
             directories.append(_in_tree(place))
@@ -124,7 +119,9 @@ def lay_out(
     if not workdir.startswith(f"{SANDBOX_ROOT}/"):
         raise Unmappable("working-directory-provided")
     outputs = [os.path.relpath(paths.remote(_local(cwd, o)), workdir) for o in inputs.outputs]
-    absent = [path for path in inputs.absent if paths.place(path) is None]
+    # (A path absent here in the project or elsewhere is absent in the sandbox
+    # too: only what the worker provides can hold what it should not.)
+    absent = paths.provided_only(inputs.absent)
     contents[MANIFEST] = manifests.manifest(compile.compiler, system, absent, inputs.statuses)
     dated = any(info.uses_date_time for _, info in sent)
     spec = ActionSpec(
@@ -144,24 +141,6 @@ def lay_out(
         directories=directories,
     )
     return Layout(spec, paths, workdir)
-
-
-def _include_directories(arguments: list[str], cwd: str) -> list[str]:
-    """The include directories the arguments name."""
-    found = []
-    index = 0
-    while index < len(arguments):
-        option, value = lookup(arguments[index])
-        index += 1
-        if option is None or option.name not in _INCLUDE_OPTIONS:
-            continue
-        if value is None and index < len(arguments):
-            value, index = arguments[index], index + 1
-        found.append(_local(cwd, value or ""))
-    return found
-
-
-_INCLUDE_OPTIONS = ("-I", "-idirafter", "-iquote", "-isystem")
 
 
 def _local(cwd: str, path: str) -> str:

@@ -21,6 +21,7 @@ then preprocessed here (`cpp`), which is exact.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from typing import Protocol
 from reapi.conventions import provided_by
 from shim.classify import RemoteCompile, compile_only_arguments
 from shim.inputs import Dependencies, PreprocessHere, preprocess, preprocessor_dependencies
-from shim.paths import map_path_arguments
+from shim.paths import named_paths
 from shim.scan import (
     Probed,
     Scanner,
@@ -60,20 +61,14 @@ class Compile:
     def debug(self) -> bool:
         return any(a.startswith("-g") and a != "-g0" for a in self.decision.arguments)
 
-    @property
+    @functools.cached_property
     def names_outside(self) -> bool:
         """Whether its arguments name an absolute path that the sandbox will
         name otherwise (not a provided one): __FILE__ may then differ."""
-        found = False
-
-        def note(value: str) -> str:
-            nonlocal found
-            if os.path.isabs(value) and not provided_by(os.path.normpath(value), self.provided):
-                found = True
-            return value
-
-        map_path_arguments(self.decision.arguments, note)
-        return found
+        return any(
+            value.startswith("/") and not provided_by(os.path.normpath(value), self.provided)
+            for value in named_paths(self.decision.arguments).values
+        )
 
     @property
     def outputs(self) -> list[str]:
@@ -281,9 +276,9 @@ _FILE_BUILTINS = (b"__builtin_FILE", b"__builtin_source_location")
 
 def _named_files(text: bytes, absolute: list[str]) -> frozenset[str]:
     """Those of the `absolute` paths of the files read (as the preprocessor
-    named them) that the preprocessed `text` holds as strings outside its
-    line markers: what __FILE__ and its kin expanded to. All of them where
-    the compiler will name the file itself (__builtin_FILE), or where a path
+    named them) that the preprocessed `text` (without line markers) holds as
+    strings: what __FILE__ and its kin expanded to. All of them where the
+    compiler will name the file itself (__builtin_FILE), or where a path
     would have to be escaped in a string."""
     if any(builtin in text for builtin in _FILE_BUILTINS):
         return frozenset(absolute)
@@ -295,8 +290,6 @@ def _named_files(text: bytes, absolute: list[str]) -> frozenset[str]:
         return frozenset()
     for match in _ABSOLUTE_STRING.finditer(text):
         path = names.get(os.path.normpath(match.group(1).decode(errors="replace")).encode())
-        if path is not None and path not in found:
-            start = text.rfind(b"\n", 0, match.start()) + 1
-            if not text.startswith(b"# ", start):  # a line marker: `# 12 "path" 2`
-                found.add(path)
+        if path is not None:
+            found.add(path)
     return frozenset(found)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from reapi.conventions import SANDBOX_ROOT, is_under, provided_by
@@ -89,11 +89,20 @@ class PathMap:
         """Where the file at `path` (absolute, normalized) goes in the sandbox;
         None when the worker provides it."""
         for local, remote in self.roots:
-            if is_under(path, local):
+            if path.startswith(local) and (len(path) == len(local) or path[len(local)] == "/"):
                 return remote + path[len(local) :]
         if provided_by(path, self.provided):
             return None
         return EXTERNAL + path
+
+    def provided_only(self, paths: Iterable[str]) -> list[str]:
+        """Those of `paths` (absolute, normalized) the worker provides: a
+        compile's absent paths are a thousand or more."""
+        prefixes = tuple(d + "/" for d in self.provided)
+        inside = [path for path in paths if path.startswith(prefixes)]
+        if any(provided_by(local, self.provided) for local, _ in self.roots):
+            inside = [path for path in inside if self.place(path) is None]
+        return inside
 
     def remote(self, path: str) -> str:
         """`path` as the sandbox names it (a provided path is its own)."""
@@ -145,21 +154,22 @@ class PathMap:
         return self.remote(here) == there
 
     def prefix_maps(
-        self, kinds: tuple[str, ...], arguments: Sequence[str], used: Iterable[str]
+        self, kinds: tuple[str, ...], arguments: Sequence[str], used: Collection[str]
     ) -> list[str]:
-        """`kinds[0]` maps for the sandbox places that hold any of the `used`
-        paths, so that the paths the compiler writes there (kinds: DEBUG_MAPS,
-        MACRO_MAPS) read as they would here. Only those: each map puts a
-        local path in the action, which then differs between checkouts. None
-        for a place a user's map of `kinds` in `arguments` covers whole
-        (those maps, translated, decide there)."""
-        sandbox_paths = [self.remote(path) for path in used]
+        """`kinds[0]` maps for the sandbox places, so that the paths the
+        compiler writes there (kinds: DEBUG_MAPS, MACRO_MAPS) read as they
+        would here. A project root's only where one of the `used` paths lies
+        in it: each names a local path, which keeps checkouts from sharing
+        (EXTERNAL's names none). None for a place a user's map of `kinds` in
+        `arguments` covers whole (those maps, translated, decide there)."""
         maps = []
         for remote, local in self.places:
-            if not any(is_under(path, remote) for path in sandbox_paths):
-                continue
-            if local and _covered(arguments, kinds, local):
-                continue
+            if local:
+                if _covered(arguments, kinds, local):
+                    continue
+                inside = local + "/"
+                if not any(path.startswith(inside) or path == local for path in used):
+                    continue
             maps.append(f"{kinds[0]}{remote}={local}")
         return maps
 
@@ -328,33 +338,50 @@ def map_path_arguments(arguments: Sequence[str], change: Callable[[str], str]) -
     return changed
 
 
-def climbed(arguments: Sequence[str], cwd: str) -> list[str]:
-    """The directories the paths in `arguments` go up (`..`) from: the
-    kernel needs them to exist, in the sandbox too."""
-    found: list[str] = []
+@dataclass(frozen=True)
+class NamedPaths:
+    """The paths a compile's arguments name, as written."""
 
-    def note(value: str) -> str:
-        parts = os.path.join(cwd, value).split("/")
-        for index, part in enumerate(parts):
-            if part == ".." and index > 1:
-                found.append(os.path.normpath("/".join(parts[:index])))
-        return value
+    values: tuple[str, ...]
+    includes: tuple[str, ...]  # those that are include directories (-I, -isystem...)
 
-    map_path_arguments(arguments, note)
-    return found
+    @property
+    def relative(self) -> list[str]:
+        return [value for value in self.values if value and not value.startswith("/")]
+
+    def climbed(self, cwd: str) -> list[str]:
+        """The directories the paths go up (`..`) from: the kernel needs them
+        to exist, in the sandbox too."""
+        found = []
+        for value in self.values:
+            if ".." in value:
+                parts = os.path.join(cwd, value).split("/")
+                found += [_normal(parts[:i]) for i, p in enumerate(parts) if p == ".." and i > 1]
+        return found
 
 
-def relative_paths(arguments: Sequence[str]) -> list[str]:
-    """The relative paths `arguments` name."""
-    found: list[str] = []
+def named_paths(arguments: Sequence[str]) -> NamedPaths:
+    values: list[str] = []
+    includes: list[str] = []
+    index = 0
+    while index < len(arguments):
+        argument = arguments[index]
+        index += 1
+        option, value = (None, argument) if argument[:1] != "-" else lookup(argument)
+        if option is not None and option.kind & Kind.SEPARATE and value is None:
+            value = arguments[index] if index < len(arguments) else None
+            index += 1
+        if argument.startswith("-Wp,"):
+            values += argument.split(",")[2:]
+        elif value is not None and (option is None or option.kind & (Kind.PATH | Kind.DEPS)):
+            if value != "-":
+                values.append(value)
+            if option is not None and option.name in _INCLUDE_OPTIONS:
+                includes.append(value)
+    return NamedPaths(tuple(values), tuple(includes))
 
-    def note(value: str) -> str:
-        if value and not os.path.isabs(value) and value != "-":
-            found.append(value)
-        return value
 
-    map_path_arguments(arguments, note)
-    return found
+_INCLUDE_OPTIONS = ("-I", "-idirafter", "-iquote", "-isystem")
 
 
 def sandbox_arguments(arguments: Sequence[str], paths: PathMap, used: Sequence[str]) -> list[str]:

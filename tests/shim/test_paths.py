@@ -21,7 +21,7 @@ from shim.paths import (
     Unmappable,
     choose,
     cmake_roots,
-    relative_paths,
+    named_paths,
     sandbox_arguments,
     to_local_text,
     translate_prefix_map,
@@ -167,11 +167,10 @@ def test_arguments_are_placed_in_the_sandbox() -> None:
         f"--sysroot={EXTERNAL}/opt/root", "-iprefix", f"{EXTERNAL}/opt/sdk/", "-x", "c",
         "-o", "/build/bin/a.o", "-c", "/build/src/a.c",
     ]  # fmt: skip
-    assert relative_paths(["-Ilocal", "-o", "x.o", "-c", "a.c", "-x", "c", "-DY=z"]) == [
-        "local",
-        "x.o",
-        "a.c",
-    ]
+    named = named_paths(["-Ilocal", "-o", "x.o", "-c", "a.c", "-x", "c", "-DY=z", "-I/abs/../i"])
+    assert named.relative == ["local", "x.o", "a.c"]
+    assert named.includes == ("local", "/abs/../i")
+    assert named.climbed("/w") == ["/abs"]
 
 
 def remap(maps: Sequence[str], option_kinds: tuple[str, ...], path: str) -> str:
@@ -227,7 +226,8 @@ def test_a_place_the_user_maps_whole_needs_no_map_of_ours() -> None:
     assert not any("/home/me/proj" in m for m in maps)
     assert f"-fmacro-prefix-map={EXTERNAL}=" in maps
     assert CMAKE.prefix_maps(MACRO_MAPS, [], ["/home/me/proj/a.c"]) == [
-        "-fmacro-prefix-map=/build/src=/home/me/proj"
+        "-fmacro-prefix-map=/build/src=/home/me/proj",
+        f"-fmacro-prefix-map={EXTERNAL}=",  # (names no local path: always there)
     ]
 
 
