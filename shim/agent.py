@@ -41,6 +41,7 @@ from typing import Any
 
 import grpc
 
+from cas.gc import parse_size
 from reapi.conventions import provided_by
 from reapi.digests import Digest
 from reapi.errors import ReapiError
@@ -62,7 +63,7 @@ from shim.protocol import (
     socket_path,
     state_dir,
 )
-from shim.remote import RemoteFailed, Server
+from shim.remote import OUTCOME_MEMORY, Outcome, RemoteFailed, Server
 from shim.scan import Scanner
 from shim.stats import Stats
 
@@ -88,10 +89,14 @@ class Placed:
 
 
 class Agent:
-    def __init__(self, stats: Stats, scratch: str | None = None) -> None:
+    def __init__(
+        self, stats: Stats, scratch: str | None = None, memory: int = OUTCOME_MEMORY
+    ) -> None:
         """`scratch`: a directory for the preprocessor's files (default: the
-        system's temporary directory)."""
+        system's temporary directory); `memory`: bytes of outcomes kept per
+        server (REAPI_CC_MEMORY)."""
         self.stats = stats
+        self.memory = memory
         self.digests = DigestCache()
         self.scanner = Scanner()
         self.memo: DirectMemo[Placed] = DirectMemo()
@@ -103,7 +108,7 @@ class Agent:
 
     def server(self, target: str) -> Server:
         if target not in self._servers:
-            self._servers[target] = Server(target)
+            self._servers[target] = Server(target, self.memory)
         return self._servers[target]
 
     async def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,19 +146,18 @@ class Agent:
             return self.stats.local(decision.reason)
         server = self.server(env.get("REAPI_SERVER") or DEFAULT_SERVER)
         provided = await server.provided()
-        programs = [compiler, *self.manifests.programs(compiler)]
-        if not all(provided_by(os.path.realpath(p), provided) for p in programs):
+        # (the compiler's programs, its own binary first, as real paths)
+        if not all(provided_by(p, provided) for p in self.manifests.programs(compiler)):
             return self.stats.local("compiler-not-provided")
         mode = env.get("REAPI_CC_MODE", "deps")
         compile = Compile(cwd, compiler, decision, env, mode, provided)
-        result, placed = await self._result(server, compile)
-        if result.exit_code != 0:
+        outcome, placed = await self._outcome(server, compile)
+        if outcome.exit_code != 0:
             # Most likely a real error, but one of the remote side's own (a
             # header it lacks, a full disk) looks the same: the local compiler
             # has the last word, and its own output reaches make.
             return await self._compile_here(request)
-        files = await server.output_files(result)
-        where = {placed.local(path): (data, executable) for path, data, executable in files}
+        where = {placed.local(path): (data, executable) for path, data, executable in outcome.files}
         if _local(cwd, decision.output) not in where:
             return self.stats.local("remote-output-missing")
         if decision.dependency_file is not None:
@@ -162,20 +166,18 @@ class Agent:
                 data, executable = where[dependencies]
                 local = reflow_dependencies(to_local_text(data, placed.paths, True))
                 where[dependencies] = (local, executable)
-        self.stats.add("bytes_downloaded", sum(len(data) for data, _ in where.values()))
         write_outputs(where)
-        stdout = await self._stream(server, result, "stdout")
-        stderr = await self._stream(server, result, "stderr")
         return {
             "do": "exit",
             "code": 0,
-            "stdout": to_local_text(stdout, placed.paths),
-            "stderr": to_local_text(stderr, placed.paths),
+            "stdout": to_local_text(outcome.stdout, placed.paths),
+            "stderr": to_local_text(outcome.stderr, placed.paths),
         }
 
-    async def _result(self, server: Server, compile: Compile) -> tuple[re_pb2.ActionResult, Placed]:
-        """The compile's result: from the action cache when direct mode knows
-        its action, else executed (or found in the cache by Execute)."""
+    async def _outcome(self, server: Server, compile: Compile) -> tuple[Outcome, Placed]:
+        """The compile's outcome: remembered, or from the action cache when
+        direct mode knows its action, else executed (or found in the cache by
+        Execute)."""
         started_ns = time.time_ns()
         roots = self.roots.roots(compile.cwd, compile.env)
         memo_key = None
@@ -193,28 +195,40 @@ class Agent:
             )
         remembered = self.memo.get(memo_key, self.scanner.unchanged) if memo_key else None
         if remembered is not None:
-            result = await server.cached_result(remembered.action, remembered.outputs)
-            if result is not None:
+            outcome = server.remembered(remembered.action)
+            if outcome is None:
+                result = await server.cached_result(remembered.action, remembered.outputs)
+                outcome = None if result is None else await self._fetch(server, remembered, result)
+            if outcome is not None:
                 self.stats.add("cache_hits")
                 self.stats.add("direct_hits")
-                return result, remembered
-        # Execute answers from the action cache itself when it can: asking the
-        # cache first would cost every new compile one more round trip.
+                return outcome, remembered
         inputs, layout = await self._lay_out(compile, roots)
         built = build_action(layout.spec)
-        sent = await server.upload([*built.blobs, *built.files], self._data_of(built.blobs))
-        self.stats.add("bytes_uploaded", sent)
-        executed = await server.execute(built.action, layout.spec.outputs)
-        self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
         placed = Placed(built.action, layout.paths, layout.workdir, layout.spec.outputs)
-        result = executed.result
-        if memo_key and inputs.scanned and not layout.spec.do_not_cache and result.exit_code == 0:
+        outcome = server.remembered(built.action)
+        if outcome is not None:
+            self.stats.add("cache_hits")
+        else:
+            # Execute answers from the action cache itself when it can: asking the
+            # cache first would cost every new compile one more round trip.
+            sent = await server.upload([*built.blobs, *built.files], self._data_of(built.blobs))
+            self.stats.add("bytes_uploaded", sent)
+            executed = await server.execute(built.action, layout.spec.outputs)
+            self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
+            outcome = await self._fetch(server, placed, executed.result)
+        if memo_key and inputs.scanned and not layout.spec.do_not_cache and outcome.exit_code == 0:
             programs = [compile.compiler, *self.manifests.programs(compile.compiler)]
             scanned = inputs.scanned
             depends = scan_depends(scanned.result, scanned.search, programs)
             if depends is not None:  # (else nothing to find next time)
                 self.memo.put(memo_key, placed, depends, started_ns)
-        return result, placed
+        return outcome, placed
+
+    async def _fetch(self, server: Server, placed: Placed, result: re_pb2.ActionResult) -> Outcome:
+        outcome = await server.fetch(placed.action, result)
+        self.stats.add("bytes_downloaded", outcome.size)
+        return outcome
 
     async def _lay_out(self, compile: Compile, roots: Roots | None) -> tuple[Inputs, Layout]:
         """The inputs of the compile's mode, laid out; preprocessed here
@@ -257,12 +271,6 @@ class Agent:
         self.stats.add_reason("local_fallbacks", "local_reasons", reason)
         return {"do": "exit", "code": code, "stdout": stdout, "stderr": stderr}
 
-    async def _stream(self, server: Server, result: re_pb2.ActionResult, name: str) -> bytes:
-        data = await server.stream(result, name)
-        if not getattr(result, f"{name}_raw"):
-            self.stats.add("bytes_downloaded", len(data))
-        return data
-
     def _data_of(self, blobs: dict[Digest, bytes]) -> Callable[[Digest], bytes]:
         """The bytes of a blob: made here, or a file the digest cache read."""
 
@@ -290,6 +298,18 @@ async def _serve_connection(
         log.warning("bad request: %s", error)
     finally:
         writer.close()
+
+
+def _memory(env: Mapping[str, str]) -> int:
+    """REAPI_CC_MEMORY (a size: 256M, 0 for none), or the default."""
+    text = env.get("REAPI_CC_MEMORY")
+    if not text:
+        return OUTCOME_MEMORY
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        log.warning("REAPI_CC_MEMORY %s; keeping %d bytes", error, OUTCOME_MEMORY)
+        return OUTCOME_MEMORY
 
 
 async def build_native_client(directory: Path) -> None:
@@ -341,7 +361,7 @@ async def run_agent(idle_seconds: float = IDLE_SECONDS) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         (directory / "agent.pid").write_text(str(os.getpid()))
-        agent = Agent(Stats(directory / "stats.json"), scratch=str(directory))
+        agent = Agent(Stats(directory / "stats.json"), str(directory), _memory(os.environ))
         server = await asyncio.start_unix_server(
             lambda r, w: _serve_connection(agent, r, w), path=str(path)
         )

@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from shim.options import FAMILIES, NATIVE, Kind, lookup
+from shim.options import FAMILIES, NATIVE, lookup
 
 # Source languages we compile remotely, by extension (as gcc infers them).
 LANGUAGES = {
@@ -109,10 +109,10 @@ def _classify_arguments(arguments: Sequence[str]) -> Decision:
         if option is None:
             unknown = unknown or not argument.startswith(FAMILIES)
             continue
-        if option.kind & Kind.LOCAL:
+        if option.local:
             return Local(option.reason)
         taken = [argument]
-        if option.kind & Kind.SEPARATE and value is None:
+        if option.separate and value is None:
             if index >= len(arguments):
                 return Local("missing-option-value")
             value = arguments[index]
@@ -140,7 +140,7 @@ def _classify_arguments(arguments: Sequence[str]) -> Decision:
                 wp_dep_file = parts[1]
             else:
                 return Local("preprocessor-passthrough")
-        if option.kind & Kind.CPP:
+        if option.preprocessor:
             cpp.extend(taken)
     if not (compile_only or assemble_only):
         # A link with a link-only option (CMake's -rdynamic) is a link; a query is not.
@@ -199,9 +199,9 @@ def compile_only_arguments(arguments: Sequence[str]) -> list[str]:
         if not argument.startswith("-"):
             continue  # the source
         option, value = lookup(argument)
-        separate = option is not None and option.kind & Kind.SEPARATE and value is None
+        separate = option is not None and option.separate and value is None
         dropped = option is not None and (
-            option.kind & (Kind.CPP | Kind.DEPS) or option.name in ("-x", "-Wp,")
+            option.preprocessor or option.dependencies or option.name in ("-x", "-Wp,")
         )
         if dropped and option is not None and option.name in ("-std=", "-ansi"):
             dropped = False  # the language dialect matters to the compiler proper too

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Kind(enum.Flag):
@@ -42,6 +42,23 @@ class Option:
     kind: Kind
     prefix: bool = False  # the value may be joined: -Ifoo, -O2
     reason: str = ""  # for LOCAL: the counter shown by `reapi-cc --stats`
+    # The kind as plain booleans: every argument of every compile is checked
+    # against them, and enum.Flag arithmetic costs about a microsecond a test.
+    separate: bool = field(init=False)
+    names_file: bool = field(init=False)  # PATH or DEPS: a file read or written
+    preprocessor: bool = field(init=False)  # CPP
+    local: bool = field(init=False)  # LOCAL
+    dependencies: bool = field(init=False)  # DEPS
+
+    def __post_init__(self) -> None:
+        for name, flags in (
+            ("separate", Kind.SEPARATE),
+            ("names_file", Kind.PATH | Kind.DEPS),
+            ("preprocessor", Kind.CPP),
+            ("local", Kind.LOCAL),
+            ("dependencies", Kind.DEPS),
+        ):
+            object.__setattr__(self, name, bool(self.kind & flags))
 
 
 S, P, C, L, D, W = Kind.SEPARATE, Kind.PATH, Kind.CPP, Kind.LOCAL, Kind.DEPS, Kind.OUTPUT

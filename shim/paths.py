@@ -48,7 +48,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from reapi.conventions import SANDBOX_ROOT, is_under, provided_by
-from shim.options import Kind, lookup
+from shim.options import lookup
 
 # The sandbox places: a project root (or the source tree), a CMake build tree,
 # and files from anywhere else. None is a prefix of another.
@@ -323,8 +323,8 @@ def map_path_arguments(arguments: Sequence[str], change: Callable[[str], str]) -
             changed.append(",".join([*parts[:2], *map(change, parts[2:])]))
             continue
         option, value = lookup(argument)
-        names_path = option is not None and bool(option.kind & (Kind.PATH | Kind.DEPS))
-        if option is not None and option.kind & Kind.SEPARATE and value is None:
+        names_path = option is not None and option.names_file
+        if option is not None and option.separate and value is None:
             if index < len(arguments):
                 following = arguments[index]
                 index += 1
@@ -368,12 +368,12 @@ def named_paths(arguments: Sequence[str]) -> NamedPaths:
         argument = arguments[index]
         index += 1
         option, value = (None, argument) if argument[:1] != "-" else lookup(argument)
-        if option is not None and option.kind & Kind.SEPARATE and value is None:
+        if option is not None and option.separate and value is None:
             value = arguments[index] if index < len(arguments) else None
             index += 1
         if argument.startswith("-Wp,"):
             values += argument.split(",")[2:]
-        elif value is not None and (option is None or option.kind & (Kind.PATH | Kind.DEPS)):
+        elif value is not None and (option is None or option.names_file):
             if value != "-":
                 values.append(value)
             if option is not None and option.name in _INCLUDE_OPTIONS:
@@ -450,6 +450,8 @@ def to_local_text(text: bytes, paths: PathMap, make_syntax: bool = False) -> byt
     #, $), and a word starts only after an unescaped blank."""
     if SANDBOX_ROOT.encode() not in text:
         return text
+    if make_syntax and b"\\ " not in text:
+        return _to_local_words(text, paths)
     places = b"|".join(re.escape(remote.encode()) for remote, _ in paths.places)
     start = rb"(?:^|(?<=[^\\][ \t])|(?<=^[ \t]))" if make_syntax else _PATH_START
     pattern = re.compile(start + rb"(" + places + rb")(?=[/\s:,'\")\x1b\x60]|$)", re.MULTILINE)
@@ -467,3 +469,20 @@ def to_local_text(text: bytes, paths: PathMap, make_syntax: bool = False) -> byt
     return b"\n".join(
         line if _SOURCE_LINE.match(line) else pattern.sub(back, line) for line in lines
     )
+
+
+def _to_local_words(text: bytes, paths: PathMap) -> bytes:
+    """to_local_text for a dependency file without escaped blanks: a word
+    starts after a blank or a line's start (bytes.replace: a build's worth
+    of these files costs a regular expression about a second)."""
+    for remote, local in paths.places:
+        place = remote.encode()
+        if place not in text:
+            continue
+        here = local.encode().replace(b"$", b"$$").replace(b"#", b"\\#").replace(b" ", b"\\ ")
+        for follow in (b"/", b":", b" ", b"\n"):
+            for start in (b" ", b"\n"):
+                text = text.replace(start + place + follow, start + here + follow)
+            if text.startswith(place + follow):
+                text = here + text[len(place) :]
+    return text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -30,6 +31,8 @@ from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
 
 SHA256 = DigestFunction.SHA256
+# Bytes of outcomes (objects) the agent keeps in memory by default (REAPI_CC_MEMORY).
+OUTCOME_MEMORY = 128 << 20
 # How long the server's word on what its workers provide is kept (seconds).
 PROVIDED_SECONDS = 60.0
 # How long a compile may run remotely (seconds).
@@ -46,11 +49,59 @@ class RemoteFailed(Exception):
         self.reason = reason
 
 
-class Server:
-    """One server: its channel, the blobs it is known to hold, and what its
-    workers provide."""
+@dataclass(frozen=True)
+class Outcome:
+    """What a compile's action gave, fetched: its exit code, output files
+    (path as the action names it, bytes, executable) and streams."""
 
-    def __init__(self, target: str, clock: Callable[[], float] = time.monotonic) -> None:
+    exit_code: int
+    files: list[tuple[str, bytes, bool]]
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def size(self) -> int:
+        return sum(len(data) for _, data, _ in self.files) + len(self.stdout) + len(self.stderr)
+
+
+class OutcomeMemory:
+    """The outcomes fetched lately, by action, the least recently used
+    forgotten first beyond `limit` bytes (REAPI_CC_MEMORY): a rebuild after
+    `make clean` then takes its objects from the agent's memory, as ccache
+    takes them from its directory, with no round trip to the server."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._outcomes: dict[Digest, Outcome] = {}  # in order of use, oldest first
+        self._size = 0
+
+    def get(self, action: Digest) -> Outcome | None:
+        outcome = self._outcomes.pop(action, None)
+        if outcome is not None:
+            self._outcomes[action] = outcome
+        return outcome
+
+    def put(self, action: Digest, outcome: Outcome) -> None:
+        if outcome.size > self._limit // 4:  # (one huge object would push out hundreds)
+            return
+        old = self._outcomes.pop(action, None)
+        self._size += outcome.size - (old.size if old else 0)
+        self._outcomes[action] = outcome
+        while self._size > self._limit:
+            self._size -= self._outcomes.pop(next(iter(self._outcomes))).size
+
+
+class Server:
+    """One server: its channel, the blobs it is known to hold, the outcomes
+    fetched lately, and what its workers provide."""
+
+    def __init__(
+        self,
+        target: str,
+        memory: int = OUTCOME_MEMORY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`memory`: bytes of outcomes kept (0: none)."""
         self.channel = channel_for(target)
         known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
         self.store = ExistenceCachingStore(RemoteStore(self.channel), known)
@@ -59,6 +110,7 @@ class Server:
         self._workers: Any = worker_grpc.WorkersStub(self.channel)  # type: ignore[no-untyped-call]
         self._clock = clock
         self._provided: tuple[float, tuple[str, ...]] | None = None
+        self._outcomes = OutcomeMemory(memory)
 
     async def provided(self) -> tuple[str, ...]:
         """The directories every worker provides (reapi/conventions.py), as
@@ -120,7 +172,24 @@ class Server:
             )
         return response
 
-    async def stream(self, result: re_pb2.ActionResult, name: str) -> bytes:
+    def remembered(self, action: Digest) -> Outcome | None:
+        """The outcome of `action` fetched lately, if it is still in memory."""
+        return self._outcomes.get(action)
+
+    async def fetch(self, action: Digest, result: re_pb2.ActionResult) -> Outcome:
+        """`action`'s outcome, as `result` names it (outputs read from the CAS
+        when they did not come inlined); one that succeeded is remembered."""
+        files: list[tuple[str, bytes, bool]] = []
+        if result.exit_code == 0:
+            files = await self._output_files(result)
+        stdout = await self._stream(result, "stdout")
+        stderr = await self._stream(result, "stderr")
+        outcome = Outcome(result.exit_code, files, stdout, stderr)
+        if result.exit_code == 0:
+            self._outcomes.put(action, outcome)
+        return outcome
+
+    async def _stream(self, result: re_pb2.ActionResult, name: str) -> bytes:
         """The result's `stdout` or `stderr`, inlined or read from the CAS."""
         raw: bytes = getattr(result, f"{name}_raw")
         if raw or not result.HasField(f"{name}_digest"):
@@ -129,7 +198,7 @@ class Server:
             self.store, Digest.from_proto(SHA256, getattr(result, f"{name}_digest"))
         )
 
-    async def output_files(self, result: re_pb2.ActionResult) -> list[tuple[str, bytes, bool]]:
+    async def _output_files(self, result: re_pb2.ActionResult) -> list[tuple[str, bytes, bool]]:
         """(path, bytes, executable) of each output file: inlined when the
         bytes match the digest, else read from the CAS."""
         digests = [Digest.from_proto(SHA256, f.digest) for f in result.output_files]

@@ -325,3 +325,17 @@ def test_dependency_files_are_laid_out_as_gcc_lays_them_out(tmp_path: Path) -> N
         assert reflow_dependencies(written.replace(b" \\\n", b" ")) == written
     other = b"a.o: a.c \\\n  h.h\n"  # (clang's layout: left alone)
     assert reflow_dependencies(other) == other
+
+
+def test_dependency_files_without_escapes_take_the_quick_way() -> None:
+    remote = (
+        b"/build/bin/a.o: /build/src/a.c /usr/include/stdio.h \\\n"
+        b" /build/bin/gen/config.h " + EXTERNAL.encode() + b"/opt/sdk/e.h\n"
+        b"/build/src/a.h:\n/build/srcx/not-ours.h:\n"
+    )
+    paths = PathMap((("/home/p#1", SOURCE_PLACE), ("/tmp/b$", BUILD_PLACE)), PROVIDED_DIRS)
+    assert to_local_text(remote, paths, make_syntax=True) == (
+        b"/tmp/b$$/a.o: /home/p\\#1/a.c /usr/include/stdio.h \\\n"
+        b" /tmp/b$$/gen/config.h /opt/sdk/e.h\n"
+        b"/home/p\\#1/a.h:\n/build/srcx/not-ours.h:\n"
+    )
