@@ -52,7 +52,7 @@ from shim.inputs import DigestCache, InputsUnknown, PreprocessHere
 from shim.layout import PASSED_ENVIRONMENT, Layout, lay_out
 from shim.manifest import Manifests
 from shim.memo import DirectMemo, scan_depends
-from shim.modes import Compile, Inputs, input_modes
+from shim.modes import DEFAULT_MODE, Compile, Inputs, input_modes
 from shim.outputs import reflow_dependencies, write_outputs
 from shim.paths import PathMap, RootFinder, Roots, Unmappable, to_local_text
 from shim.protocol import (
@@ -149,7 +149,7 @@ class Agent:
         # (the compiler's programs, its own binary first, as real paths)
         if not all(provided_by(p, provided) for p in self.manifests.programs(compiler)):
             return self.stats.local("compiler-not-provided")
-        mode = env.get("REAPI_CC_MODE", "deps")
+        mode = env.get("REAPI_CC_MODE") or DEFAULT_MODE
         compile = Compile(cwd, compiler, decision, env, mode, provided)
         outcome, placed = await self._outcome(server, compile)
         if outcome.exit_code != 0:
@@ -238,7 +238,7 @@ class Agent:
         # on this machine: `cpp` takes `deps` inputs for one.
         mode = "deps" if compile.mode == "cpp" and compile.debug else compile.mode
         try:
-            inputs = await self.modes.get(mode, self.modes["deps"]).find(compile)
+            inputs = await self.modes.get(mode, self.modes[DEFAULT_MODE]).find(compile)
             if inputs.scan_fallback:
                 reason = inputs.scan_fallback
                 self.stats.add_reason("scan_fallbacks", "scan_fallback_reasons", reason)

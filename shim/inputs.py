@@ -46,6 +46,9 @@ class FileInfo:
     uses_timestamp: bool  # mentions __TIMESTAMP__: the source's mtime, which differs remotely
     uses_file_name: bool  # mentions __FILE__ or its kin: the object may name a path
     once: bool  # may be included once only (#pragma once, #import): gcc compares mtimes
+    # Has text besides directives and comments: only such a file can expand
+    # __FILE__ into the object (a generated config.h of #defines cannot).
+    has_code: bool = True
 
 
 def file_info(data: bytes) -> FileInfo:
@@ -56,7 +59,23 @@ def file_info(data: bytes) -> FileInfo:
         uses_timestamp=b"__TIMESTAMP__" in data,
         uses_file_name=any(word in data for word in _FILE_NAME),
         once=any(word in data for word in _ONCE),
+        has_code=_has_code(data),
     )
+
+
+# Comments, and a line's splice (a backslash at its end).
+_COMMENT = re.compile(rb"/\*.*?\*/|//[^\n]*", re.DOTALL)
+_SPLICE = re.compile(rb"\\\r?\n")
+
+
+def _has_code(data: bytes) -> bool:
+    """Whether a file's text holds anything but directives, comments and
+    blank lines (in doubt: yes)."""
+    if b"/*" in data or b"//" in data:
+        data = _COMMENT.sub(b" ", data)
+    if b"\\" in data:
+        data = _SPLICE.sub(b"", data)
+    return any(line.strip() and not line.lstrip().startswith(b"#") for line in data.splitlines())
 
 
 class DigestCache:

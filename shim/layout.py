@@ -192,12 +192,13 @@ def _file_names(
     """The paths __FILE__ (or its kin) may expand to that the sandbox names
     otherwise: as the input mode found, or judged from the text of every file
     read (a system header's macro, assert's, expands in the file that uses
-    it) and the -D options: then any file sent."""
+    it) and the -D options: then any file sent that has code (one of
+    directives only, a generated config.h, expands nothing into the object)."""
     if inputs.file_names is not None:
         return inputs.file_names
     if not (compile.names_outside or inputs.named_absolutely):
         return frozenset()
-    everything = frozenset(path for path, _ in sent)
+    everything = frozenset(path for path, info in sent if info.has_code)
     words = ("__FILE__", "__BASE_FILE__", "__builtin_FILE", "__builtin_source_location")
     if any(word in argument for argument in inputs.arguments for word in words):
         return everything

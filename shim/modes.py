@@ -5,8 +5,8 @@ compile reads, which system paths must stay missing on the worker, and the
 arguments and outputs of the remote compile, all in the client's own terms
 (absolute local paths). `shim/layout.py` then maps them into an input tree.
 
-- `deps` (default): the local preprocessor's `-M` list, exact. The include
-  scanner runs too, first, for direct mode and the ABSENT lines.
+- `deps`: the local preprocessor's `-M` list, exact. The include scanner
+  runs too, first, for direct mode and the ABSENT lines.
 
 Both `deps` and `scan` add what the compile probes without reading
 (`__has_include`): gcc's list names only the files it reads, yet a probed
@@ -15,8 +15,8 @@ path must be as present or absent on the worker as here. Where a probe cannot
 be resolved from the text, the mode raises PreprocessHere: the compile is
 then preprocessed here (`cpp`), which is exact.
 - `cpp`: preprocess here, send the preprocessed text (distcc's plain mode).
-- `scan`: the memoized include scanner (distcc's pump mode); `deps` for a
-  compile it cannot be sure of.
+- `scan` (the default): the memoized include scanner (distcc's pump mode);
+  `deps` for a compile it cannot be sure of.
 """
 
 from __future__ import annotations
@@ -257,6 +257,12 @@ class CppMode:
             outputs=[o for o in compile.outputs if o != decision.dependency_file],
             generated={os.path.join(compile.cwd, preprocessed): text},
         )
+
+
+# Chosen by measurement (benchmarks/README.md): as safe as `deps` (what it
+# cannot be sure of goes `deps`; probes, ABSENT lines and remote failures are
+# handled alike), a fifth of its agent CPU, at distcc's speed cold.
+DEFAULT_MODE = "scan"
 
 
 def input_modes(scanner: Scanner, scratch: str) -> dict[str, InputMode]:

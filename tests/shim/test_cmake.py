@@ -136,16 +136,17 @@ def test_cmake_project(
 @pytest.mark.parametrize(
     ("variant", "mode", "options"),
     [
-        ("launcher", "deps", []),
-        ("scan", "scan", []),
-        ("debug", "deps", ["-DCMAKE_BUILD_TYPE=Debug"]),
+        ("launcher", "scan", []),
+        ("deps", "deps", []),
+        ("debug", "scan", ["-DCMAKE_BUILD_TYPE=Debug"]),
     ],
 )
 def test_cmake_variants(
     tmp_path: Path, shim_env: dict[str, str], variant: str, mode: str, options: list[str]
 ) -> None:
-    """CMAKE_C_COMPILER_LAUNCHER=reapi-cc as well as CC; scan mode; a debug
-    build (objects name the build's paths: the same paths, the same bytes)."""
+    """CMAKE_C_COMPILER_LAUNCHER=reapi-cc as well as CC; deps mode (scan is
+    the default); a debug build (objects name the build's paths: the same
+    paths, the same bytes)."""
     source = source_tree(tmp_path, "libyaml")
     tree = tmp_path / "build"
     build(source, tree, "Ninja", shim_env | {"CC": "gcc"}, options)
