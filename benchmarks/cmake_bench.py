@@ -29,7 +29,6 @@ libexpat1-dev libssl-dev gettext`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -49,6 +48,7 @@ from benchmarks.make_bench import (  # noqa: E402
     agent_cpu,
     free_port,
     git_source,
+    reapi_stats,
     stop_agent,
     venv_reapi_cc,
     wait_for_port,
@@ -171,10 +171,7 @@ class Bench:
             server.stop()
 
     def stats(self, env: dict[str, str]) -> dict[str, Any]:
-        out = subprocess.run(
-            [self.reapi_cc, "--stats", "--json"], env=env, capture_output=True, text=True
-        )
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
+        return reapi_stats(self.reapi_cc, env)
 
 
 def share(stats: dict[str, Any]) -> tuple[float, int, dict[str, int]]:

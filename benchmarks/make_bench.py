@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -240,16 +242,17 @@ class Bench:
             server.stop()
 
     def stats(self, env: dict[str, str]) -> dict[str, int]:
-        import json
-
-        out = subprocess.run(
-            [self.reapi_cc, "--stats", "--json"], env=env, capture_output=True, text=True
-        )
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
+        return reapi_stats(self.reapi_cc, env)
 
     def edit_one_file(self) -> None:
         path = self.tree / EDITED
         path.write_text(path.read_text() + "\n/* edited by the benchmark */\n")
+
+
+def reapi_stats(reapi_cc: str, env: dict[str, str]) -> dict[str, Any]:
+    """`reapi-cc --stats --json` for the agent `env` names."""
+    out = subprocess.run([reapi_cc, "--stats", "--json"], env=env, capture_output=True, text=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
 def agent_cpu(pid: int) -> float:

@@ -48,7 +48,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from reapi.conventions import SANDBOX_ROOT, is_under, provided_by
-from shim.options import lookup
+from shim.options import Option, lookup
 
 # The sandbox places: a project root (or the source tree), a CMake build tree,
 # and files from anywhere else. None is a prefix of another.
@@ -305,34 +305,36 @@ def _read(path: str) -> str:
         return ""
 
 
-def map_path_arguments(arguments: Sequence[str], change: Callable[[str], str]) -> list[str]:
-    """`arguments` with `change` applied to every path they name: the
-    source, and the values of options that name files (the option table's
-    PATH and DEPS kinds, `-Wp,-MD,FILE`). The user's prefix maps are left
-    alone (see translate_prefix_map)."""
+def map_path_arguments(
+    arguments: Sequence[str], change: Callable[[str, Option | None], str]
+) -> list[str]:
+    """`arguments` with `change(value, option)` applied to every path they
+    name: the source (option None), and the values of options that name files
+    (the option table's PATH and DEPS kinds, `-Wp,-MD,FILE`). The user's
+    prefix maps are left alone (see translate_prefix_map)."""
     changed: list[str] = []
     index = 0
     while index < len(arguments):
         argument = arguments[index]
         index += 1
         if not argument.startswith("-"):
-            changed.append(change(argument))
-            continue
-        if argument.startswith("-Wp,"):
-            parts = argument.split(",")
-            changed.append(",".join([*parts[:2], *map(change, parts[2:])]))
+            changed.append(change(argument, None))
             continue
         option, value = lookup(argument)
+        if argument.startswith("-Wp,"):
+            parts = argument.split(",")
+            changed.append(",".join([*parts[:2], *(change(p, option) for p in parts[2:])]))
+            continue
         names_path = option is not None and option.names_file
         if option is not None and option.separate and value is None:
             if index < len(arguments):
                 following = arguments[index]
                 index += 1
-                changed += [argument, change(following) if names_path else following]
+                changed += [argument, change(following, option) if names_path else following]
             else:
                 changed.append(argument)
-        elif names_path and value is not None:
-            changed.append(argument[: len(argument) - len(value)] + change(value))
+        elif option is not None and names_path and value is not None:
+            changed.append(argument[: len(argument) - len(value)] + change(value, option))
         else:
             changed.append(argument)
     return changed
@@ -363,21 +365,14 @@ class NamedPaths:
 def named_paths(arguments: Sequence[str]) -> NamedPaths:
     values: list[str] = []
     includes: list[str] = []
-    index = 0
-    while index < len(arguments):
-        argument = arguments[index]
-        index += 1
-        option, value = (None, argument) if argument[:1] != "-" else lookup(argument)
-        if option is not None and option.separate and value is None:
-            value = arguments[index] if index < len(arguments) else None
-            index += 1
-        if argument.startswith("-Wp,"):
-            values += argument.split(",")[2:]
-        elif value is not None and (option is None or option.names_file):
-            if value != "-":
-                values.append(value)
-            if option is not None and option.name in _INCLUDE_OPTIONS:
-                includes.append(value)
+
+    def note(value: str, option: Option | None) -> str:
+        values.append(value)
+        if option is not None and option.name in _INCLUDE_OPTIONS:
+            includes.append(value)
+        return value
+
+    map_path_arguments(arguments, note)
     return NamedPaths(tuple(values), tuple(includes))
 
 
@@ -390,7 +385,7 @@ def sandbox_arguments(arguments: Sequence[str], paths: PathMap, used: Sequence[s
     (those the compile may write into its outputs: its directory, the files
     it reads, its outputs)."""
 
-    def change(value: str) -> str:
+    def change(value: str, option: Option | None) -> str:
         return paths.remote_text(value) if os.path.isabs(value) else value
 
     mapped = map_path_arguments(arguments, change)
