@@ -64,3 +64,49 @@ def test_memory_setting() -> None:
     assert _memory({"REAPI_CC_MEMORY": "0"}) == 0
     assert _memory({"REAPI_CC_MEMORY": "64M"}) == 64 << 20
     assert _memory({"REAPI_CC_MEMORY": "lots"}) == OUTCOME_MEMORY  # (a warning in the log)
+
+
+class FakeWorkers:
+    """The server's Workers service, as a hostile or an older server answers."""
+
+    def __init__(self, answer: list[str] | None) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    async def GetProvided(self, request: object, timeout: float) -> object:
+        import grpc
+
+        from reapi.protos import worker_pb2
+
+        self.asked += 1
+        if self.answer is None:
+
+            class Unimplemented(grpc.aio.AioRpcError):
+                def __init__(self) -> None:
+                    pass
+
+                def code(self) -> grpc.StatusCode:
+                    return grpc.StatusCode.UNIMPLEMENTED
+
+            raise Unimplemented()
+        return worker_pb2.Provided(directories=self.answer)
+
+
+async def test_what_the_server_says_workers_provide_is_checked_and_kept() -> None:
+    """A directory no worker could provide (relative, /, the sandbox's own)
+    is dropped, not trusted: the agent would leave project files out. An
+    older server, which does not know the call, means the system's."""
+    from reapi.conventions import PROVIDED_DIRS
+    from shim.remote import PROVIDED_SECONDS, Server
+
+    now = [0.0]
+    server = Server("grpc://127.0.0.1:1", clock=lambda: now[0])
+    workers = FakeWorkers(["relative", "/", "/build/x", "/tmp", "/opt/tc", "/usr"])
+    server._workers = workers
+    assert await server.provided() == ("/opt/tc", "/usr")
+    assert await server.provided() == ("/opt/tc", "/usr") and workers.asked == 1
+    now[0] += PROVIDED_SECONDS
+    workers.answer = None
+    assert await server.provided() == PROVIDED_DIRS
+    assert workers.asked == 2
+    await server.channel.close()
