@@ -54,14 +54,17 @@ def as_reapi_error(error: grpc.aio.AioRpcError) -> ReapiError:
 def channel_for(
     target: str, tls_ca: bytes | None = None, max_receive: int | None = None
 ) -> grpc.aio.Channel:
-    """A channel to `grpc://HOST:PORT` (plain) or `grpcs://HOST:PORT` (TLS);
-    `max_receive` bytes in a message (-1: any), instead of gRPC's 4 MiB."""
+    """A channel to `grpc://HOST:PORT` (plain), `grpcs://HOST:PORT` (TLS) or
+    `unix:PATH` (a local socket, plain); `max_receive` bytes in a message (-1:
+    any), instead of gRPC's 4 MiB."""
+    options = [] if max_receive is None else [("grpc.max_receive_message_length", max_receive)]
+    if target.startswith("unix:") and len(target) > len("unix:"):
+        return grpc.aio.insecure_channel(target, options=options)
     scheme, _, address = target.partition("://")
     if not address or scheme not in ("grpc", "grpcs"):
         raise ValueError(
-            f"server address {target!r}: expected grpc://HOST:PORT or grpcs://HOST:PORT"
+            f"server address {target!r}: expected grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH"
         )
-    options = [] if max_receive is None else [("grpc.max_receive_message_length", max_receive)]
     if scheme == "grpcs":
         credentials = grpc.ssl_channel_credentials(tls_ca)
         return grpc.aio.secure_channel(address, credentials, options=options)

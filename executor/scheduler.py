@@ -72,6 +72,9 @@ class Job:
     completed_at: float = 0.0
     worker: str = ""
     lease_id: str = ""
+    # The callers who asked for it (reapi/access.py names them): only they and
+    # an admin see the operation.
+    owners: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Resolved when the job completes (created on the running loop).
     finished: asyncio.Future[None] = field(
@@ -98,8 +101,12 @@ class WorkerHandle:
     held: ExistenceCache = field(default_factory=lambda: ExistenceCache(HELD_FILES))
     # The directories it mounts for every action (reapi/conventions.py).
     provided: tuple[str, ...] = PROVIDED_DIRS
+    # The instance names whose actions it may run; None: every one.
+    instances: frozenset[str] | None = None
 
     def matches(self, job: Job) -> bool:
+        if self.instances is not None and job.instance_name not in self.instances:
+            return False
         return job.requirements <= self.properties
 
 
@@ -147,13 +154,16 @@ class Scheduler:
         priority: int = 0,
         input_directories: Sequence[bytes] = (),
         input_files: Sequence[Digest] = (),
+        owner: str = "",
     ) -> Job:
         """The job that will run the action: an identical one already queued
-        or running, unless the action may not be cached (then always new)."""
+        or running, unless the action may not be cached (then always new).
+        `owner` joins the job's owners."""
         self.check_placeable(requirements)
         cacheable = not action.do_not_cache
         key = (action_digest, instance_name)
         if cacheable and (existing := self._in_flight.get(key)) is not None:
+            existing.owners.add(owner)
             return existing
         self._forget_old()
         job = Job(
@@ -167,6 +177,7 @@ class Scheduler:
             cacheable=cacheable,
             input_directories=input_directories,
             input_files=input_files,
+            owners={owner},
         )
         self._jobs[job.name] = job
         if cacheable:
@@ -197,10 +208,16 @@ class Scheduler:
             # Set already if the job changed while the caller had it (sending it).
             await changed.wait()
 
-    async def cancel(self, name: str) -> None:
+    async def cancel(self, name: str, owner: str | None = None) -> None:
+        """Cancel the job; with `owner`, only that owner's interest in it: the
+        job runs on while another owner still wants it."""
         job = self.job(name)
         if job.done:
             return
+        if owner is not None:
+            job.owners.discard(owner)
+            if job.owners:
+                return
         for worker in self._workers:
             if job.lease_id in worker.leases:
                 del worker.leases[job.lease_id]
@@ -221,8 +238,11 @@ class Scheduler:
         properties: Properties,
         slots: int,
         provided: tuple[str, ...] = PROVIDED_DIRS,
+        instances: frozenset[str] | None = None,
     ) -> WorkerHandle:
-        worker = WorkerHandle(name, properties, max(1, slots), provided=provided)
+        worker = WorkerHandle(
+            name, properties, max(1, slots), provided=provided, instances=instances
+        )
         self._workers.add(worker)
         async with self._work_available:
             self._work_available.notify_all()
@@ -302,6 +322,9 @@ class Scheduler:
     async def _complete(self, job: Job, response: re_pb2.ExecuteResponse) -> None:
         self._in_flight.pop((job.action_digest, job.instance_name), None)
         self._queue = [entry for entry in self._queue if entry[2] is not job]
+        if response.HasField("result"):  # the worker cannot know when it was queued
+            metadata = response.result.execution_metadata
+            metadata.queued_timestamp.FromNanoseconds(int(job.queued_at * 1e9))
         job.response = response
         job.completed_at = time.time()
         self._completed.append(job)

@@ -43,7 +43,7 @@ MAX_BACKOFF = 10.0
 
 @dataclass
 class WorkerConfig:
-    server: str  # grpc://HOST:PORT or grpcs://HOST:PORT
+    server: str  # grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH
     workdir: Path
     name: str = field(default_factory=socket.gethostname)
     slots: int = 1

@@ -29,8 +29,9 @@ from typing import Any
 from cas.inventory import StorageError
 from executor.worker import Worker, WorkerConfig
 from reapi import cas_commands
+from reapi.access import read_token
 from reapi.conventions import provided_directory
-from reapi.security import ConfigError, TlsFiles, load_tokens
+from reapi.security import ConfigError, TlsFiles
 from reapi.server import ServerConfig, default_storage, reapi_home, serve
 
 SERVE_OPTIONS = (
@@ -66,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
         help="CA bundle; when given, clients must present a certificate",
     )
     serve_cmd.add_argument(
-        "--auth-tokens", type=Path, help="file of accepted bearer tokens, one per line"
+        "--auth-tokens",
+        type=Path,
+        help="file of grants, one per line: TOKEN [read,write,execute,worker,admin] [@INSTANCE]",
     )
     serve_cmd.add_argument(
         "--insecure",
@@ -99,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     worker_cmd = commands.add_parser("worker", help="run actions for a server")
-    worker_cmd.add_argument("--server", required=True, help="grpc://HOST:PORT or grpcs://...")
+    worker_cmd.add_argument(
+        "--server", required=True, help="grpc://HOST:PORT, grpcs://... or unix:PATH"
+    )
     worker_cmd.add_argument("--slots", type=int, default=1, help="actions run at once")
     worker_cmd.add_argument(
         "--property",
@@ -212,7 +217,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         if args.tls_ca:
             config.tls_ca = args.tls_ca.read_bytes()
         if args.auth_token_file:
-            config.token = sorted(load_tokens(args.auth_token_file))[0]
+            config.token = read_token(args.auth_token_file)
     except OSError as error:
         raise ConfigError(f"cannot read {error.filename}: {error.strerror}") from None
     return config

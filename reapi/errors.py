@@ -50,3 +50,7 @@ class Unavailable(ReapiError):
 
 class Internal(ReapiError):
     code = code_pb2.INTERNAL
+
+
+class PermissionDenied(ReapiError):
+    code = code_pb2.PERMISSION_DENIED

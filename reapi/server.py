@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +21,10 @@ from cas.action_cache import ActionCache, DiskActionResultStore
 from cas.disk import DiskStore
 from cas.gc import HIGH_WATERMARK, LOW_WATERMARK
 from executor.scheduler import Job, Scheduler
+from reapi.access import WORKER, AccessInterceptor, Caller, load_grants
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import worker_pb2_grpc as worker_grpc
-from reapi.security import (
-    BearerTokenInterceptor,
-    ConfigError,
-    TlsFiles,
-    check_exposure,
-    load_tokens,
-    split_address,
-)
+from reapi.security import ConfigError, TlsFiles, check_exposure, split_address
 from reapi.services.action_cache import ActionCacheService
 from reapi.services.bytestream import ByteStreamService, add_bytestream_to_server
 from reapi.services.capabilities import CapabilitiesService
@@ -77,8 +73,16 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         host, _port = split_address(config.listen)
-        tokens = load_tokens(config.auth_tokens) if config.auth_tokens else None
-        check_exposure(host, config.tls, tokens, config.insecure)
+        grants = load_grants(config.auth_tokens) if config.auth_tokens else None
+        check_exposure(host, config.tls, grants is not None, config.insecure)
+        # Workers are trusted explicitly: where tokens are required, the local
+        # workers `serve` starts get a token of their own, valid for this run.
+        self.worker_token: str | None = None
+        if grants is not None:
+            self.worker_token = secrets.token_urlsafe(32)
+            grants = grants.with_token(
+                self.worker_token, Caller("local-workers", frozenset({WORKER}))
+            )
         self._credentials = config.tls.credentials() if config.tls else None
         try:
             store = DiskStore(config.storage)
@@ -90,7 +94,7 @@ class Server:
         self.config = config
         self.bytestream = ByteStreamService(store)
         self.health = health.aio.HealthServicer()
-        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
+        interceptors = [AccessInterceptor(grants)] if grants else []
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -127,14 +131,18 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         self.port = 0
 
-    async def start(self) -> int:
-        """Bind and start serving; returns the bound port (useful with port 0)."""
+    async def start(self, local_socket: Path | None = None) -> int:
+        """Bind and start serving; returns the bound port (useful with port 0).
+        With `local_socket`, also serve on that Unix socket: how the local
+        workers `serve` starts reach it, whatever TLS the network port asks."""
         _check_bindable(self.config.listen)
         try:
             if self._credentials is not None:
                 self.port = self._grpc.add_secure_port(self.config.listen, self._credentials)
             else:
                 self.port = self._grpc.add_insecure_port(self.config.listen)
+            if local_socket is not None:
+                self._grpc.add_insecure_port(f"unix:{local_socket}")
         except RuntimeError:
             self.port = 0
         if not self.port:
@@ -179,24 +187,34 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     server = Server(config)
-    port = await server.start()
-    host, _ = split_address(config.listen)
-    log.info("serving on %s:%d, storage %s", host, port, config.storage)
-    workers = [await _start_local_worker(config, port, n) for n in range(config.workers)]
-    if workers:
-        log.info("started %d local worker(s), sandbox %s", len(workers), config.sandbox)
-    async with asyncio.TaskGroup() as group:
-        if config.max_size is not None:
-            collector = group.create_task(_keep_under(config, config.max_size))
-        await stopping.wait()
-        log.info("stopping")
-        if config.max_size is not None:
-            collector.cancel()
-    for worker in workers:
-        if worker.returncode is None:
-            worker.terminate()
-    for worker in workers:
-        await worker.wait()
+    # A directory only this user can enter: the local workers' socket and token.
+    with tempfile.TemporaryDirectory(prefix="reapi-serve-") as private:
+        local_socket = Path(private) / "workers.sock"
+        port = await server.start(local_socket if config.workers else None)
+        host, _ = split_address(config.listen)
+        log.info("serving on %s:%d, storage %s", host, port, config.storage)
+        token_file = None
+        if server.worker_token is not None:
+            token_file = Path(private) / "worker-token"
+            token_file.write_text(server.worker_token + "\n")
+        workers = [
+            await _start_local_worker(config, local_socket, n, token_file)
+            for n in range(config.workers)
+        ]
+        if workers:
+            log.info("started %d local worker(s), sandbox %s", len(workers), config.sandbox)
+        async with asyncio.TaskGroup() as group:
+            if config.max_size is not None:
+                collector = group.create_task(_keep_under(config, config.max_size))
+            await stopping.wait()
+            log.info("stopping")
+            if config.max_size is not None:
+                collector.cancel()
+        for worker in workers:
+            if worker.returncode is None:
+                worker.terminate()
+        for worker in workers:
+            await worker.wait()
     await server.stop()
 
 
@@ -227,14 +245,13 @@ async def _keep_under(config: ServerConfig, max_size: int) -> None:
 
 
 async def _start_local_worker(
-    config: ServerConfig, port: int, number: int
+    config: ServerConfig, local_socket: Path, number: int, token_file: Path | None
 ) -> asyncio.subprocess.Process:
-    """`reapi worker` on this machine, reaching the server like any other worker."""
-    scheme = "grpcs" if config.tls else "grpc"
-    host = "localhost" if config.tls else "127.0.0.1"
+    """`reapi worker` on this machine, reaching the server through its local
+    socket with the worker token (when the server requires tokens)."""
     args = [
         "--server",
-        f"{scheme}://{host}:{port}",
+        f"unix:{local_socket}",
         "--slots",
         "1",
         "--sandbox",
@@ -246,8 +263,6 @@ async def _start_local_worker(
         "--parent-pid",
         str(os.getpid()),
     ]
-    if config.tls:
-        args += ["--tls-ca", str(config.tls.cert)]
-    if config.auth_tokens:
-        args += ["--auth-token-file", str(config.auth_tokens)]
+    if token_file is not None:
+        args += ["--auth-token-file", str(token_file)]
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "reapi", "worker", *args)

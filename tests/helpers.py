@@ -75,6 +75,7 @@ class ServerProcess:
             if match:
                 return int(match.group(2))
             if self.process.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             time.sleep(0.05)
         self.process.kill()

@@ -23,8 +23,10 @@ from cas.action_cache import ActionCache
 from cas.store import BlobStore
 from cas.tree import TreeRead, read_tree
 from executor.scheduler import COMPLETED, Job, Properties, Scheduler
+from reapi.access import current_caller
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound
+from reapi.operation_filter import matches, parse_filter
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.services.status import grpc_errors
@@ -86,6 +88,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
             request.execution_policy.priority,
             input_directories=list(tree.blobs.values()),
             input_files=list({digest for digest, _ in tree.files()}),
+            owner=current_caller().name,
         )
         async for snapshot in self._scheduler.watch(job, quiet=FIRST_UPDATE_AFTER):
             yield await self._job_operation(snapshot, request)
@@ -94,7 +97,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
     async def WaitExecution(
         self, request: re_pb2.WaitExecutionRequest, context: Context
     ) -> AsyncIterator[operations_pb2.Operation]:
-        job = self._scheduler.job(request.name)
+        job = visible_job(self._scheduler, request.name)
         async for snapshot in self._scheduler.watch(job):
             yield await self._job_operation(snapshot, None)
 
@@ -117,7 +120,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                 request.inline_stderr,
                 request.inline_output_files,
             )
-        return _operation(job.name, job.action_digest, stage, response)
+        return _operation(job.name, job.action_digest, stage, response, job)
 
     async def _load(self, action_digest: Digest) -> tuple[re_pb2.Action, re_pb2.Command, TreeRead]:
         """The Action, the Command and the input tree, checked;
@@ -127,6 +130,12 @@ class ExecutionService(re_grpc.ExecutionServicer):
         if action_digest not in found:
             raise _missing([action_digest])
         action = _parse(re_pb2.Action, found[action_digest], "Action")
+        for field in ("command_digest", "input_root_digest"):
+            if not action.HasField(field):
+                raise InvalidArgument(
+                    f"the Action has no {field}; an Action names its Command and its "
+                    "input root (the empty Directory's digest for no inputs)"
+                )
         function = action_digest.function
         command_digest = Digest.from_proto(function, action.command_digest)
         root_digest = Digest.from_proto(function, action.input_root_digest)
@@ -151,6 +160,15 @@ class ExecutionService(re_grpc.ExecutionServicer):
         if not command.arguments:
             raise InvalidArgument("Command.arguments is empty")
         return action, command, tree
+
+
+def visible_job(scheduler: Scheduler, name: str) -> Job:
+    """The job named `name` if the caller may see it: one of its owners, or an
+    admin. To anyone else it does not exist (NotFound, as for an unknown name)."""
+    job = scheduler.job(name)
+    if not current_caller().sees(job.owners, job.instance_name):
+        raise NotFound(f"operation {name!r} not found; it may have expired")
+    return job
 
 
 async def missing_inputs(store: BlobStore, command: Digest, tree: TreeRead) -> list[Digest]:
@@ -196,13 +214,23 @@ def _missing(digests: list[Digest]) -> FailedPrecondition:
 
 
 def _operation(
-    name: str, action_digest: Digest, stage: int, response: re_pb2.ExecuteResponse | None
+    name: str,
+    action_digest: Digest,
+    stage: int,
+    response: re_pb2.ExecuteResponse | None,
+    job: Job | None = None,
 ) -> operations_pb2.Operation:
+    """The Operation message; with the `job` that runs it, its metadata says when
+    it was queued and, once leased, which worker runs it."""
     metadata = re_pb2.ExecuteOperationMetadata(
         stage=stage,  # type: ignore[arg-type]
         action_digest=action_digest.to_proto(),
         digest_function=action_digest.function.value,
     )
+    if job is not None:
+        partial = metadata.partial_execution_metadata
+        partial.queued_timestamp.FromNanoseconds(int(job.queued_at * 1e9))
+        partial.worker = job.worker
     operation = operations_pb2.Operation(name=name, done=stage == COMPLETED)
     operation.metadata.Pack(metadata)
     if stage == COMPLETED and response is not None:
@@ -225,26 +253,34 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
         self._scheduler = scheduler
 
     def _message(self, job: Job) -> operations_pb2.Operation:
-        return _operation(job.name, job.action_digest, job.stage, job.response)
+        return _operation(job.name, job.action_digest, job.stage, job.response, job)
 
     @grpc_errors
     async def GetOperation(
         self, request: operations_pb2.GetOperationRequest, context: Context
     ) -> operations_pb2.Operation:
-        return self._message(self._scheduler.job(request.name))
+        return self._message(visible_job(self._scheduler, request.name))
 
     @grpc_errors
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: Context
     ) -> operations_pb2.ListOperationsResponse:
-        """The operations the server still knows, oldest first, a page at a time:
-        the page token names the last one listed (its time and name)."""
-        if request.filter:
-            raise InvalidArgument("ListOperations takes no filter here")
+        """The caller's operations the server still knows (an admin's: everyone's)
+        that pass the filter (reapi/operation_filter.py), oldest first, a page at
+        a time: the page token names the last one listed (its time and name)."""
+        clauses = parse_filter(request.filter)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size must not be negative, not {request.page_size}")
         size = min(request.page_size or LIST_PAGE_SIZE, LIST_PAGE_SIZE)
-        jobs = sorted(self._scheduler.jobs(), key=lambda job: (job.queued_at, job.name))
+        caller = current_caller()
+        jobs = sorted(
+            (
+                job
+                for job in self._scheduler.jobs()
+                if caller.sees(job.owners, job.instance_name) and matches(clauses, job)
+            ),
+            key=lambda job: (job.queued_at, job.name),
+        )
         if request.page_token:
             after = _page_position(request.page_token)
             jobs = [job for job in jobs if (job.queued_at, job.name) > after]
@@ -265,14 +301,16 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
     async def CancelOperation(
         self, request: operations_pb2.CancelOperationRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self._scheduler.cancel(request.name)
+        caller = current_caller()
+        visible_job(self._scheduler, request.name)
+        await self._scheduler.cancel(request.name, None if caller.is_admin else caller.name)
         return empty_pb2.Empty()
 
     @grpc_errors
     async def WaitOperation(
         self, request: operations_pb2.WaitOperationRequest, context: Context
     ) -> operations_pb2.Operation:
-        job = self._scheduler.job(request.name)
+        job = visible_job(self._scheduler, request.name)
         timeout = (
             request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
         )

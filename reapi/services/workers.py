@@ -12,6 +12,7 @@ from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from executor.scheduler import Job, Scheduler, WorkerHandle
+from reapi.access import current_caller
 from reapi.conventions import PROVIDED_DIRS, provided_directory
 from reapi.errors import InvalidArgument, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -68,7 +69,11 @@ class WorkersService(worker_grpc.WorkersServicer):
         except ValueError as error:
             raise InvalidArgument(f"Hello: {error}") from None
         worker = await self._scheduler.connect(
-            hello.name or context.peer(), properties, hello.slots, provided or PROVIDED_DIRS
+            hello.name or context.peer(),
+            properties,
+            hello.slots,
+            provided or PROVIDED_DIRS,
+            instances=current_caller().instances,
         )
         reason = "stream ended"
         try:

@@ -170,3 +170,57 @@ def test_remote_execution_matches_a_local_build(tmp_path: Path) -> None:
     assert {k: n for k, n in cached_counts.items() if k not in NOT_EXECUTED} == {}, cached
     assert cached_counts.get(CACHE_HIT) == ran_locally
     assert cached_outputs == local_outputs
+
+
+@pytest.mark.bazel
+def test_ci_writes_and_developers_read(tmp_path: Path) -> None:
+    """The most asked-for setup: one token file, CI's token writes the cache,
+    developers' tokens only read it. A developer's build takes CI's results and,
+    where it misses, builds locally and still succeeds, storing nothing."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# CI fills the cache\nci-token write\n# developers\ndev-token read\n")
+    server = ServerProcess(tmp_path / "storage", "--auth-tokens", str(tokens))
+    bazel = Bazel(
+        executable=require_bazel(),
+        workspace=copy_workspace(tmp_path / "workspace"),
+        output_user_root=tmp_path / "bazel_root",
+    )
+    offline = offline_flags(repository_cache=tmp_path / "repository_cache")
+    cache = f"--remote_cache=grpc://{server.address}"
+    ci = [*offline, cache, "--remote_header=authorization=Bearer ci-token"]
+    dev = [*offline, cache, "--remote_header=authorization=Bearer dev-token"]
+    bazel_bin = bazel.workspace / "bazel-bin"
+    try:
+        filled = bazel.run("test", *ci, TARGETS)
+        ci_outputs = sha256_files(bazel_bin, OUTPUTS)
+        results_after_ci = _action_results(server)
+        bazel.run("clean")
+        developer = bazel.run("test", *dev, TARGETS)
+        dev_outputs = sha256_files(bazel_bin, OUTPUTS)
+        # A change CI has not built: a miss, built locally; the upload is refused.
+        source = bazel.workspace / "examples" / "fnvsum.cc"
+        source.write_text(source.read_text() + "\n/* a developer's change */\n")
+        changed = bazel.run("build", *dev, TARGETS)
+        results_after_dev = _action_results(server)
+    finally:
+        bazel.shutdown()
+        server.stop()
+    assert results_after_ci, "CI stored no action result"
+    ci_counts, dev_counts = process_summary(filled), process_summary(developer)
+    assert CACHE_HIT not in ci_counts
+    assert {k: n for k, n in dev_counts.items() if k not in NOT_EXECUTED} == {}, developer
+    assert dev_counts.get(CACHE_HIT) == sum(
+        n for kind, n in ci_counts.items() if kind not in NOT_EXECUTED
+    )
+    assert dev_outputs == ci_outputs
+    changed_counts = process_summary(changed)
+    assert sum(n for k, n in changed_counts.items() if k not in NOT_EXECUTED) >= 1, changed
+    assert results_after_dev == results_after_ci, "a read token stored action results"
+    # Bazel says it could not upload, and goes on.
+    assert "WARNING: Writing to Remote Cache" in changed, changed
+    assert "Build completed successfully" in changed
+
+
+def _action_results(server: ServerProcess) -> list[str]:
+    """The action cache's entries (cas/action_cache.py keeps one file each)."""
+    return sorted(path.name for path in (server.storage / "ac").rglob("*") if path.is_file())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -108,6 +109,50 @@ async def test_an_input_tree_larger_than_a_message_runs(channel: grpc.aio.Channe
     count, *small = response.result.stdout_raw.decode().split()
     assert count == "60000"
     assert sorted(small) == sorted(str(n) for n in range(20))
+
+
+async def test_an_action_without_its_command_or_input_root_says_which(
+    channel: grpc.aio.Channel,
+) -> None:
+    store = RemoteStore(channel)
+    command = re_pb2.Command(arguments=["/bin/true"]).SerializeToString()
+    command_digest = SHA256.digest_of(command)
+    empty_root = SHA256.digest_of(b"")
+    for action, missing in (
+        (re_pb2.Action(input_root_digest=empty_root.to_proto()), "command_digest"),
+        (re_pb2.Action(command_digest=command_digest.to_proto()), "input_root_digest"),
+    ):
+        data = action.SerializeToString()
+        digest = SHA256.digest_of(data)
+        await store.put_many([(digest, data), (command_digest, command)])
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await execute(channel, digest)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"the Action has no {missing}" in (raised.value.details() or "")
+
+
+async def test_results_say_when_they_were_queued(channel: grpc.aio.Channel) -> None:
+    """Every timestamp of ExecutedActionMetadata is set, queued first (bgd
+    showed 1970 for it), in the order the stages happen."""
+    before = time.time()
+    action = await upload_action(channel, ["/bin/true"], salt=b"timestamps")
+    operations, response = await execute(channel, action)
+    metadata = response.result.execution_metadata
+    stamps = [
+        getattr(metadata, field).ToNanoseconds() / 1e9
+        for field in (
+            "queued_timestamp", "worker_start_timestamp", "input_fetch_start_timestamp",
+            "input_fetch_completed_timestamp", "execution_start_timestamp",
+            "execution_completed_timestamp", "output_upload_start_timestamp",
+            "output_upload_completed_timestamp", "worker_completed_timestamp",
+        )
+    ]  # fmt: skip
+    assert before - 1 <= stamps[0] <= stamps[1], stamps
+    assert stamps == sorted(stamps) and stamps[-1] <= time.time()
+    assert metadata.worker
+    partial = re_pb2.ExecuteOperationMetadata()
+    operations[-1].metadata.Unpack(partial)
+    assert partial.partial_execution_metadata.queued_timestamp == metadata.queued_timestamp
 
 
 async def test_an_action_too_large_for_a_lease_is_invalid(channel: grpc.aio.Channel) -> None:

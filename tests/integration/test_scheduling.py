@@ -128,11 +128,38 @@ async def test_operations_are_listed_a_page_at_a_time(one_worker: ServerProcess)
         for wrong in (
             operations_pb2.ListOperationsRequest(page_token="not a token"),
             operations_pb2.ListOperationsRequest(filter="done=true"),
+            operations_pb2.ListOperationsRequest(filter="stage = FINISHED"),
+            operations_pb2.ListOperationsRequest(filter="stage QUEUED"),
             operations_pb2.ListOperationsRequest(page_size=-1),
         ):
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await operations.ListOperations(wrong)
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_operations_are_listed_by_a_filter(one_worker: ServerProcess) -> None:
+    """The filter `bgd operation list --filter` sends (BuildGrid's language)."""
+    async with grpc.aio.insecure_channel(one_worker.address) as channel:
+        done = await upload_action(channel, ["/bin/true"], salt=b"done")
+        finished = (await execute(channel, done))[0][-1].name
+        slow = await upload_action(channel, ["/bin/sleep", "5"], salt=b"slow")
+        call = execution(channel).Execute(re_pb2.ExecuteRequest(action_digest=slow.to_proto()))
+        running = (await anext(aiter(call))).name
+        operations = operations_pb2_grpc.OperationsStub(channel)
+
+        async def listed(text: str) -> set[str]:
+            request = operations_pb2.ListOperationsRequest(filter=text)
+            return {op.name for op in (await operations.ListOperations(request)).operations}
+
+        assert await listed("stage = COMPLETED") == {finished}
+        assert await listed("stage != completed") == {running}
+        assert await listed("stage < COMPLETED") == {running}
+        assert await listed("stage >= QUEUED") == {running, finished}
+        assert await listed(f"stage = COMPLETED & name = {finished}") == {finished}
+        assert await listed(f"stage = EXECUTING & name = {finished}") == set()
+        assert await listed(f"action_digest = {slow.hash}/{slow.size}") == {running}
+        assert await listed("  ") == {running, finished}
+        call.cancel()
 
 
 async def test_cancel_and_wait(one_worker: ServerProcess) -> None:
