@@ -1,15 +1,20 @@
-"""The action cache: action digest -> ActionResult, and its completeness check.
+"""The action cache: (instance name, action digest) -> ActionResult, and its
+completeness check.
 
-Stores keep the serialized ActionResult as bytes; `ActionCache` on top parses,
-checks that every blob the result points to is still in the CAS (an entry whose
-outputs are gone is a miss, never a lie), and inlines small outputs on request.
+Each instance name has an action cache of its own (two teams on one server do
+not see each other's results); the CAS they point into is shared, being
+content-addressed. Stores keep the serialized ActionResult as bytes;
+`ActionCache` on top parses, checks that every blob the result points to is
+still in the CAS (an entry whose outputs are gone is a miss, never a lie), and
+inlines small outputs on request.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+import urllib.parse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -26,28 +31,50 @@ MAX_INLINE_BYTES = 1024 * 1024
 
 
 class ActionResultStore(Protocol):
-    async def get(self, action: Digest) -> bytes | None:
-        """The stored serialized ActionResult, or None."""
+    async def get(self, action: Digest, instance_name: str = "") -> bytes | None:
+        """The stored serialized ActionResult of `action` in that instance, or None."""
         ...
 
-    async def put(self, action: Digest, result: bytes) -> None:
-        """Store (or replace) the entry for `action`."""
+    async def put(self, action: Digest, result: bytes, instance_name: str = "") -> None:
+        """Store (or replace) the entry for `action` in that instance."""
         ...
 
 
 class MemoryActionResultStore:
     def __init__(self) -> None:
-        self._entries: dict[Digest, bytes] = {}
+        self._entries: dict[tuple[str, Digest], bytes] = {}
 
-    async def get(self, action: Digest) -> bytes | None:
-        return self._entries.get(action)
+    async def get(self, action: Digest, instance_name: str = "") -> bytes | None:
+        return self._entries.get((instance_name, action))
 
-    async def put(self, action: Digest, result: bytes) -> None:
-        self._entries[action] = result
+    async def put(self, action: Digest, result: bytes, instance_name: str = "") -> None:
+        self._entries[instance_name, action] = result
+
+
+def instance_root(ac: Path, instance_name: str) -> Path:
+    """Where one instance's entries live under DIR/ac: the default (empty) name
+    at DIR/ac itself, as before instance names were kept apart; any other at
+    DIR/ac/@{the name, percent-encoded}."""
+    if not instance_name:
+        return ac
+    return ac / ("@" + urllib.parse.quote(instance_name, safe=""))
+
+
+def instance_roots(ac: Path) -> Iterator[tuple[str, Path]]:
+    """(instance name, its root) of every instance with a directory under DIR/ac."""
+    yield "", ac
+    try:
+        names = sorted(os.listdir(ac))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith("@"):
+            yield urllib.parse.unquote(name[1:]), ac / name
 
 
 class DiskActionResultStore:
-    """Entries as files DIR/ac/{function}/{hash[:2]}/{hash}-{size}, replaced atomically."""
+    """Entries as files DIR/ac/[@INSTANCE/]{function}/{hash[:2]}/{hash}-{size},
+    replaced atomically."""
 
     def __init__(self, root: Path) -> None:
         self._root = Path(root) / "ac"
@@ -55,12 +82,13 @@ class DiskActionResultStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._counter = 0
 
-    def _path(self, action: Digest) -> Path:
+    def _path(self, action: Digest, instance_name: str) -> Path:
         hash_ = action.hash
-        return self._root / action.function.path_name / hash_[:2] / f"{hash_}-{action.size}"
+        base = instance_root(self._root, instance_name)
+        return base / action.function.path_name / hash_[:2] / f"{hash_}-{action.size}"
 
-    async def get(self, action: Digest) -> bytes | None:
-        path = self._path(action)
+    async def get(self, action: Digest, instance_name: str = "") -> bytes | None:
+        path = self._path(action, instance_name)
         try:
             data = path.read_bytes()
             os.utime(path)  # its last use: `reapi cas gc` keeps recently used entries
@@ -68,8 +96,8 @@ class DiskActionResultStore:
             return None  # none, or removed by a gc just now
         return data
 
-    async def put(self, action: Digest, result: bytes) -> None:
-        path = self._path(action)
+    async def put(self, action: Digest, result: bytes, instance_name: str = "") -> None:
+        path = self._path(action, instance_name)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._counter += 1
         tmp = self._tmp / f"{os.getpid()}-ac{self._counter}-{time.monotonic_ns()}"
@@ -94,10 +122,11 @@ class ActionCache:
         inline_stdout: bool = False,
         inline_stderr: bool = False,
         inline_files: Iterable[str] = (),
+        instance_name: str = "",
     ) -> re_pb2.ActionResult:
-        """The complete result for `action`. Raises NotFound when there is no
-        entry, or when any blob it references is gone from the CAS."""
-        data = await self._results.get(action)
+        """The complete result for `action` in that instance. Raises NotFound when
+        there is no entry, or when any blob it references is gone from the CAS."""
+        data = await self._results.get(action, instance_name)
         if data is None:
             raise NotFound(f"no action result for {action}")
         result = re_pb2.ActionResult()
@@ -115,15 +144,17 @@ class ActionCache:
         await self.inline(action.function, result, inline_stdout, inline_stderr, inline_files)
         return result
 
-    async def put(self, action: Digest, result: re_pb2.ActionResult) -> re_pb2.ActionResult:
-        """Store `result` without inlined bytes (they live in the CAS)."""
+    async def put(
+        self, action: Digest, result: re_pb2.ActionResult, instance_name: str = ""
+    ) -> re_pb2.ActionResult:
+        """Store `result` for that instance without inlined bytes (they live in the CAS)."""
         stored = re_pb2.ActionResult()
         stored.CopyFrom(result)
         stored.ClearField("stdout_raw")
         stored.ClearField("stderr_raw")
         for output in stored.output_files:
             output.ClearField("contents")
-        await self._results.put(action, stored.SerializeToString(deterministic=True))
+        await self._results.put(action, stored.SerializeToString(deterministic=True), instance_name)
         return stored
 
     async def _referenced_blobs(

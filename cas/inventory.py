@@ -26,7 +26,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from cas.action_cache import named_blobs, tree_files
+from cas.action_cache import instance_roots, named_blobs, tree_files
 from cas.small_blobs import SMALL_DB, open_small_db
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -188,11 +188,18 @@ class Storage:
 
     # --------------------------------------------------------- action cache
 
-    def action_entries(self) -> Iterator[ActionEntry]:
-        for function in DigestFunction:
-            base = self._ac_root / function.path_name
-            if not base.is_dir():
+    def _ac_tables(self, instance: str | None = None) -> Iterator[tuple[DigestFunction, Path]]:
+        """Each digest function's directory of entries, in `instance` (None: every one)."""
+        for name, root in instance_roots(self._ac_root):
+            if instance is not None and name != instance:
                 continue
+            for function in DigestFunction:
+                base = root / function.path_name
+                if base.is_dir():
+                    yield function, base
+
+    def action_entries(self) -> Iterator[ActionEntry]:
+        for function, base in self._ac_tables():
             for prefix in sorted(os.listdir(base)):
                 try:
                     with os.scandir(base / prefix) as entries:
@@ -207,13 +214,18 @@ class Storage:
                         continue  # removed meanwhile
                     yield ActionEntry(path, mtime, self._referenced(function, data))
 
-    def action_count(self) -> int:
-        count = 0
-        for function in DigestFunction:
-            base = self._ac_root / function.path_name
-            if base.is_dir():
-                count += sum(len(os.listdir(base / prefix)) for prefix in os.listdir(base))
-        return count
+    def action_counts(self) -> dict[str, int]:
+        """Action-cache entries per instance name ('' the default), those with any."""
+        counts = {}
+        for name, _root in instance_roots(self._ac_root):
+            count = sum(
+                len(os.listdir(base / prefix))
+                for _function, base in self._ac_tables(name)
+                for prefix in os.listdir(base)
+            )
+            if count:
+                counts[name] = count
+        return counts
 
     def _referenced(self, function: DigestFunction, data: bytes) -> frozenset[BlobKey] | None:
         """The blobs a serialized ActionResult names, trees' contents included."""
@@ -271,6 +283,7 @@ def stats(storage: Storage) -> dict[str, Any]:
     large = Totals()
     for blob in storage.large_blobs():
         large.add(1, blob.digest.size, blob.last_access, blob.last_access)
+    by_instance = storage.action_counts()
     total = Totals()
     total.add(small.blobs, small.bytes, small.oldest, small.newest)
     total.add(large.blobs, large.bytes, large.oldest, large.newest)
@@ -282,7 +295,8 @@ def stats(storage: Storage) -> dict[str, Any]:
         "small_bytes": small.bytes,
         "large_blobs": large.blobs,
         "large_bytes": large.bytes,
-        "action_results": storage.action_count(),
+        "action_results": sum(by_instance.values()),
+        "action_results_by_instance": by_instance,
         "oldest_access": total.oldest,
         "newest_access": total.newest,
         "database_bytes": sum(

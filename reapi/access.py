@@ -160,7 +160,7 @@ def token_name(token: str) -> str:
 def parse_grant(line: str, where: str) -> tuple[str, Caller]:
     """One line of the token file: (token or `CN=NAME`, its caller)."""
     try:
-        words = shlex.split(line)
+        words = shlex.split(line, comments=True)  # a shell's words: quotes, # comments
     except ValueError as error:
         raise ConfigError(f"{where}: {error}") from None
     subject, rest = words[0], words[1:]
@@ -195,7 +195,10 @@ def load_grants(path: Path) -> Grants:
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        subject, caller = parse_grant(line, f"--auth-tokens {path}, line {number}")
+        where = f"--auth-tokens {path}, line {number}"
+        subject, caller = parse_grant(line, where)
+        if subject.encode() in tokens or subject[3:] in common_names:
+            raise ConfigError(f"{where}: {caller.name} is granted twice")
         if subject.startswith("CN="):
             common_names[subject[3:]] = caller
         else:

@@ -167,6 +167,12 @@ def _stats_text(found: dict[str, Any]) -> str:
     def count(blobs: int, size: int) -> str:
         return f"{blobs} ({human(size)})"
 
+    instances = found["action_results_by_instance"]
+    per_instance = (
+        [f"  instance {name!r}: {count}" for name, count in sorted(instances.items())]
+        if set(instances) - {""}
+        else []
+    )
     return "\n".join(
         [
             f"{'storage':16} {found['storage']}",
@@ -175,6 +181,7 @@ def _stats_text(found: dict[str, Any]) -> str:
             f"database {human(int(found['database_bytes']))} on disk",
             f"{'  large':16} {count(found['large_blobs'], found['large_bytes'])}",
             f"{'action results':16} {found['action_results']}",
+            *per_instance,
             f"{'oldest access':16} {when(found['oldest_access'])}",
             f"{'newest access':16} {when(found['newest_access'])}",
         ]

@@ -116,7 +116,7 @@ class Server:
             """Cache what ran to completion with exit code 0, unless told not to."""
             assert job.response is not None
             if job.cacheable and job.response.result.exit_code == 0:
-                await cache.put(job.action_digest, job.response.result)
+                await cache.put(job.action_digest, job.response.result, job.instance_name)
 
         self.scheduler = Scheduler(on_complete=store_result)
         re_grpc.add_ExecutionServicer_to_server(

@@ -31,6 +31,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
             inline_stdout=request.inline_stdout,
             inline_stderr=request.inline_stderr,
             inline_files=request.inline_output_files,
+            instance_name=request.instance_name,
         )
 
     @grpc_errors
@@ -42,7 +43,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         if not request.HasField("action_result"):
             raise InvalidArgument("action_result is required")
         _validate_result(function, request.action_result)
-        return await self._cache.put(action, request.action_result)
+        return await self._cache.put(action, request.action_result, request.instance_name)
 
 
 def _validate_result(function: DigestFunction, result: re_pb2.ActionResult) -> None:

@@ -70,6 +70,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
                     inline_stdout=request.inline_stdout,
                     inline_stderr=request.inline_stderr,
                     inline_files=request.inline_output_files,
+                    instance_name=request.instance_name,
                 )
             except NotFound:
                 pass
@@ -265,9 +266,11 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: Context
     ) -> operations_pb2.ListOperationsResponse:
-        """The caller's operations the server still knows (an admin's: everyone's)
-        that pass the filter (reapi/operation_filter.py), oldest first, a page at
-        a time: the page token names the last one listed (its time and name)."""
+        """The operations of instance `request.name` (as `bgd operation list`
+        sends it; empty for the default) the server still knows, the caller's
+        own (an admin's: everyone's), that pass the filter
+        (reapi/operation_filter.py), oldest first, a page at a time: the page
+        token names the last one listed (its time and name)."""
         clauses = parse_filter(request.filter)
         if request.page_size < 0:
             raise InvalidArgument(f"page_size must not be negative, not {request.page_size}")
@@ -277,7 +280,9 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
             (
                 job
                 for job in self._scheduler.jobs()
-                if caller.sees(job.owners, job.instance_name) and matches(clauses, job)
+                if job.instance_name == request.name
+                and caller.sees(job.owners, job.instance_name)
+                and matches(clauses, job)
             ),
             key=lambda job: (job.queued_at, job.name),
         )

@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2
 
 from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from tests.actions import execute, execution, stage, upload_action
 from tests.helpers import ServerProcess, WorkerProcess
 
@@ -282,3 +283,37 @@ def test_local_workers_die_with_their_server(tmp_path: Path, reapi_home: Path) -
     while local_workers():
         assert time.monotonic() < deadline, "the orphaned local worker kept running"
         time.sleep(0.2)
+
+
+async def test_instance_names_keep_results_and_operations_apart(one_worker: ServerProcess) -> None:
+    """Two teams on one server: each instance name has its own action cache and
+    its own operations; the CAS (content-addressed) is shared."""
+    async with grpc.aio.insecure_channel(one_worker.address) as channel:
+        action = await upload_action(channel, ["/bin/sh", "-c", "echo ran"], salt=b"teams")
+        first_a, response = await execute(channel, action, instance_name="team-a")
+        assert not response.cached_result and response.result.exit_code == 0
+        _ops, again_a = await execute(channel, action, instance_name="team-a")
+        assert again_a.cached_result
+        first_b, response_b = await execute(channel, action, instance_name="team-b")
+        assert not response_b.cached_result, "team-b was served team-a's result"
+        _ops, default = await execute(channel, action)
+        assert not default.cached_result
+
+        cache = re_grpc.ActionCacheStub(channel)
+        lookup = re_pb2.GetActionResultRequest(action_digest=action.to_proto())
+        lookup.instance_name = "team-c"
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await cache.GetActionResult(lookup)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        lookup.instance_name = "team-a"
+        assert (await cache.GetActionResult(lookup)).exit_code == 0
+
+        operations = operations_pb2_grpc.OperationsStub(channel)
+
+        async def listed(instance: str) -> set[str]:
+            request = operations_pb2.ListOperationsRequest(name=instance)
+            return {op.name for op in (await operations.ListOperations(request)).operations}
+
+        assert first_a[-1].name in await listed("team-a")
+        assert first_a[-1].name not in await listed("team-b") | await listed("")
+        assert first_b[-1].name in await listed("team-b")

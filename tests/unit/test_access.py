@@ -41,6 +41,7 @@ from reapi.security import ConfigError
         ("tok write,execute @team-a", {READ, WRITE, EXECUTE}, {"team-a"}),
         ("tok @a/b @", {READ, WRITE, EXECUTE}, {"a/b", ""}),
         ("  tok\tread  @x ", {READ}, {"x"}),
+        ("tok write   # CI fills the cache", {READ, WRITE}, None),
     ],
 )
 def test_grant_lines(line: str, permissions: set[str], instances: set[str] | None) -> None:
@@ -88,6 +89,12 @@ def test_token_file(tmp_path: Path) -> None:
     extra = grants.with_token("w", Caller("local", frozenset({WORKER})))
     assert extra.by_token(b"w") is not None and grants.by_token(b"w") is None
 
+    path.write_text("same read\nother write\nsame write\n")
+    with pytest.raises(ConfigError, match=r"line 3: token:[0-9a-f]{12} is granted twice"):
+        load_grants(path)
+    path.write_text('"CN=a b" read\n"CN=a b" write\n')
+    with pytest.raises(ConfigError, match="line 2: cert:a b is granted twice"):
+        load_grants(path)
     path.write_text("ok\nbad reed\n")
     with pytest.raises(ConfigError, match="line 2: unknown permission"):
         load_grants(path)

@@ -1,10 +1,18 @@
-"""ActionCache logic on in-memory fakes: completeness and what gets stored."""
+"""ActionCache logic on in-memory fakes (and the disk store): completeness, what
+gets stored, and instances kept apart."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from cas.action_cache import ActionCache, MemoryActionResultStore
+from cas.action_cache import (
+    ActionCache,
+    DiskActionResultStore,
+    MemoryActionResultStore,
+    instance_roots,
+)
 from cas.memory import MemoryStore
 from cas.store import put_blob
 from reapi.digests import DigestFunction
@@ -41,3 +49,21 @@ async def test_unreadable_entry_is_a_miss() -> None:
     await results.put(action, b"\xff\xff not a protobuf")
     with pytest.raises(NotFound, match="unreadable"):
         await ActionCache(results, cas).get(action)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+async def test_instances_have_action_caches_of_their_own(store: str, tmp_path: Path) -> None:
+    cas = MemoryStore()
+    results = MemoryActionResultStore() if store == "memory" else DiskActionResultStore(tmp_path)
+    cache = ActionCache(results, cas)
+    action = DigestFunction.SHA256.digest_of(b"an action")
+    for instance, code in (("", 0), ("team-a", 1), ("team/b", 2), ("@c", 3)):
+        await cache.put(action, re_pb2.ActionResult(exit_code=code), instance)
+    for instance, code in (("", 0), ("team-a", 1), ("team/b", 2), ("@c", 3)):
+        assert (await cache.get(action, instance_name=instance)).exit_code == code
+    with pytest.raises(NotFound):
+        await cache.get(action, instance_name="team-c")
+    if store == "disk":
+        assert sorted(name for name, _root in instance_roots(tmp_path / "ac")) == [
+            "", "@c", "team-a", "team/b",
+        ]  # fmt: skip

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from cas.action_cache import ActionCache, DiskActionResultStore
+from cas.action_cache import ActionCache, DiskActionResultStore, instance_root
 from cas.disk import DiskStore
 from cas.gc import GRACE, collect, parse_size
 from cas.inventory import Storage, StorageError, stats
 from cas.small_blobs import SMALL_BLOB, SMALL_DB
 from cas.verify import verify
+from reapi.cas_commands import _stats_text
 from reapi.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.helpers import REPO
@@ -56,8 +57,11 @@ def set_age(root: Path, digest: Digest, seconds: float) -> None:
         )
 
 
-def add_results(root: Path, entries: list[tuple[int, list[Digest], float]]) -> list[Path]:
-    """Action-cache entries (seed, outputs, age in seconds); returns their files."""
+def add_results(
+    root: Path, entries: list[tuple[int, list[Digest], float]], instance: str = ""
+) -> list[Path]:
+    """Action-cache entries (seed, outputs, age in seconds) of `instance`; returns
+    their files."""
     cas = DiskStore(root)
     cache = ActionCache(DiskActionResultStore(root), cas)
     paths = []
@@ -70,8 +74,9 @@ def add_results(root: Path, entries: list[tuple[int, list[Digest], float]]) -> l
                     for i, d in enumerate(outputs)
                 ]
             )
-            asyncio.run(cache.put(action, result))
-            path = root / "ac" / "sha256" / action.hash[:2] / f"{action.hash}-{action.size}"
+            asyncio.run(cache.put(action, result, instance))
+            base = instance_root(root / "ac", instance)
+            path = base / "sha256" / action.hash[:2] / f"{action.hash}-{action.size}"
             when = time.time() - age
             os.utime(path, (when, when))
             paths.append(path)
@@ -191,6 +196,28 @@ def test_an_action_result_goes_before_its_blobs(tmp_path: Path) -> None:
     assert_consistent(tmp_path)
 
 
+def test_every_instance_keeps_its_own_results_and_gc_sees_them_all(tmp_path: Path) -> None:
+    """Instance names keep action caches apart over one shared CAS: gc drops an
+    entry of any instance that names an evicted blob, and keeps the blobs a fresh
+    entry of any instance names; stats count them per instance."""
+    old, kept = blob(500, 1), blob(600, 2)
+    put(tmp_path, [old, kept])
+    set_age(tmp_path, old[0], 3 * GRACE)
+    [default_entry] = add_results(tmp_path, [(1, [kept[0]], 0)])
+    [team_old] = add_results(tmp_path, [(1, [old[0]], 0)], instance="team/a")
+    [team_kept] = add_results(tmp_path, [(2, [kept[0]], 0)], instance="100% b")
+    assert team_old.parent.parent.parent.name == "@team%2Fa"
+    found = stats(Storage(tmp_path, writable=False))
+    assert found["action_results_by_instance"] == {"": 1, "team/a": 1, "100% b": 1}
+    text = _stats_text(found)
+    assert "action results   3\n  instance '': 1\n  instance '100% b': 1\n" in text
+    report = run_gc(tmp_path, 0)
+    assert present(tmp_path, [old[0], kept[0]]) == [False, True]
+    assert not team_old.exists() and default_entry.exists() and team_kept.exists()
+    assert report.dropped_action_results == 1
+    assert_consistent(tmp_path)
+
+
 def test_verify_finds_and_repairs_corruption(tmp_path: Path) -> None:
     good, bad_small, bad_large = blob(100, 1), blob(200, 2), blob(SMALL_BLOB + 1, 3)
     put(tmp_path, [good, bad_small, bad_large])
@@ -231,6 +258,7 @@ def test_stats(tmp_path: Path) -> None:
     add_result(tmp_path, 1, [blob(100, 1)[0]])
     found = stats(Storage(tmp_path, writable=False))
     assert (found["blobs"], found["bytes"], found["action_results"]) == (2, SMALL_BLOB + 200, 1)
+    assert "instance" not in _stats_text(found)  # one instance: nothing to tell apart
     assert (found["small_blobs"], found["large_blobs"]) == (1, 1)
     assert isinstance(found["oldest_access"], float)
     assert found["oldest_access"] <= found["newest_access"] <= time.time()
