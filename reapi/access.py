@@ -23,6 +23,10 @@ a bearer token is judged by the token alone.
 Without a token file every caller is ANYONE (every permission, one owner for all
 operations): the loopback default, and `--insecure` with TLS only.
 
+`reapi serve --instance NAME` (repeatable) serves only those instance names; a
+call naming another is INVALID_ARGUMENT. Without it every name is served, each
+with its own action cache and operations.
+
 `AccessInterceptor` checks each call before its service sees it: the method's
 permission and the request's instance name. Services ask `current_caller()` for
 what only they can judge (whose operation this is).
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.longrunning import operations_pb2
 
 from reapi.errors import InvalidArgument, PermissionDenied
 from reapi.resources import parse_read_name, parse_write_name
@@ -221,6 +226,8 @@ def instance_of(request: Any) -> str | None:
     (operations are judged by their services, which know the operation's)."""
     if hasattr(request, "instance_name"):
         return str(request.instance_name)
+    if isinstance(request, operations_pb2.ListOperationsRequest):
+        return str(request.name)  # the instance whose operations to list, as bgd sends it
     resource = getattr(request, "resource_name", "")
     if not resource:
         return None
@@ -231,12 +238,16 @@ def instance_of(request: Any) -> str | None:
 class AccessInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates each call (bearer token, else client certificate), checks the
     method's permission and the request's instance name, and makes the caller
-    `current_caller()` for the service."""
+    `current_caller()` for the service. Without `grants` everyone is ANYONE;
+    with `served`, an instance name not in it is INVALID_ARGUMENT."""
 
-    def __init__(self, grants: Grants) -> None:
+    def __init__(self, grants: Grants | None, served: frozenset[str] | None = None) -> None:
         self._grants = grants
+        self.served = served
 
     def caller(self, context: Context) -> Caller | None:
+        if self._grants is None:
+            return ANYONE
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 text = value if isinstance(value, str) else value.decode()
@@ -284,8 +295,8 @@ def _guarded(
             )
         _CALLER.set(caller)
         if handler.request_streaming:
-            return _first_checked(request, context, caller)
-        await _check_instance(context, caller, request)
+            return _first_checked(request, context, caller, interceptor.served)
+        await _check_instance(context, caller, request, interceptor.served)
         return request
 
     behaviour: Any = (
@@ -318,19 +329,21 @@ def _guarded(
 
 
 async def _first_checked(
-    requests: AsyncIterator[Any], context: Context, caller: Caller
+    requests: AsyncIterator[Any], context: Context, caller: Caller, served: frozenset[str] | None
 ) -> AsyncIterator[Any]:
     """A request stream whose first message's instance name is checked."""
     first = True
     async for request in requests:
         if first:
-            await _check_instance(context, caller, request)
+            await _check_instance(context, caller, request, served)
             first = False
         yield request
 
 
-async def _check_instance(context: Context, caller: Caller, request: Any) -> None:
-    if caller.instances is None:
+async def _check_instance(
+    context: Context, caller: Caller, request: Any, served: frozenset[str] | None
+) -> None:
+    if caller.instances is None and served is None:
         return
     try:
         instance = instance_of(request)
@@ -338,6 +351,12 @@ async def _check_instance(context: Context, caller: Caller, request: Any) -> Non
         return  # a malformed name: its service answers INVALID_ARGUMENT
     if instance is None:
         return
+    if served is not None and instance not in served:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"instance name {instance!r} is not served here; served: "
+            f"{', '.join(repr(name) for name in sorted(served))}",
+        )
     try:
         caller.check_instance(instance)
     except PermissionDenied as error:

@@ -3,6 +3,7 @@
     reapi serve [--listen 127.0.0.1:8980] [--storage DIR] [--config FILE]
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
                 [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
+                [--instance NAME ...]
     reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
                  [--provide DIR ...] [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
@@ -47,6 +48,7 @@ SERVE_OPTIONS = (
     "heartbeat-timeout",
     "max-size",
     "gc-interval",
+    "instance",
 )
 
 
@@ -90,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of silence after which a worker is taken for dead (default 30)",
     )
 
+    serve_cmd.add_argument(
+        "--instance",
+        action="append",
+        help="serve this instance name (repeatable; '' for the default one); "
+        "without it, every name is served",
+    )
     serve_cmd.add_argument(
         "--max-size",
         help="keep the stored blobs under this size (500M, 10G): a background gc "
@@ -184,6 +192,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.max_size = cas_commands.size_option("--max-size", str(settings["max-size"]))
     if settings.get("gc-interval"):
         config.gc_interval = float(settings["gc-interval"])
+    if settings.get("instance") is not None:
+        names = settings["instance"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError("instance: expected a list of instance names")
+        config.instances = names
     return config
 
 

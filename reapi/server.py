@@ -66,6 +66,8 @@ class ServerConfig:
     # Background gc: keep the store's blobs under max_size bytes (None: no limit).
     max_size: int | None = None
     gc_interval: float = GC_INTERVAL
+    # The instance names served (None: any name).
+    instances: list[str] | None = None
 
 
 class Server:
@@ -94,7 +96,9 @@ class Server:
         self.config = config
         self.bytestream = ByteStreamService(store)
         self.health = health.aio.HealthServicer()
-        interceptors = [AccessInterceptor(grants)] if grants else []
+        served = frozenset(config.instances) if config.instances is not None else None
+        guarded = grants is not None or served is not None
+        interceptors = [AccessInterceptor(grants, served)] if guarded else []
         self._grpc = grpc.aio.server(
             interceptors=interceptors,
             options=[

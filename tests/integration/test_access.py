@@ -343,6 +343,8 @@ async def test_instance_scoped_tokens(server: ServerProcess, pki: Pki) -> None:
         byte_stream = bs_grpc.ByteStreamStub(channel)
         name = f"team-a/blobs/{BLOB_DIGEST.hash}/{len(BLOB)}"
         other = name.replace("team-a", "team-b")
+        written = await byte_stream.Write(_upload_chunks(_upload_name("team-a")))
+        assert written.committed_size == len(BLOB)
         await _all(byte_stream.Read(bytestream_pb2.ReadRequest(resource_name=name)))
         for attempt in (
             cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(instance_name="team-b")),
@@ -351,6 +353,9 @@ async def test_instance_scoped_tokens(server: ServerProcess, pki: Pki) -> None:
             byte_stream.Write(_upload_chunks(_upload_name("team-b"))),
             re_grpc.ActionCacheStub(channel).GetActionResult(
                 re_pb2.GetActionResultRequest(instance_name="team-b", action_digest=ABSENT)
+            ),
+            operations_pb2_grpc.OperationsStub(channel).ListOperations(
+                operations_pb2.ListOperationsRequest(name="team-b")
             ),
             _all(
                 re_grpc.ExecutionStub(channel).Execute(
@@ -364,8 +369,6 @@ async def test_instance_scoped_tokens(server: ServerProcess, pki: Pki) -> None:
             assert "'team-b'" in (refused.value.details() or "") or "''" in (
                 refused.value.details() or ""
             )
-        written = await byte_stream.Write(_upload_chunks(_upload_name("team-a")))
-        assert written.committed_size == len(BLOB)
 
 
 def test_the_server_log_never_shows_a_token(server: ServerProcess) -> None:
@@ -383,3 +386,37 @@ def test_a_bad_token_file_stops_the_server_with_one_line(tmp_path: Path, bad: st
     message = str(failed.value).splitlines()[1:]
     assert len([line for line in message if line.strip()]) == 1, message
     assert message[0].startswith("reapi: --auth-tokens")
+
+
+async def test_a_server_serves_the_instance_names_it_is_given(tmp_path: Path) -> None:
+    """`--instance` lists the names served: any other is INVALID_ARGUMENT, from
+    Capabilities to uploads; without tokens, everything else is allowed."""
+    server = ServerProcess(tmp_path / "storage", "--instance", "", "--instance", "team-a")
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            capabilities = re_grpc.CapabilitiesStub(channel)
+            for served in ("", "team-a"):
+                request = re_pb2.GetCapabilitiesRequest(instance_name=served)
+                assert (await capabilities.GetCapabilities(request)).cache_capabilities
+            cas = re_grpc.ContentAddressableStorageStub(channel)
+            byte_stream = bs_grpc.ByteStreamStub(channel)
+            read = f"team-b/blobs/{BLOB_DIGEST.hash}/{len(BLOB)}"
+            for attempt in (
+                capabilities.GetCapabilities(re_pb2.GetCapabilitiesRequest(instance_name="team-b")),
+                cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(instance_name="team-b")),
+                _all(byte_stream.Read(bytestream_pb2.ReadRequest(resource_name=read))),
+                byte_stream.Write(_upload_chunks(_upload_name("team-b"))),
+                operations_pb2_grpc.OperationsStub(channel).ListOperations(
+                    operations_pb2.ListOperationsRequest(name="team-b")
+                ),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await attempt
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "instance name 'team-b' is not served here; served: '', 'team-a'" in (
+                    refused.value.details() or ""
+                )
+            written = await byte_stream.Write(_upload_chunks(_upload_name("team-a")))
+            assert written.committed_size == len(BLOB)
+    finally:
+        server.stop()

@@ -71,6 +71,10 @@ def test_bad_listen_and_config(tmp_path: Path) -> None:
     config = tmp_path / "reapi.toml"
     config.write_text('colour = "blue"\n')
     assert "unknown setting 'colour'" in one_line_error(run_reapi("serve", "--config", str(config)))
+    config.write_text('instance = "team-a"\n')
+    assert "instance: expected a list" in one_line_error(
+        run_reapi("serve", "--config", str(config))
+    )
     tokens = tmp_path / "tokens"
     tokens.write_text("# no tokens here\n")
     assert "holds no token" in one_line_error(
