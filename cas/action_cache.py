@@ -11,6 +11,7 @@ inlines small outputs on request.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import urllib.parse
@@ -20,10 +21,13 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
+from cas.disk import is_full
 from cas.store import BlobStore, get_blob
 from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound
+from reapi.errors import NotFound, ResourceExhausted
 from reapi.protos import remote_execution_pb2 as re_pb2
+
+log = logging.getLogger(__name__)
 
 # Inlined stdout, stderr and output files together stay under this many bytes,
 # so a result always fits in one gRPC message.
@@ -98,14 +102,19 @@ class DiskActionResultStore:
 
     async def put(self, action: Digest, result: bytes, instance_name: str = "") -> None:
         path = self._path(action, instance_name)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._counter += 1
         tmp = self._tmp / f"{os.getpid()}-ac{self._counter}-{time.monotonic_ns()}"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(result)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as error:
             tmp.unlink(missing_ok=True)
+            if is_full(error):
+                log.warning("storage %s is full: an action result was not stored", self._root)
+                raise ResourceExhausted(
+                    f"storage is full: the result of {action} not stored (the server needs room)"
+                ) from None
             raise
 
 

@@ -18,6 +18,10 @@ file in tmp/ and renamed into place, which is atomic; what is left in tmp/ is
 swept on the next start. Concurrent writers of one blob each write their own
 temp file, and the last rename wins with identical bytes.
 
+A full disk (or quota) refuses what does not fit with RESOURCE_EXHAUSTED, blob
+by blob: what fits is stored and acknowledged, nothing partial is kept, and one
+line is logged, not a traceback.
+
 A blob's last use is its row's last_access or its file's mtime; lookups, reads
 and repeated uploads refresh it at most every TOUCH_AFTER seconds, so a busy
 FindMissingBlobs reads and rarely writes. `reapi cas gc` (cas/gc.py) evicts
@@ -28,8 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -45,7 +52,9 @@ from cas.store import (
     verified,
 )
 from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ReapiError
+from reapi.errors import NotFound, ReapiError, ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 # Streamed uploads are hashed and written in a worker thread this many bytes at a time.
 FLUSH_BYTES = 1024 * 1024
@@ -90,7 +99,13 @@ class DiskStore:
                 os.unlink(entry.path)
 
     async def _save_small(self, digest: Digest, data: bytes) -> None:
-        self._small.put([(digest, data)])
+        try:
+            self._small.put([(digest, data)])
+        except sqlite3.DatabaseError as error:
+            if not is_full(error):
+                raise
+            log.warning("storage %s is full: an upload of %s was refused", self.root, digest)
+            raise full_error(digest) from None
 
     # ------------------------------------------------------------ large tier
 
@@ -190,15 +205,48 @@ class DiskStore:
             os.close(fd)
 
     async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+        """Stores what fits; a blob a full disk refuses gets RESOURCE_EXHAUSTED."""
         errors = verified(blobs)
-        good = [blob for blob, error in zip(blobs, errors, strict=True) if error is None]
-        small = [(d, data) for d, data in good if 0 < d.size <= SMALL_BLOB]
+        good = [(n, *blob) for n, (blob, error) in enumerate(zip(blobs, errors, strict=True))
+                if error is None]  # fmt: skip
+        small = [(n, d, data) for n, d, data in good if 0 < d.size <= SMALL_BLOB]
+        refused: list[int] = []
         if small:
-            self._small.put(small)
-        for digest, data in good:
+            try:
+                self._small.put([(d, data) for _n, d, data in small])
+            except sqlite3.DatabaseError as error:
+                if not is_full(error):
+                    raise
+                refused += self._small_one_by_one(small)  # the batch did not fit
+        for n, digest, data in good:
             if digest.size > SMALL_BLOB:
-                self._large_put(digest, data)
+                try:
+                    self._large_put(digest, data)
+                except OSError as error:
+                    if not is_full(error):
+                        raise
+                    refused.append(n)
+        if refused:
+            log.warning(
+                "storage %s is full: %d of %d blob(s) of a batch not stored",
+                self.root, len(refused), len(blobs),
+            )  # fmt: skip
+            for n in refused:
+                errors[n] = full_error(blobs[n][0])
         return errors
+
+    def _small_one_by_one(self, small: list[tuple[int, Digest, bytes]]) -> list[int]:
+        """Store each small blob in a transaction of its own; the positions of
+        those a full disk refused."""
+        refused = []
+        for n, digest, data in small:
+            try:
+                self._small.put([(digest, data)])
+            except sqlite3.DatabaseError as error:
+                if not is_full(error):
+                    raise
+                refused.append(n)
+        return refused
 
     def begin_write(self, digest: Digest) -> BufferedWriter | _FileWriter:
         if digest.size <= SMALL_BLOB:
@@ -266,8 +314,9 @@ class _FileWriter:
             self._received += len(data)
             if self._pending_bytes >= FLUSH_BYTES:
                 await self._flush()
-        except BaseException:
+        except BaseException as error:
             await self.abort()
+            _raise_full(error, self._digest)
             raise
 
     async def commit(self) -> None:
@@ -278,8 +327,9 @@ class _FileWriter:
             os.close(self._fd)
             self._fd = None
             os.replace(self._tmp, self._final)
-        except BaseException:
+        except BaseException as error:
             await self.abort()
+            _raise_full(error, self._digest)
             raise
 
     async def abort(self) -> None:
@@ -290,6 +340,26 @@ class _FileWriter:
         _unlink_quietly(self._tmp)
         self._received = 0
         self._hasher = self._digest.function.hasher()
+
+
+def is_full(error: BaseException) -> bool:
+    """Whether `error` says the disk (or the user's quota) is full."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.DatabaseError):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
+
+
+def full_error(digest: Digest) -> ResourceExhausted:
+    return ResourceExhausted(f"storage is full: blob {digest} not stored (the server needs room)")
+
+
+def _raise_full(error: BaseException, digest: Digest) -> None:
+    """Raise RESOURCE_EXHAUSTED (and log one line) in place of a full-disk error."""
+    if is_full(error):
+        log.warning("storage is full: an upload of %s was refused", digest)
+        raise full_error(digest) from None
 
 
 def _write_all(fd: int, data: bytes) -> None:
