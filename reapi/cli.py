@@ -3,7 +3,7 @@
     reapi serve [--listen 127.0.0.1:8980] [--storage DIR] [--config FILE]
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
                 [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
-                [--instance NAME ...]
+                [--instance NAME ...] [--idle-timeout SECONDS]
     reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
                  [--provide DIR ...] [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
@@ -49,6 +49,7 @@ SERVE_OPTIONS = (
     "max-size",
     "gc-interval",
     "instance",
+    "idle-timeout",
 )
 
 
@@ -92,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds of silence after which a worker is taken for dead (default 30)",
     )
 
+    serve_cmd.add_argument(
+        "--idle-timeout",
+        type=float,
+        help="seconds after which a connection with no call, or an upload that sends "
+        "nothing, is closed (default 120)",
+    )
     serve_cmd.add_argument(
         "--instance",
         action="append",
@@ -192,6 +199,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.max_size = cas_commands.size_option("--max-size", str(settings["max-size"]))
     if settings.get("gc-interval"):
         config.gc_interval = float(settings["gc-interval"])
+    if settings.get("idle-timeout"):
+        config.idle_timeout = float(settings["idle-timeout"])
     if settings.get("instance") is not None:
         names = settings["instance"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

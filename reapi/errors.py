@@ -54,3 +54,7 @@ class Internal(ReapiError):
 
 class PermissionDenied(ReapiError):
     code = code_pb2.PERMISSION_DENIED
+
+
+class DeadlineExceeded(ReapiError):
+    code = code_pb2.DEADLINE_EXCEEDED

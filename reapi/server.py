@@ -38,6 +38,10 @@ MAX_BATCH_TOTAL_SIZE = 4 * 1024 * 1024
 # Room for a full batch plus its digests and framing.
 MAX_MESSAGE = MAX_BATCH_TOTAL_SIZE + 4 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 10.0
+IDLE_TIMEOUT = 120.0
+# A connection that has not completed its TLS and HTTP/2 handshake by then is
+# closed (gRPC's default, 120 s, lets a silent socket hold a descriptor for long).
+HANDSHAKE_TIMEOUT = 10.0
 # Seconds between two looks at the store's size, with --max-size.
 GC_INTERVAL = 60.0
 
@@ -68,6 +72,9 @@ class ServerConfig:
     gc_interval: float = GC_INTERVAL
     # The instance names served (None: any name).
     instances: list[str] | None = None
+    # A connection with no call, or an upload stream that sends nothing, for this
+    # long is closed (seconds): idle clients cannot hold the server's file descriptors.
+    idle_timeout: float = IDLE_TIMEOUT
 
 
 class Server:
@@ -94,7 +101,7 @@ class Server:
                 f"cannot use storage directory {config.storage}: {error.strerror or error}"
             ) from None
         self.config = config
-        self.bytestream = ByteStreamService(store)
+        self.bytestream = ByteStreamService(store, config.idle_timeout)
         self.health = health.aio.HealthServicer()
         served = frozenset(config.instances) if config.instances is not None else None
         guarded = grants is not None or served is not None
@@ -105,6 +112,8 @@ class Server:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_connection_idle_ms", int(config.idle_timeout * 1000)),
+                ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT * 1000)),
             ],
         )
         re_grpc.add_CapabilitiesServicer_to_server(

@@ -3,7 +3,8 @@
 Uploads are kept by resource name while they are incomplete, so a client whose
 stream broke can ask QueryWriteStatus and continue from `committed_size`. An
 upload left idle for UPLOAD_IDLE_SECONDS is discarded; so is every unfinished
-upload when the server stops.
+upload when the server stops, and the upload of a stream that stalls (sends
+nothing for `stall_timeout` seconds while open).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 import zstandard
 
 from cas.store import BlobStore, BlobWriter
-from reapi.errors import InvalidArgument, OutOfRange, Unavailable
+from reapi.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.resources import BlobResource, parse_read_name, parse_write_name
@@ -26,6 +27,8 @@ from reapi.services.status import grpc_errors
 Context = grpc.aio.ServicerContext[Any, Any]
 
 UPLOAD_IDLE_SECONDS = 900.0
+# A Write stream silent this long is ended (seconds; `reapi serve --idle-timeout`).
+STALL_SECONDS = 120.0
 # One compressed chunk may not expand to more than this before it is written out.
 MAX_EXPANSION = 64 * 1024 * 1024
 COMPRESS_LEVEL = 3
@@ -124,8 +127,12 @@ def add_bytestream_to_server(service: ByteStreamService, server: grpc.aio.Server
 
 
 class ByteStreamService(bs_grpc.ByteStreamServicer):
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: BlobStore, stall_timeout: float = STALL_SECONDS) -> None:
+        """`stall_timeout`: a Write stream that sends nothing for this long is
+        ended with DEADLINE_EXCEEDED and its upload dropped, so a client that
+        stalls cannot hold a call, its memory and its connection."""
         self._store = store
+        self._stall_timeout = stall_timeout
         self._uploads: dict[str, _Upload] = {}
 
     @grpc_errors
@@ -155,8 +162,19 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         self, request_iterator: AsyncIterator[bs_pb2.WriteRequest], context: Context
     ) -> bs_pb2.WriteResponse:
         upload: _Upload | None = None
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:
+                    async with asyncio.timeout(self._stall_timeout):
+                        request = await anext(requests, None)
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"the write stream sent nothing for {self._stall_timeout:g}s; "
+                        "the upload was dropped"
+                    ) from None
+                if request is None:
+                    break
                 if upload is None:
                     resource = parse_write_name(request.resource_name)
                     if not await self._store.find_missing([resource.digest]):
