@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from cas.disk import is_full
 from cas.store import BlobStore, get_blob
 from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ResourceExhausted
+from reapi.errors import InvalidArgument, NotFound, ResourceExhausted
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,23 @@ class MemoryActionResultStore:
         self._entries[instance_name, action] = result
 
 
+# A directory name holds 255 bytes; percent-encoding may triple a name's length.
+MAX_INSTANCE_DIR = 200
+
+
 def instance_root(ac: Path, instance_name: str) -> Path:
     """Where one instance's entries live under DIR/ac: the default (empty) name
     at DIR/ac itself, as before instance names were kept apart; any other at
     DIR/ac/@{the name, percent-encoded}."""
     if not instance_name:
         return ac
-    return ac / ("@" + urllib.parse.quote(instance_name, safe=""))
+    encoded = "@" + urllib.parse.quote(instance_name, safe="")
+    if len(encoded) > MAX_INSTANCE_DIR:
+        raise InvalidArgument(
+            f"instance name {instance_name[:40]!r}... is too long for this server's "
+            f"action cache ({len(encoded)} bytes encoded; at most {MAX_INSTANCE_DIR})"
+        )
+    return ac / encoded
 
 
 def instance_roots(ac: Path) -> Iterator[tuple[str, Path]]:

@@ -18,7 +18,7 @@ file in tmp/ and renamed into place, which is atomic; what is left in tmp/ is
 swept on the next start. Concurrent writers of one blob each write their own
 temp file, and the last rename wins with identical bytes.
 
-A full disk (or quota) refuses what does not fit with RESOURCE_EXHAUSTED, blob
+A full disk refuses what does not fit with RESOURCE_EXHAUSTED, blob
 by blob: what fits is stored and acknowledged, nothing partial is kept, and one
 line is logged, not a traceback.
 

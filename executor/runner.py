@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
+from cas.disk import is_full
 from cas.store import BlobStore
 from cas.tree import read_tree
 from executor import layout
@@ -24,6 +26,9 @@ from reapi.watch import Watcher
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 900.0
+# What an action finds in its environment when its Command does not say
+# (`reapi worker --env` changes it): a PATH with the system's programs.
+DEFAULT_ENV: Mapping[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 # An ActionResult travels to the server in one message, with at most
 # Assign.output_blob_bytes of outputs: far within the server's message limit.
 MAX_RESULT_BYTES = 4 * 1024 * 1024
@@ -100,9 +105,12 @@ class ActionRunner:
         cache: LocalCache,
         worker_name: str,
         provided: tuple[str, ...] = PROVIDED_DIRS,
+        env: Mapping[str, str] = DEFAULT_ENV,
     ) -> None:
+        """`env`: variables an action gets where its Command sets none of that name."""
         self._store = store
         self._cache = cache
+        self._env = dict(env)
         self._name = worker_name
         self._system_files = SystemFiles(Watcher(), provided)
 
@@ -119,10 +127,17 @@ class ActionRunner:
         except ReapiError as error:
             status = status_pb2.Status(code=error.code, message=error.message)
         except Exception as error:
-            log.exception("action %s failed on this worker", assign.action_digest.hash)
-            status = status_pb2.Status(
-                code=code_pb2.INTERNAL, message=f"worker: {type(error).__name__}: {error}"
-            )
+            if is_full(error):  # its inputs or outputs did not fit: not the action's fault
+                log.warning("action %s: this worker's disk is full", assign.action_digest.hash)
+                status = status_pb2.Status(
+                    code=code_pb2.RESOURCE_EXHAUSTED,
+                    message=f"worker {self._name}: its disk is full ({error})",
+                )
+            else:
+                log.exception("action %s failed on this worker", assign.action_digest.hash)
+                status = status_pb2.Status(
+                    code=code_pb2.INTERNAL, message=f"worker: {type(error).__name__}: {error}"
+                )
         metadata.worker_completed_timestamp.CopyFrom(_now())
         finished.response.status.CopyFrom(status)
         return finished
@@ -158,7 +173,7 @@ class ActionRunner:
         timeout = DEFAULT_TIMEOUT
         if action.HasField("timeout"):
             timeout = action.timeout.ToTimedelta().total_seconds()
-        environment = {v.name: v.value for v in command.environment_variables}
+        environment = {**self._env, **{v.name: v.value for v in command.environment_variables}}
         if MANIFEST_VARIABLE in environment:
             self._system_files.verify(root, environment[MANIFEST_VARIABLE])
         metadata.execution_start_timestamp.CopyFrom(_now())

@@ -131,13 +131,20 @@ class Scheduler:
 
     # ------------------------------------------------------------ clients
 
-    def check_placeable(self, requirements: Properties) -> None:
+    def check_placeable(self, requirements: Properties, instance_name: str = "") -> None:
         """Raise FailedPrecondition if no connected worker could ever run an
-        action with these requirements. With no worker connected at all (the
-        server just started), anything may still come."""
-        if not self._workers or any(requirements <= w.properties for w in self._workers):
+        action with these requirements in that instance. With no worker
+        connected at all (the server just started), anything may still come."""
+        if not self._workers:
             return
-        known = sorted({name for w in self._workers for name, _ in w.properties})
+        allowed = [w for w in self._workers if w.instances is None or instance_name in w.instances]
+        if not allowed:
+            raise FailedPrecondition(
+                f"no connected worker runs actions of instance name {instance_name!r}"
+            )
+        if any(requirements <= w.properties for w in allowed):
+            return
+        known = sorted({name for w in allowed for name, _ in w.properties})
         wanted = ", ".join(f"{k}={v}" for k, v in sorted(requirements))
         raise FailedPrecondition(
             f"no worker matches platform properties {{{wanted}}}; workers offer the "
@@ -159,7 +166,7 @@ class Scheduler:
         """The job that will run the action: an identical one already queued
         or running, unless the action may not be cached (then always new).
         `owner` joins the job's owners."""
-        self.check_placeable(requirements)
+        self.check_placeable(requirements, instance_name)
         cacheable = not action.do_not_cache
         key = (action_digest, instance_name)
         if cacheable and (existing := self._in_flight.get(key)) is not None:

@@ -28,7 +28,7 @@ from cas.existence import (
 )
 from cas.remote import RemoteStore, channel_for
 from executor.local_cache import LocalCache
-from executor.runner import ActionRunner
+from executor.runner import DEFAULT_ENV, ActionRunner
 from executor.sandbox import Sandbox
 from reapi.conventions import PROVIDED_DIRS
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -55,6 +55,9 @@ class WorkerConfig:
     parent_pid: int | None = None
     # Directories provided to every action besides PROVIDED_DIRS (`--provide`).
     provide: Sequence[str] = ()
+    # Environment variables an action gets when its Command does not set them
+    # (`--env`; the REAPI allows it, and tools such as Pants rely on PATH).
+    env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
 
     @property
     def provided(self) -> tuple[str, ...]:
@@ -114,7 +117,7 @@ class Worker:
             known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
             store = ExistenceCachingStore(RemoteStore(channel, metadata), known)
             cache = LocalCache(config.workdir / "cache", store)
-            runner = ActionRunner(store, cache, config.name, config.provided)
+            runner = ActionRunner(store, cache, config.name, config.provided, config.env)
             outgoing: asyncio.Queue[worker_pb2.WorkerMessage] = asyncio.Queue()
             hello = worker_pb2.Hello(
                 name=config.name,

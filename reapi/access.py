@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import inspect
-import shlex
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -162,17 +162,39 @@ def token_name(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
+_WORD = re.compile(r'"([^"]*)"|(\S+)')
+
+
+def _words(line: str, where: str) -> list[str]:
+    """A line's words: runs of non-blanks, or "double-quoted" text (a name with
+    spaces); a word starting with # begins a comment. A # inside a word is part
+    of it (a token may hold one)."""
+    words: list[str] = []
+    for match in _WORD.finditer(line):
+        quoted: str | None = match.group(1)
+        plain: str | None = match.group(2)
+        if plain is not None and plain.startswith("#"):
+            break
+        if plain is not None and '"' in plain:
+            raise ConfigError(f"{where}: a quote that does not close, or one inside a word")
+        words.append(quoted if quoted is not None else plain or "")
+    return words
+
+
 def parse_grant(line: str, where: str) -> tuple[str, Caller]:
-    """One line of the token file: (token or `CN=NAME`, its caller)."""
-    try:
-        words = shlex.split(line, comments=True)  # a shell's words: quotes, # comments
-    except ValueError as error:
-        raise ConfigError(f"{where}: {error}") from None
+    """One line of the token file: (token or `CN=NAME`, its caller). Messages
+    never repeat the line: it holds a secret."""
+    words = _words(line, where)
+    if not words or not words[0]:
+        raise ConfigError(f"{where}: an empty token")
     subject, rest = words[0], words[1:]
     instances = {word[1:] for word in rest if word.startswith("@")}
     named = [word for word in rest if not word.startswith("@")]
     if len(named) > 1:
-        raise ConfigError(f"{where}: expected TOKEN [PERMISSIONS] [@INSTANCE...], got {line!r}")
+        raise ConfigError(
+            f"{where}: expected TOKEN [PERMISSION,...] [@INSTANCE...]: "
+            f"{len(named)} words where one list of permissions goes"
+        )
     permissions: set[str] = set()
     for permission in named[0].split(",") if named else sorted(BARE_TOKEN):
         if permission not in _IMPLIES:
@@ -202,7 +224,10 @@ def load_grants(path: Path) -> Grants:
             continue
         where = f"--auth-tokens {path}, line {number}"
         subject, caller = parse_grant(line, where)
-        if subject.encode() in tokens or subject[3:] in common_names:
+        twice = (
+            subject[3:] in common_names if subject.startswith("CN=") else subject.encode() in tokens
+        )
+        if twice:
             raise ConfigError(f"{where}: {caller.name} is granted twice")
         if subject.startswith("CN="):
             common_names[subject[3:]] = caller

@@ -5,7 +5,8 @@
                 [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
                 [--instance NAME ...] [--idle-timeout SECONDS]
     reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
-                 [--provide DIR ...] [--sandbox bwrap|none] [--name NAME] [--workdir DIR]
+                 [--provide DIR ...] [--env KEY=VALUE ...] [--sandbox bwrap|none]
+                 [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
     reapi cas gc | stats | verify ...      (see reapi/cas_commands.py)
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cas.inventory import StorageError
+from executor.runner import DEFAULT_ENV
 from executor.worker import Worker, WorkerConfig
 from reapi import cas_commands
 from reapi.access import read_token
@@ -136,6 +138,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a directory to mount read-only for every action, besides the system's "
         "(a toolchain under /opt, say; repeatable): clients then rely on its files",
     )
+    worker_cmd.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable actions get when their Command does not set it "
+        "(repeatable; default PATH=/usr/local/bin:/usr/bin:/bin)",
+    )
     worker_cmd.add_argument("--sandbox", choices=("bwrap", "none"), default="bwrap")
     worker_cmd.add_argument("--name", help="name in logs and results (default: host name)")
     worker_cmd.add_argument(
@@ -224,8 +234,15 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
             raise ConfigError(f"--provide {error}") from None
         if not os.path.isdir(directory):
             raise ConfigError(f"--provide {directory!r}: not a directory")
+    env = dict(DEFAULT_ENV)
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
+        env[key] = value
     config = WorkerConfig(
         server=args.server,
+        env=env,
         workdir=args.workdir or reapi_home() / "worker",
         slots=args.slots,
         properties=properties,

@@ -154,12 +154,18 @@ class Server:
                 self.port = self._grpc.add_secure_port(self.config.listen, self._credentials)
             else:
                 self.port = self._grpc.add_insecure_port(self.config.listen)
-            if local_socket is not None:
-                self._grpc.add_insecure_port(f"unix:{local_socket}")
         except RuntimeError:
             self.port = 0
         if not self.port:
             raise ConfigError(f"cannot listen on {self.config.listen}: address in use or invalid")
+        if local_socket is not None:
+            try:
+                self._grpc.add_insecure_port(f"unix:{local_socket}")
+            except RuntimeError:
+                raise ConfigError(
+                    f"cannot make the local workers' socket {local_socket} (a path of at "
+                    "most 107 bytes; set TMPDIR to a shorter directory)"
+                ) from None
         await self._grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         return self.port

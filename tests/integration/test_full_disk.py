@@ -19,8 +19,8 @@ from reapi.protos import bytestream_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from tests.actions import SHA256
-from tests.helpers import REPO, ServerProcess
+from tests.actions import SHA256, execute, upload_action
+from tests.helpers import REPO, ServerProcess, WorkerProcess
 
 OK, FULL = grpc.StatusCode.OK.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 DISK_BYTES = 3 * 1024 * 1024
@@ -128,3 +128,28 @@ async def test_a_full_store_refuses_blob_by_blob_and_loses_nothing(small_disk: P
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+async def test_a_full_worker_disk_fails_the_action_clearly(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """Inputs that do not fit on the worker's disk: the action fails with
+    RESOURCE_EXHAUSTED saying so (no traceback), and the worker runs the next one."""
+    server = ServerProcess(tmp_path / "storage")
+    worker = WorkerProcess(server, "small-disk", small_disk / "worker")
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            too_big = await upload_action(
+                channel, ["/bin/true"], files={"big.bin": os.urandom(DISK_BYTES + 1024 * 1024)}
+            )
+            _ops, response = await execute(channel, too_big)
+            assert response.status.code == FULL, response.status
+            assert "worker small-disk: its disk is full" in response.status.message
+            small = await upload_action(channel, ["/bin/sh", "-c", "echo still here"])
+            _ops, response = await execute(channel, small, inline_stdout=True)
+            assert response.status.code == OK, response.status
+            assert response.result.stdout_raw == b"still here\n"
+    finally:
+        worker.stop()
+        server.stop()
+    assert "Traceback" not in worker.log(), worker.log()

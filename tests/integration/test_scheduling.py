@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from google.rpc import code_pb2
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from tests.actions import execute, execution, stage, upload_action
-from tests.helpers import ServerProcess, WorkerProcess
+from tests.helpers import REPO, ServerProcess, WorkerProcess
 
 
 @pytest.fixture
@@ -236,7 +237,11 @@ async def test_sandbox_none_runs_and_says_so(tmp_path: Path) -> None:
         async with grpc.aio.insecure_channel(server.address) as channel:
             action = await upload_action(channel, ["/usr/bin/env"], env={"ONLY": "this"})
             _ops, response = await execute(channel, action, inline_stdout=True)
-        assert response.result.stdout_raw == b"ONLY=this\n"
+        # The Command's environment, and the worker's default PATH it does not set.
+        assert sorted(response.result.stdout_raw.splitlines()) == [
+            b"ONLY=this",
+            b"PATH=/usr/local/bin:/usr/bin:/bin",
+        ]
     finally:
         server.stop()
     assert "sandbox 'none': actions run unconfined" in server.log()
@@ -317,3 +322,31 @@ async def test_instance_names_keep_results_and_operations_apart(one_worker: Serv
         assert first_a[-1].name in await listed("team-a")
         assert first_a[-1].name not in await listed("team-b") | await listed("")
         assert first_b[-1].name in await listed("team-b")
+
+
+async def test_workers_supply_environment_the_command_does_not_set(tmp_path: Path) -> None:
+    """`reapi worker --env`: variables an action gets where its Command sets none
+    of that name; a sensible PATH by default; the Command's own values win."""
+    server = ServerProcess(tmp_path / "storage")
+    worker = WorkerProcess(server, "env", tmp_path / "env", extra=["--env", "TEAM=blue"])
+    script = "echo PATH=$PATH TEAM=$TEAM; ls /bin/sh >/dev/null && echo found"
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            bare = await upload_action(channel, ["sh", "-c", script], env={})
+            _ops, response = await execute(channel, bare, inline_stdout=True)
+            assert response.result.stdout_raw == (
+                b"PATH=/usr/local/bin:/usr/bin:/bin TEAM=blue\nfound\n"
+            ), response
+            own = await upload_action(
+                channel, ["sh", "-c", script], env={"PATH": "/bin", "TEAM": "red"}
+            )
+            _ops, response = await execute(channel, own, inline_stdout=True)
+            assert response.result.stdout_raw == b"PATH=/bin TEAM=red\nfound\n", response
+    finally:
+        worker.stop()
+        server.stop()
+    bad = subprocess.run(
+        [sys.executable, "-m", "reapi", "worker", "--server", "grpc://127.0.0.1:1", "--env", "=x"],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--env '=x': expected KEY=VALUE" in bad.stderr, bad.stderr

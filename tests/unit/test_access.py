@@ -52,6 +52,18 @@ def test_grant_lines(line: str, permissions: set[str], instances: set[str] | Non
     assert caller.name == token_name("tok") and "tok" not in caller.name.removeprefix("token:")
 
 
+def test_a_hash_inside_a_token_is_part_of_it() -> None:
+    subject, caller = parse_grant("abc#def read # a comment", "here")
+    assert subject == "abc#def" and caller.permissions == {READ}
+
+
+def test_errors_never_repeat_the_secret() -> None:
+    for line in ("s3cret-token read write", "s3cret-token reed", 's3cret-token "read'):
+        with pytest.raises(ConfigError) as error:
+            parse_grant(line, "line 1")
+        assert "s3cret" not in str(error.value)
+
+
 def test_certificate_lines() -> None:
     subject, caller = parse_grant("CN=ci.example.org write", "here")
     assert subject == "CN=ci.example.org"
@@ -67,7 +79,9 @@ def test_certificate_lines() -> None:
         ("tok read write", "expected TOKEN"),
         ("CN= read", "common name"),
         ("tok read,,write", "unknown permission ''"),
-        ('"CN=build farm worker', "quotation"),
+        ('"CN=build farm worker', "a quote that does not close"),
+        ('tok"en read', "a quote that does not close"),
+        ('"" read', "an empty token"),
     ],
 )
 def test_bad_grant_lines(line: str, message: str) -> None:
@@ -92,6 +106,8 @@ def test_token_file(tmp_path: Path) -> None:
     path.write_text("same read\nother write\nsame write\n")
     with pytest.raises(ConfigError, match=r"line 3: token:[0-9a-f]{12} is granted twice"):
         load_grants(path)
+    path.write_text('"CN=alice" read\nxyzalice write\n')  # a token, not the name again
+    assert load_grants(path).by_token(b"xyzalice") is not None
     path.write_text('"CN=a b" read\n"CN=a b" write\n')
     with pytest.raises(ConfigError, match="line 2: cert:a b is granted twice"):
         load_grants(path)

@@ -16,7 +16,7 @@ from cas.action_cache import (
 from cas.memory import MemoryStore
 from cas.store import put_blob
 from reapi.digests import DigestFunction
-from reapi.errors import NotFound
+from reapi.errors import InvalidArgument, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 BLAKE3 = DigestFunction.BLAKE3
@@ -67,3 +67,13 @@ async def test_instances_have_action_caches_of_their_own(store: str, tmp_path: P
         assert sorted(name for name, _root in instance_roots(tmp_path / "ac")) == [
             "", "@c", "team-a", "team/b",
         ]  # fmt: skip
+
+
+async def test_an_instance_name_too_long_for_a_directory_is_invalid(tmp_path: Path) -> None:
+    cache = ActionCache(DiskActionResultStore(tmp_path), MemoryStore())
+    action = DigestFunction.SHA256.digest_of(b"an action")
+    for name in ("é" * 40, "x" * 300):
+        with pytest.raises(InvalidArgument, match="is too long"):
+            await cache.put(action, re_pb2.ActionResult(), name)
+    await cache.put(action, re_pb2.ActionResult(exit_code=7), "é" * 30)  # 181 bytes encoded
+    assert (await cache.get(action, instance_name="é" * 30)).exit_code == 7

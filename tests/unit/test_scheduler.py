@@ -72,6 +72,20 @@ async def test_properties_decide_where_a_job_runs() -> None:
         await submit(scheduler, "x", requirements=frozenset({("tpu", "v5")}))
 
 
+async def test_instance_scoped_workers_run_only_their_instances() -> None:
+    scheduler = Scheduler()
+    team = await scheduler.connect("team-a only", NONE, 1, instances=frozenset({"team-a"}))
+    digest = DigestFunction.SHA256.digest_of(b"build")
+    action, command = re_pb2.Action(), re_pb2.Command(arguments=["x"])
+    with pytest.raises(FailedPrecondition, match="no connected worker runs actions of instance"):
+        await scheduler.submit(digest, action, command, "team-b", NONE)
+    job = await scheduler.submit(digest, action, command, "team-a", NONE, owner="me")
+    assert await scheduler.next_job(team) is job and job.owners == {"me"}
+    everyone = await scheduler.connect("any", NONE, 1)
+    other = await scheduler.submit(digest, action, command, "team-b", NONE)
+    assert await scheduler.next_job(everyone) is other
+
+
 async def test_lost_worker_requeues_then_gives_up() -> None:
     scheduler = Scheduler()
     job = await submit(scheduler, "flaky")
