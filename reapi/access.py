@@ -269,6 +269,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, grants: Grants | None, served: frozenset[str] | None = None) -> None:
         self._grants = grants
         self.served = served
+        # Each method's guarded handler, made once: gRPC asks for every call.
+        self._handlers: dict[str, Handler] = {}
 
     def caller(self, context: Context) -> Caller | None:
         if self._grants is None:
@@ -295,7 +297,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
-        return _guarded(handler, method, METHOD_PERMISSIONS.get(method, frozenset()), self)
+        guarded = self._handlers.get(method)
+        if guarded is None:
+            allowed = METHOD_PERMISSIONS.get(method, frozenset())
+            guarded = self._handlers[method] = _guarded(handler, method, allowed, self)
+        return guarded
 
 
 def _guarded(
