@@ -209,8 +209,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.max_size = cas_commands.size_option("--max-size", str(settings["max-size"]))
     if settings.get("gc-interval"):
         config.gc_interval = float(settings["gc-interval"])
-    if settings.get("idle-timeout"):
+    if settings.get("idle-timeout") is not None:
         config.idle_timeout = float(settings["idle-timeout"])
+        if not config.idle_timeout > 0:
+            raise ConfigError(f"--idle-timeout {settings['idle-timeout']}: expected seconds > 0")
     if settings.get("instance") is not None:
         names = settings["instance"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -75,6 +75,9 @@ def test_bad_listen_and_config(tmp_path: Path) -> None:
     assert "instance: expected a list" in one_line_error(
         run_reapi("serve", "--config", str(config))
     )
+    for bad in ("0", "-5", "nan"):
+        refused = run_reapi("serve", "--listen", "127.0.0.1:0", "--idle-timeout", bad)
+        assert "expected seconds > 0" in one_line_error(refused)
     tokens = tmp_path / "tokens"
     tokens.write_text("# no tokens here\n")
     assert "holds no token" in one_line_error(
