@@ -65,6 +65,16 @@ def parse_size(text: str) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def human(size: int) -> str:
+    """`size` bytes for people: 512 B, 1.5 KiB, 10.0 GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 @dataclass
 class GcReport:
     blobs_before: int = 0

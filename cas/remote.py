@@ -7,6 +7,7 @@ Errors from the server come back as the matching ReapiError.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from cas.store import READ_CHUNK, BlobInfo, BufferedWriter, verified
+from cas.store import READ_CHUNK, BlobInfo, BlobWriter, BufferedWriter, check_room, verified
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import (
     FailedPrecondition,
@@ -171,9 +172,12 @@ class RemoteStore:
                 await self._write(digest, data)
         return errors
 
-    async def _write(self, digest: Digest, data: bytes) -> None:
+    def _upload_name(self, digest: Digest) -> str:
         prefix = f"{self._instance}/" if self._instance else ""
-        name = f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.resource_path()}"
+        return f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.resource_path()}"
+
+    async def _write(self, digest: Digest, data: bytes) -> None:
+        name = self._upload_name(digest)
 
         async def requests() -> AsyncIterator[bs_pb2.WriteRequest]:
             for start in range(0, max(len(data), 1), READ_CHUNK):
@@ -190,8 +194,12 @@ class RemoteStore:
         except grpc.aio.AioRpcError as error:
             raise as_reapi_error(error) from None
 
-    def begin_write(self, digest: Digest) -> BufferedWriter:
-        return BufferedWriter(digest, self._save)
+    def begin_write(self, digest: Digest) -> BlobWriter:
+        """A batch upload for a small blob; a ByteStream write that sends each
+        chunk as it is written for a large one."""
+        if digest.size <= BATCH_BYTES:
+            return BufferedWriter(digest, self._save)
+        return _StreamWriter(self._bytestream, self._upload_name(digest), digest, self._metadata)
 
     async def _save(self, digest: Digest, data: bytes) -> None:
         (error,) = await self.put_many([(digest, data)])
@@ -204,6 +212,87 @@ class RemoteStore:
     async def iter_blobs(self) -> AsyncIterator[BlobInfo]:
         raise FailedPrecondition("a remote CAS cannot list its blobs")
         yield  # pragma: no cover - makes this an async generator
+
+
+class _StreamWriter:
+    """A BlobWriter that sends what it is given at once, on one ByteStream
+    Write call (gRPC's flow control holds `write` back while the server is
+    behind, so memory holds a chunk or so). The server checks the hash."""
+
+    def __init__(
+        self,
+        bytestream: Any,
+        name: str,
+        digest: Digest,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> None:
+        self._bytestream = bytestream
+        self._name = name
+        self._digest = digest
+        self._metadata = metadata
+        self._call: Any = None
+        self._sent = 0
+        self._done = False  # the server has the blob (it may say so early)
+
+    @property
+    def committed_size(self) -> int:
+        return self._sent
+
+    async def _send(self, data: bytes, finish: bool) -> None:
+        if self._call is None:
+            self._call = self._bytestream.Write(metadata=self._metadata)
+        request = bs_pb2.WriteRequest(
+            resource_name=self._name if self._sent == 0 else "",
+            write_offset=self._sent,
+            data=data,
+            finish_write=finish,
+        )
+        try:
+            await self._call.write(request)
+        except (
+            asyncio.InvalidStateError,
+            grpc.aio.AioRpcError,
+        ):  # the call ended: its answer says why
+            await self._answer()
+
+    async def _answer(self) -> None:
+        try:
+            response = await self._call
+        except grpc.aio.AioRpcError as error:
+            raise as_reapi_error(error) from None
+        if response.committed_size != self._digest.size:
+            raise Internal(
+                f"remote CAS: the upload of {self._digest} ended after "
+                f"{response.committed_size} bytes"
+            )
+        self._done = True
+
+    async def write(self, data: bytes) -> None:
+        try:
+            check_room(self._digest, self._sent, len(data))
+        except ReapiError:
+            await self.abort()
+            raise
+        if not self._done:
+            await self._send(data, finish=False)
+        self._sent += len(data)
+
+    async def commit(self) -> None:
+        if self._sent != self._digest.size:
+            await self.abort()
+            raise InvalidArgument(
+                f"blob {self._digest}: upload ended after {self._sent} of {self._digest.size} bytes"
+            )
+        if self._done:
+            return
+        await self._send(b"", finish=True)
+        if not self._done:
+            await self._call.done_writing()
+            await self._answer()
+
+    async def abort(self) -> None:
+        if self._call is not None and not self._done:
+            self._call.cancel()
 
 
 def _by_function(digests: Sequence[Digest]) -> dict[DigestFunction, list[Digest]]:

@@ -12,6 +12,7 @@ Contract shared by all implementations (checked by `tests/contract/`):
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -120,6 +121,21 @@ async def put_missing(
         if error is not None:
             raise error
     return sum(len(data) for _, data in blobs)
+
+
+async def put_file(store: BlobStore, digest: Digest, path: str | os.PathLike[str]) -> None:
+    """Store the file at `path` as the blob `digest` (which it must hash to),
+    a READ_CHUNK at a time through `begin_write`: however large the file,
+    little of it is in memory at once."""
+    writer = store.begin_write(digest)
+    try:
+        with open(path, "rb") as file:
+            while chunk := file.read(READ_CHUNK):
+                await writer.write(chunk)
+        await writer.commit()
+    except BaseException:
+        await writer.abort()
+        raise
 
 
 def verified(blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:

@@ -58,12 +58,25 @@ class Dir:
             directory = node
         return directory
 
+    def inodes(self) -> set[int]:
+        """The inodes of every file in this tree."""
+        found: set[int] = set()
+        pending = [self]
+        while pending:
+            for node in pending.pop().entries.values():
+                if isinstance(node, File):
+                    found.add(node.inode)
+                elif isinstance(node, Dir):
+                    pending.append(node)
+        return found
+
 
 Node = File | Link | Dir
 
 
-def lay_out(path: str, have: Dir, want: Dir) -> None:
-    """Turn the directory at `path`, which holds exactly `have`, into `want`."""
+def lay_out(path: str, have: Dir, want: Dir, owner: int | None = None) -> None:
+    """Turn the directory at `path`, which holds exactly `have`, into `want`;
+    the directories it makes are `owner`'s (user and group), when given."""
     pending = [(path, have, want)]
     while pending:
         path, have, want = pending.pop()
@@ -80,6 +93,8 @@ def lay_out(path: str, have: Dir, want: Dir) -> None:
             if isinstance(new, Dir):
                 if not isinstance(kept, Dir):
                     os.mkdir(target, DIRECTORY_MODE)
+                    if owner is not None:
+                        os.chown(target, owner, owner)
                     kept = Dir()
                 pending.append((target, kept, new))
             elif new != kept:

@@ -2,11 +2,11 @@
 
 Files live at CACHE/{function}/{hash[:2]}/{hash}-{r|x} (x: executable), each
 verified against its digest when fetched, then made read-only. Several
-workers on one machine may share a cache: a file, once there, is never replaced. When the worker
-runs as root they are also owned by `nobody`: actions run in a user namespace
-mapped to that root without its capabilities, so they can neither write nor
-chmod a cached file through their hard link. (Unlinking their own link is fine.)
-Only blobs the cache lacks are fetched from the server's CAS.
+workers on one machine may share a cache: a file, once there, is never
+replaced. A root worker's actions run as users that do not own the cached
+files (executor/sandbox.py), so they can neither write nor chmod one through
+their hard link. (Unlinking their own link is fine.) Only blobs the cache
+lacks are fetched from the server's CAS.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from cas.store import BlobStore, verify
 from reapi.digests import Digest
 from reapi.errors import NotFound
 
-NOBODY = 65534
 # A file in the cache: its digest, and whether it is executable.
 CachedFile = tuple[Digest, bool]
 # Fetch at most this many bytes from the CAS in one round.
@@ -35,7 +34,6 @@ class LocalCache:
         self._remote = remote
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
-        self._protect = os.geteuid() == 0
         self._counter = itertools.count()
 
     def path(self, digest: Digest, executable: bool) -> str:
@@ -94,8 +92,6 @@ class LocalCache:
         try:
             tmp.write_bytes(data)
             os.chmod(tmp, 0o555 if executable else 0o444)
-            if self._protect:
-                os.chown(tmp, NOBODY, NOBODY)
             # Never replace a file already there: another worker sharing this
             # cache may be hard-linking it, and link() fails with ENOENT when
             # the name's inode is unlinked under it (its bytes are the same).

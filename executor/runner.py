@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
 from cas.disk import is_full
+from cas.gc import human
 from cas.store import BlobStore
 from cas.tree import read_tree
 from executor import layout
+from executor.limits import Limits
 from executor.local_cache import CachedFile, LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Slot
@@ -32,6 +34,24 @@ DEFAULT_ENV: Mapping[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 # An ActionResult travels to the server in one message, with at most
 # Assign.output_blob_bytes of outputs: far within the server's message limit.
 MAX_RESULT_BYTES = 4 * 1024 * 1024
+
+
+# What an action that went past a limit is told (Outcome.exceeded), on stderr
+# and in ExecuteResponse.message.
+_EXCEEDED: dict[str, Callable[[Limits], str]] = {
+    "tree": lambda limits: (
+        f"the action wrote more than {human(limits.tree)} to its tree, "
+        "stdout and stderr (the limit of reapi worker --max-tree) and was killed"
+    ),
+    "file": lambda limits: (
+        f"a file of the action reached {human(limits.tree)}, the most "
+        "one file may hold (reapi worker --max-tree)"
+    ),
+    "tmp": lambda limits: (
+        f"the action filled its /tmp or /dev/shm ({human(limits.tmp)}, "
+        "the limit of reapi worker --max-tmp)"
+    ),
+}
 
 
 def _drop_outputs(result: re_pb2.ActionResult) -> None:
@@ -179,6 +199,11 @@ class ActionRunner:
         metadata.execution_start_timestamp.CopyFrom(_now())
         outcome = await slot.run(workdir, list(command.arguments), environment, timeout)
         metadata.execution_completed_timestamp.CopyFrom(_now())
+        if outcome.exceeded is not None:
+            said = f"reapi worker {self._name}: {_EXCEEDED[outcome.exceeded](slot.limits)}"
+            finished.response.message = said
+            with open(slot.stderr, "ab") as stderr:  # where every client shows it
+                stderr.write(f"{said}\n".encode())
 
         metadata.output_upload_start_timestamp.CopyFrom(_now())
         collector = OutputCollector(root, workdir, function)

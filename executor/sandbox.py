@@ -1,11 +1,21 @@
 """Running one command in a sandbox.
 
-`bwrap` (bubblewrap): a fresh user, PID, network, IPC and UTS namespace (no
-network at all); the system directories read-only; the action's tree, mounted
-at /build, the only writable place besides a private /tmp; an environment that
-is exactly the Command's. `none`: the command runs directly in the action's
-tree, with the same environment; for machines without bubblewrap, and it says
-so in the log.
+`bwrap` (bubblewrap): a fresh PID, network, IPC and UTS namespace (no network
+at all); the system directories read-only; the action's tree, mounted at
+/build, the only writable place besides a private /tmp and /dev/shm; an
+environment that is exactly the Command's; the limits of executor/limits.py.
+Who the command runs as: a worker run by root gives each slot a user of its
+own (executor/limits.py), without privileges and unknown to the host, which
+owns the slot's tree and nothing else, so the host's files are as closed to it
+as to any stranger and the worker's cached inputs (owned by root, read-only)
+cannot be changed through their hard links; bubblewrap itself runs as root,
+the command as that user. A worker that is not root has no other user to
+give: bubblewrap makes a user namespace in which the command is user 1000,
+which is the worker's user outside (the host's files are safe from it as they
+are from the worker, but the worker's own files, its cache among them, are
+not). `none`: the command runs directly in the action's tree, with the same
+environment and no limits; for machines without bubblewrap, and it says so in
+the log.
 
 Setting up and tearing down bubblewrap's namespaces costs about 4 ms of CPU,
 more than many actions take. So each slot keeps one bubblewrap sandbox alive
@@ -53,21 +63,27 @@ from pathlib import Path
 from typing import IO
 
 from executor import layout
+from executor.limits import DEFAULT_LIMITS, WATCH_SECONDS, Limits, SandboxUsers, written
 from reapi.conventions import PROVIDED_DIRS, SANDBOX_ROOT, provided_by
 
 log = logging.getLogger(__name__)
 
-# Inside the user namespace the action runs as this (unprivileged) user.
+# Inside the user namespace of a worker that is not root, the command runs as this user.
 SANDBOX_UID = 1000
 HELPER_SOURCE = Path(__file__).with_name("sandbox_helper.py")
 # Seconds a new warm sandbox may take to say it is ready.
 START_TIMEOUT = 20.0
+# The command's scratch directories: each a tmpfs of the /tmp limit.
+SCRATCH = ("/tmp", "/dev/shm")
 
 
 @dataclass(frozen=True)
 class Outcome:
     exit_code: int
     timed_out: bool
+    # The limit it went past, when the worker can tell (executor/limits.py):
+    # "tree" (it was killed), "file" (SIGXFSZ ended it) or "tmp" (/tmp or /dev/shm was full).
+    exceeded: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,12 @@ class Sandbox:
     with its own warm bubblewrap (kind `bwrap`)."""
 
     def __init__(
-        self, kind: str, workdir: Path, slots: int = 1, provided: tuple[str, ...] = PROVIDED_DIRS
+        self,
+        kind: str,
+        workdir: Path,
+        slots: int = 1,
+        provided: tuple[str, ...] = PROVIDED_DIRS,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         """`provided`: the directories mounted read-only at their own paths
         (reapi/conventions.py): PROVIDED_DIRS and any the worker adds."""
@@ -103,12 +124,19 @@ class Sandbox:
             log.warning("sandbox 'none': actions run unconfined, with the worker's rights")
         self.kind = kind
         self.provided = provided
+        self.limits = limits
+        # Root runs commands as the slots' own users; anyone else in a user namespace.
+        self.privileged = kind == "bwrap" and os.geteuid() == 0
+        self._users = SandboxUsers()
         self.workdir = Path(workdir)
         self.warm = kind == "bwrap"  # until a helper fails to start
         self.workdir.mkdir(parents=True, exist_ok=True)
         _reclaim(self.workdir)
         self._free: asyncio.Queue[Slot] = asyncio.Queue()
-        self._slots = [Slot(self) for _ in range(max(1, slots))]
+        self._slots = [
+            Slot(self, self._users.claim() if self.privileged else None)
+            for _ in range(max(1, slots))
+        ]
         for slot in self._slots:
             self._free.put_nowait(slot)
 
@@ -137,6 +165,7 @@ class Sandbox:
             else:
                 slot.lock_path.unlink(missing_ok=True)
             slot.unlock()
+        self._users.release_all()
 
     def argv(
         self,
@@ -144,25 +173,54 @@ class Sandbox:
         workdir: str,
         arguments: list[str],
         environment: dict[str, str],
-        extra_binds: tuple[str, ...] = (),
+        uid: int | None,
     ) -> list[str]:
         """bubblewrap's command line for running `arguments` once, in `root`
-        mounted at SANDBOX_ROOT."""
+        mounted at SANDBOX_ROOT, as `uid` (a privileged sandbox) within the
+        limits."""
         if self.kind == "none":
             return list(arguments)
-        argv = [
-            self._bwrap,
-            "--unshare-all",
-            "--die-with-parent",
-            "--new-session",
-            "--uid",
-            str(SANDBOX_UID),
-            "--gid",
-            str(SANDBOX_UID),
-        ]
+        command = [*self.limits.prlimit()]
+        if uid is not None:
+            command += [
+                "/usr/bin/setpriv",
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                "--no-new-privs",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ]
+        command += _through_env(arguments, environment)
+        return self.bwrap(root, workdir, environment, command)
+
+    def bwrap(
+        self,
+        root: Path,
+        workdir: str,
+        environment: dict[str, str],
+        command: list[str],
+        extra_binds: tuple[str, ...] = (),
+    ) -> list[str]:
+        """bubblewrap running `command` (as root in a privileged sandbox)."""
+        if self.privileged:
+            argv = [self._bwrap, "--unshare-ipc", "--unshare-pid", "--unshare-net"]
+            argv += ["--unshare-uts", "--unshare-cgroup-try"]
+        else:
+            argv = [self._bwrap, "--unshare-all", "--uid", str(SANDBOX_UID)]
+            argv += ["--gid", str(SANDBOX_UID)]
+        argv += ["--die-with-parent", "--new-session"]
         for directory in self.provided:
             argv += ["--ro-bind-try", directory, directory]
+        made = set()
         for directory in extra_binds:
+            # The directories above it as any user may pass them (bubblewrap
+            # copies their modes: /root's, say), the host's hidden.
+            for parent in reversed(Path(directory).parents[:-1]):
+                if str(parent) not in made and not provided_by(str(parent), self.provided):
+                    argv += ["--perms", "0755", "--dir", str(parent)]
+                    made.add(str(parent))
             argv += ["--ro-bind", directory, directory]
         argv += [
             "--proc",
@@ -171,8 +229,10 @@ class Sandbox:
             "/dev",
             "--mqueue",
             "/dev/mqueue",
-            "--tmpfs",
-            "/tmp",
+        ]
+        for scratch in SCRATCH:
+            argv += ["--perms", "1777", "--size", str(self.limits.tmp), "--tmpfs", scratch]
+        argv += [
             "--bind",
             str(root),
             SANDBOX_ROOT,
@@ -182,7 +242,7 @@ class Sandbox:
         ]
         for name, value in environment.items():
             argv += ["--setenv", name, value]
-        return [*argv, "--", *_through_env(arguments, environment)]
+        return [*argv, "--", *command]
 
 
 def _locked(path: Path) -> int:
@@ -246,8 +306,11 @@ class Slot:
     SANDBOX_ROOT), the files the command's stdout and stderr go to, and the
     slot's warm sandbox, if any."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
+    def __init__(self, sandbox: Sandbox, uid: int | None) -> None:
+        """`uid`: the user its commands run as (a privileged sandbox)."""
         self._sandbox = sandbox
+        self.uid = uid
+        self.limits = sandbox.limits
         self._warm: _Warm | None = None
         self._lock: int | None = None
         self._new_place()
@@ -262,25 +325,30 @@ class Slot:
         self.stderr = self.place / "stderr"
         # What the tree holds (executor/layout.py); None when that is not known.
         self._kept: layout.Dir | None = layout.Dir()
+        # The inodes of its input files: what a command wrote is the rest.
+        self._inputs: set[int] = set()
 
     def prepare(self) -> None:
         """The tree's directory, made if it is not there yet (clear() resets
-        it after every action, as executor/layout.py says)."""
+        it after every action, as executor/layout.py says), the slot's user's."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.uid is not None:
+            os.chown(self.root, self.uid, self.uid)
 
     def lay_out(self, tree: layout.Dir) -> None:
         """Make the tree hold `tree` (and nothing else), from what it kept."""
         root = str(self.root)
         have, self._kept = self._kept, None
+        self._inputs = tree.inodes()
         try:
             if have is not None:
-                layout.lay_out(root, have, tree)
+                layout.lay_out(root, have, tree, self.uid)
                 self._kept = tree
                 return
         except OSError as error:
             log.warning("cannot lay the input tree out over the last one: %s", _short(error))
         layout.empty(root)
-        layout.lay_out(root, layout.Dir(), tree)
+        layout.lay_out(root, layout.Dir(), tree, self.uid)
         self._kept = tree
 
     def clear(self) -> None:
@@ -324,10 +392,10 @@ class Slot:
         self, workdir: str, arguments: list[str], environment: dict[str, str], timeout: float
     ) -> Outcome:
         """Run to completion (stdout and stderr to the slot's files), or kill
-        it at `timeout`."""
+        it at `timeout`, or when it has written more than the tree limit."""
         sandbox = self._sandbox
         if sandbox.warm and self._warm is None:
-            self._warm = await _Warm.start(sandbox, self.root)
+            self._warm = await _Warm.start(sandbox, self.root, self.uid)
             if self._warm is None:
                 log.warning("no warm sandbox; every action gets its own bubblewrap")
                 sandbox.warm = False
@@ -335,34 +403,60 @@ class Slot:
             path.unlink(missing_ok=True)
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
             command = _Command(workdir, arguments, environment, out, err)
+            if self._warm is not None:
+                running = asyncio.ensure_future(self._run_warm(self._warm, command))
+            else:
+                running = asyncio.ensure_future(self._run_once(command))
+            watching = asyncio.ensure_future(self._watch())
             try:
                 async with asyncio.timeout(timeout):
-                    if self._warm is not None:
-                        code = await self._run_warm(self._warm, command)
-                    else:
-                        code = await self._run_once(command)
+                    await asyncio.wait((running, watching), return_when=asyncio.FIRST_COMPLETED)
             except TimeoutError:
-                return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
-        return Outcome(exit_code=code, timed_out=False)
+                pass
+            finally:
+                watching.cancel()
+                if not running.done():  # timed out, past the tree limit, or cancelled
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+        if running.cancelled():
+            if watching.done() and not watching.cancelled():
+                return Outcome(128 + signal.SIGKILL, timed_out=False, exceeded="tree")
+            return Outcome(exit_code=-signal.SIGKILL, timed_out=True)
+        code, tmp_full = running.result()
+        exceeded = "file" if code == 128 + signal.SIGXFSZ else None
+        if code != 0 and tmp_full:
+            exceeded = "tmp"
+        return Outcome(exit_code=code, timed_out=False, exceeded=exceeded)
 
-    async def _run_warm(self, warm: _Warm, command: _Command) -> int:
+    async def _watch(self) -> None:
+        """Return once the command has written more than the tree limit."""
+        limit = self._sandbox.limits.tree
+        files = (self.stdout, self.stderr)
+        while True:  # a quick command is done before the first look
+            await asyncio.sleep(WATCH_SECONDS)
+            if await asyncio.to_thread(written, self.root, self._inputs, files) > limit:
+                return
+
+    async def _run_warm(self, warm: _Warm, command: _Command) -> tuple[int, bool]:
         """In the warm sandbox, which is thrown away if the command changed it,
-        or was stopped (cancelled, timed out)."""
+        or was stopped (cancelled, timed out); also whether /tmp or /dev/shm was full."""
         try:
-            code, changed = await warm.run(command)
+            code, changed, tmp_full = await warm.run(command)
         except (asyncio.CancelledError, SandboxBroken):
             self.stop()
             raise
         if changed:
             log.info("an action changed its sandbox; the next one gets a new sandbox")
             self.stop()
-        return code
+        return code, tmp_full
 
-    async def _run_once(self, command: _Command) -> int:
-        """A process of its own: `none`, or a bubblewrap for this command alone."""
+    async def _run_once(self, command: _Command) -> tuple[int, bool]:
+        """A process of its own: `none`, or a bubblewrap for this command alone
+        (which cannot tell whether its /tmp was full)."""
         sandbox = self._sandbox
         environment = command.environment
-        argv = sandbox.argv(self.root, command.workdir, command.arguments, environment)
+        argv = sandbox.argv(self.root, command.workdir, command.arguments, environment, self.uid)
         cwd = self.root / command.workdir if sandbox.kind == "none" else self.root
         try:
             process = subprocess.Popen(
@@ -377,9 +471,9 @@ class Slot:
         except OSError as error:
             name = command.arguments[0]
             command.err.write(f"reapi worker: cannot start {name!r}: {error}\n".encode())
-            return 127
+            return 127, False
         try:
-            return await _exit_code(process)
+            return await _exit_code(process), False
         except asyncio.CancelledError:
             _kill_group(process.pid)
             process.wait()
@@ -395,7 +489,7 @@ class _Warm:
         self.control = control
 
     @classmethod
-    async def start(cls, sandbox: Sandbox, root: Path) -> _Warm | None:
+    async def start(cls, sandbox: Sandbox, root: Path, uid: int | None) -> _Warm | None:
         """A new warm sandbox over `root`, or None if the helper cannot start."""
         python = os.path.realpath(sys.executable)
         binds = tuple(
@@ -408,11 +502,14 @@ class _Warm:
             )
         )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        helper = ["-I", "-S", "-c", HELPER_SOURCE.read_text(), str(theirs.fileno())]
-        argv = sandbox.argv(root, "", [python, *helper], {}, extra_binds=binds)
+        # The helper runs as root in a privileged sandbox, starting each command as `uid`.
+        settings = json.dumps({"uid": uid, "rlimits": sandbox.limits.rlimits()})
+        helper = ["-I", "-S", "-c", HELPER_SOURCE.read_text(), str(theirs.fileno()), settings]
+        argv = sandbox.bwrap(root, "", {}, [python, *helper], extra_binds=binds)
         try:
             process = subprocess.Popen(
                 argv,
+                env={},  # nothing of the worker's: bubblewrap is the sandbox's first process
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=None,  # the helper's own complaints go to the worker's log
@@ -441,10 +538,11 @@ class _Warm:
             return None
         return warm
 
-    async def run(self, command: _Command) -> tuple[int, bool]:
+    async def run(self, command: _Command) -> tuple[int, bool, bool]:
         """Run one command: its exit code (128 + N for signal N, as bubblewrap
-        reports it), and whether it left the sandbox changed (then it must not
-        serve another). SandboxBroken if the sandbox died meanwhile."""
+        reports it), whether it left the sandbox changed (then it must not
+        serve another), and whether /tmp or /dev/shm was full when it ended.
+        SandboxBroken if the sandbox died meanwhile."""
         cwd = os.path.join(SANDBOX_ROOT, command.workdir)
         request = {"cwd": cwd, "argv": command.arguments, "env": command.environment}
         data = json.dumps(request).encode()
@@ -457,15 +555,15 @@ class _Warm:
             )
             await loop.sock_sendall(self.control, data)
             reply = b""
-            while len(reply) < 8:
-                chunk = await loop.sock_recv(self.control, 8 - len(reply))
+            while len(reply) < 12:
+                chunk = await loop.sock_recv(self.control, 12 - len(reply))
                 if not chunk:
                     raise SandboxBroken("the warm sandbox ended under a command")
                 reply += chunk
         except OSError as error:
             raise SandboxBroken(f"the warm sandbox failed: {error}") from None
-        code, changed = struct.unpack("!ii", reply)
-        return code, bool(changed)
+        code, changed, full = struct.unpack("!iii", reply)
+        return code, bool(changed), bool(full)
 
     def kill(self) -> None:
         self.control.close()

@@ -1,16 +1,20 @@
 """The helper inside a warm sandbox (see executor/sandbox.py): runs commands
 one at a time for the worker. Standard library only; started by the
-worker's interpreter as `python -I -S -c SOURCE FD` inside bubblewrap.
+worker's interpreter as `python -I -S -c SOURCE FD SETTINGS` inside
+bubblewrap, SETTINGS being JSON: {"uid": the user to run commands as (in a
+privileged sandbox, where the helper is root) or null, "rlimits": {name:
+value} for each command}.
 
 Protocol on the stream socket FD: the helper sends b"R" once it is ready.
 Each request is a 4-byte big-endian length, sent with two file descriptors
 (SCM_RIGHTS: the command's stdout and stderr), then that many bytes of JSON
 {"cwd", "argv", "env"}. When the command has ended, the helper kills every
 other process in the sandbox (what the command left running), empties /tmp
-and answers with two 4-byte big-endian signed integers: the exit code
-(128 + N when a signal N ended it, as bubblewrap reports), and 1 if the
-sandbox is no longer as it started (else 0). End of file on the socket ends
-the helper.
+and /dev/shm and answers with three 4-byte big-endian signed integers: the
+exit code (128 + N when a signal N ended it, as bubblewrap reports), 1 if the
+sandbox is no longer as it started (else 0), and 1 if /tmp or /dev/shm was
+full when the command ended (else 0). End of file on the socket ends the
+helper.
 
 "As it started": the sandbox's user owns the directories bubblewrap made
 (the root and the mount points on it, /dev, /dev/shm), so a command may add
@@ -29,7 +33,8 @@ Each command is started as the per-action sandbox starts it through
 execvp(3) finds it, a file without `#!` run by /bin/sh, exit code 127 when
 it is not found and 126 when it cannot be run; stdin /dev/null opened
 read-write; in a session of its own (so `kill 0` ends the command's
-processes, not the helper).
+processes, not the helper); with the resource limits of SETTINGS, as its
+user (without privileges, groups or a way to gain them).
 """
 
 from __future__ import annotations
@@ -58,7 +63,9 @@ def receive(control: socket.socket, size: int) -> bytes:
     return data
 
 
-def start(cwd: str, argv: list[str], env: dict[str, str], out: int, err: int) -> int:
+def start(
+    cwd: str, argv: list[str], env: dict[str, str], out: int, err: int, settings: dict[str, object]
+) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -68,6 +75,7 @@ def start(cwd: str, argv: list[str], env: dict[str, str], out: int, err: int) ->
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+        become(settings)
         try:
             os.chdir(cwd)
         except OSError as error:  # as bubblewrap's --chdir fails
@@ -81,6 +89,24 @@ def start(cwd: str, argv: list[str], env: dict[str, str], out: int, err: int) ->
     with contextlib.suppress(BaseException):
         os.write(2, f"reapi worker: {message}\n".encode())
     os._exit(code)
+
+
+def become(settings: dict[str, object]) -> None:
+    """Take on the command's limits and user, and give up gaining privileges."""
+    limits = settings["rlimits"]
+    assert isinstance(limits, dict)
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    uid = settings["uid"]
+    if isinstance(uid, int):
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # which also drops every capability
+    import ctypes
+
+    pr_set_no_new_privs = 38
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
 def execute(argv: list[str], env: dict[str, str]) -> None:
@@ -112,8 +138,10 @@ def execute(argv: list[str], env: dict[str, str]) -> None:
 
 # Where a command's name is looked for when its environment has no PATH (glibc's).
 DEFAULT_PATH = "/bin:/usr/bin"
-# Filesystems the sandbox's user can write besides the tree: walked whole.
+# Filesystems the command's user may write besides the tree: walked whole.
 OWNED = ("/", "/dev", "/dev/shm", "/dev/mqueue", "/tmp")
+# The scratch ones, emptied after each command.
+SCRATCH = ("/tmp", "/dev/shm")
 # Namespace-wide objects, one line each (after a header) in these tables.
 TABLES = (
     "/proc/sysvipc/shm",
@@ -212,14 +240,20 @@ def alone() -> bool:
     return False
 
 
+def full() -> bool:
+    """Whether a scratch filesystem has no room left."""
+    return any(os.statvfs(top).f_bavail == 0 for top in SCRATCH)
+
+
 def tidy() -> None:
-    """Empty /tmp (the command ran and was waited for)."""
-    for entry in os.scandir("/tmp"):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
+    """Empty /tmp and /dev/shm (the command ran and was waited for)."""
+    for top in SCRATCH:
+        for entry in os.scandir(top):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def undumpable() -> None:
@@ -240,6 +274,7 @@ def main() -> None:
         signal.signal(number, signal.SIG_DFL)
     control = socket.socket(fileno=int(sys.argv[1]))
     control.set_inheritable(False)
+    settings = json.loads(sys.argv[2])
     initial = state()
     control.sendall(b"R")
     while True:
@@ -256,18 +291,21 @@ def main() -> None:
         out, err = fds
         for fd in fds:  # the command gets them as 1 and 2 only
             os.set_inheritable(fd, False)
-        pid = start(request["cwd"], request["argv"], request["env"], out, err)
+        pid = start(request["cwd"], request["argv"], request["env"], out, err, settings)
         os.close(out)
         os.close(err)
         _pid, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
+        filled = False
         try:
             clean = alone()
+            filled = full()
             tidy()
             changed = not clean or state() != initial
         except Exception:  # a command made something here unreadable, or very deep
             changed = True
-        control.sendall(struct.pack("!ii", code if code >= 0 else 128 - code, changed))
+        reply = (code if code >= 0 else 128 - code, changed, filled)
+        control.sendall(struct.pack("!iii", *reply))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from cas.existence import (
     ExistenceCachingStore,
 )
 from cas.remote import RemoteStore, channel_for
+from executor.limits import DEFAULT_LIMITS, Limits, cgroup_v2_state
 from executor.local_cache import LocalCache
 from executor.runner import DEFAULT_ENV, ActionRunner
 from executor.sandbox import Sandbox
@@ -58,6 +59,8 @@ class WorkerConfig:
     # Environment variables an action gets when its Command does not set them
     # (`--env`; the REAPI allows it, and tools such as Pants rely on PATH).
     env: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ENV))
+    # What each action may use (`--max-processes`, ...).
+    limits: Limits = DEFAULT_LIMITS
 
     @property
     def provided(self) -> tuple[str, ...]:
@@ -69,8 +72,10 @@ class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self._sandbox = Sandbox(
-            config.sandbox, config.workdir / "actions", config.slots, config.provided
+            config.sandbox, config.workdir / "actions", config.slots, config.provided, config.limits
         )
+        if config.sandbox == "bwrap":
+            log.info("each action may use %s; %s", config.limits.describe(), cgroup_v2_state())
 
     async def run_forever(self) -> None:
         """Serve the server's leases until cancelled (or, for a local worker, until

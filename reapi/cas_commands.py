@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cas.gc import GRACE, GcReport, collect, parse_size
+from cas.gc import GRACE, GcReport, collect, human, parse_size
 from cas.inventory import Storage, StorageError, stats
 from cas.verify import VerifyReport, verify
 from reapi.security import ConfigError
@@ -204,15 +204,6 @@ def _verify_summary(report: VerifyReport, repair: bool) -> str:
     elif report.problems:
         lines.append("run with --repair to remove them")
     return "\n".join(lines)
-
-
-def human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _age(seconds: float) -> str:

@@ -3,12 +3,15 @@
     reapi serve [--listen 127.0.0.1:8980] [--storage DIR] [--config FILE]
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
                 [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
-                [--instance NAME ...] [--idle-timeout SECONDS]
+                [--instance NAME ...] [--idle-timeout SECONDS] [LIMITS]
     reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
-                 [--provide DIR ...] [--env KEY=VALUE ...] [--sandbox bwrap|none]
+                 [--provide DIR ...] [--env KEY=VALUE ...] [--sandbox bwrap|none] [LIMITS]
                  [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
     reapi cas gc | stats | verify ...      (see reapi/cas_commands.py)
+
+LIMITS, per action (executor/limits.py): [--max-processes N] [--max-memory SIZE]
+[--max-tmp SIZE] [--max-tree SIZE]; `serve` passes them to its local workers.
 
 A config file is TOML whose keys are the long option names (`listen = "..."`,
 `tls-cert = "..."`); options given on the command line win over the file.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cas.inventory import StorageError
+from executor.limits import DEFAULT_LIMITS, Limits
 from executor.runner import DEFAULT_ENV
 from executor.worker import Worker, WorkerConfig
 from reapi import cas_commands
@@ -52,7 +57,46 @@ SERVE_OPTIONS = (
     "gc-interval",
     "instance",
     "idle-timeout",
+    "max-processes",
+    "max-memory",
+    "max-tmp",
+    "max-tree",
 )
+# What each action may use on a worker (executor/limits.py): option, field, help.
+LIMIT_OPTIONS = (
+    ("max-processes", "processes", "processes an action may have at once (default 1024)"),
+    ("max-memory", "memory", "memory each process of an action may write to (default 8G)"),
+    ("max-tmp", "tmp", "size of an action's /tmp, and of its /dev/shm (tmpfs; default 1G)"),
+    (
+        "max-tree",
+        "tree",
+        "bytes an action may write to its tree, stdout and stderr together (default 16G)",
+    ),
+)
+
+
+def _add_limit_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    for option, _field, text in LIMIT_OPTIONS:
+        parser.add_argument(f"--{option}", metavar="N" if option == "max-processes" else "SIZE",
+                            help=f"{text}{whose}")  # fmt: skip
+
+
+def limits_from(settings: dict[str, Any]) -> Limits:
+    """The limits set among `settings` (by option name, or its attribute name
+    in parsed arguments), the rest at their defaults."""
+    values: dict[str, int] = {}
+    for option, field_name, _text in LIMIT_OPTIONS:
+        text = settings.get(option, settings.get(option.replace("-", "_")))
+        if text is None:
+            continue
+        if option == "max-processes":
+            value = int(text) if str(text).isdigit() else 0
+        else:
+            value = cas_commands.size_option(f"--{option}", str(text))
+        if value <= 0:
+            raise ConfigError(f"--{option} {text!r}: expected a number above 0")
+        values[field_name] = value
+    return dataclasses.replace(DEFAULT_LIMITS, **values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve this instance name (repeatable; '' for the default one); "
         "without it, every name is served",
     )
+    _add_limit_options(serve_cmd, ", for the local workers")
     serve_cmd.add_argument(
         "--max-size",
         help="keep the stored blobs under this size (500M, 10G): a background gc "
@@ -147,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         "(repeatable; default PATH=/usr/local/bin:/usr/bin:/bin)",
     )
     worker_cmd.add_argument("--sandbox", choices=("bwrap", "none"), default="bwrap")
+    _add_limit_options(worker_cmd, "")
     worker_cmd.add_argument("--name", help="name in logs and results (default: host name)")
     worker_cmd.add_argument(
         "--workdir", type=Path, help="cache and action trees (default $REAPI_HOME/worker)"
@@ -218,6 +264,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ConfigError("instance: expected a list of instance names")
         config.instances = names
+    config.limits = limits_from(settings)
     return config
 
 
@@ -251,6 +298,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         sandbox=args.sandbox,
         parent_pid=args.parent_pid,
         provide=provide,
+        limits=limits_from(vars(args)),
     )
     if args.name:
         config.name = args.name

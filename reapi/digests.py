@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import re
 from typing import NamedTuple, Protocol
 
@@ -17,6 +18,9 @@ import blake3
 
 from reapi.errors import InvalidArgument
 from reapi.protos import remote_execution_pb2 as re_pb2
+
+# Files are hashed in chunks of this size.
+FILE_CHUNK = 1024 * 1024
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -53,6 +57,17 @@ class DigestFunction(enum.Enum):
 
     def digest_of(self, data: bytes) -> Digest:
         return Digest(self, self.hex_of(data), len(data))
+
+    def digest_of_file(self, path: str | os.PathLike[str]) -> Digest:
+        """The digest of a file's contents, read a chunk at a time (its size
+        does not matter). Blocks: call it in a thread for large files."""
+        hasher = self.hasher()
+        size = 0
+        with open(path, "rb") as file:
+            while chunk := file.read(FILE_CHUNK):
+                hasher.update(chunk)
+                size += len(chunk)
+        return Digest(self, hasher.hexdigest(), size)
 
     def empty(self) -> Digest:
         return _EMPTY[self]

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cas.action_cache import ActionCache, DiskActionResultStore
 from cas.disk import DiskStore
 from cas.gc import HIGH_WATERMARK, LOW_WATERMARK
+from executor.limits import DEFAULT_LIMITS, Limits
 from executor.scheduler import Job, Scheduler
 from reapi.access import WORKER, AccessInterceptor, Caller, load_grants
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
@@ -66,6 +67,7 @@ class ServerConfig:
     # Local worker processes `serve` starts, and their sandbox.
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     sandbox: str = "bwrap"
+    limits: Limits = DEFAULT_LIMITS
     heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     # Background gc: keep the store's blobs under max_size bytes (None: no limit).
     max_size: int | None = None
@@ -284,4 +286,7 @@ async def _start_local_worker(
     ]
     if token_file is not None:
         args += ["--auth-token-file", str(token_file)]
+    limits = config.limits
+    args += ["--max-processes", str(limits.processes), "--max-memory", str(limits.memory)]
+    args += ["--max-tmp", str(limits.tmp), "--max-tree", str(limits.tree)]
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "reapi", "worker", *args)
