@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from cas.store import BlobStore, verify
+from cas.store import BlobStore, check_final, check_room, verify
 from reapi.digests import Digest
 from reapi.errors import NotFound
 
@@ -25,6 +26,8 @@ from reapi.errors import NotFound
 CachedFile = tuple[Digest, bool]
 # Fetch at most this many bytes from the CAS in one round.
 FETCH_BYTES = 64 * 1024 * 1024
+# Blobs larger than this are fetched on their own, a chunk at a time.
+STREAM_BYTES = 4 * 1024 * 1024
 
 
 class LocalCache:
@@ -63,6 +66,9 @@ class LocalCache:
         batch: list[Digest] = []
         size = 0
         for digest in digests:
+            if digest.size > STREAM_BYTES:
+                await self._fetch_large(digest, wanted)
+                continue
             batch.append(digest)
             size += digest.size
             if size >= FETCH_BYTES:
@@ -85,12 +91,50 @@ class LocalCache:
                 if (digest, executable) in wanted:
                     self._store(digest, executable, data)
 
+    async def _fetch_large(self, digest: Digest, wanted: set[CachedFile]) -> None:
+        """Fetch one large blob a chunk at a time into a file, checked as it
+        comes: its size never matters to memory."""
+        tmp = self._new_tmp()
+        hasher = digest.function.hasher()
+        received = 0
+        try:
+            with open(tmp, "wb") as file:
+                async for chunk in self._remote.read(digest):
+                    check_room(digest, received, len(chunk))
+                    hasher.update(chunk)
+                    file.write(chunk)
+                    received += len(chunk)
+            check_final(digest, received, hasher)
+        except NotFound:
+            tmp.unlink(missing_ok=True)
+            raise NotFound(f"input blob {digest} is missing from the CAS") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        variants = [executable for executable in (False, True) if (digest, executable) in wanted]
+        for executable in variants[1:]:  # rarely both: a copy for the other mode
+            copy = self._new_tmp()
+            shutil.copyfile(tmp, copy)
+            self._place(copy, digest, executable)
+        self._place(tmp, digest, variants[0])
+
+    def _new_tmp(self) -> Path:
+        return self._tmp / f"{os.getpid()}-{next(self._counter)}"
+
     def _store(self, digest: Digest, executable: bool, data: bytes) -> None:
-        final = self.path(digest, executable)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = self._tmp / f"{os.getpid()}-{next(self._counter)}"
+        tmp = self._new_tmp()
         try:
             tmp.write_bytes(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._place(tmp, digest, executable)
+
+    def _place(self, tmp: Path, digest: Digest, executable: bool) -> None:
+        """Move the verified file `tmp` into the cache (it is gone afterwards)."""
+        final = self.path(digest, executable)
+        try:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
             os.chmod(tmp, 0o555 if executable else 0o444)
             # Never replace a file already there: another worker sharing this
             # cache may be hard-linking it, and link() fails with ENOENT when

@@ -5,6 +5,12 @@ symlinks, never followed; one whose target is absolute or leaves the action's
 tree is refused (FAILED_PRECONDITION, as the server's capabilities announce).
 A path whose parent directories lead outside the tree is refused the same way.
 Directories become Tree messages.
+
+Files are never held whole: each is hashed a chunk at a time, and read again
+when it is sent, small ones in batches of at most BATCH_BYTES, large ones a
+chunk at a time on their own stream. So the worker's memory does not grow
+with the size of an action's outputs (stdout and stderr included), only
+with their number (a digest and a path each).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cas.store import BlobStore, put_missing
+from cas.remote import BATCH_BYTES
+from cas.store import BlobStore, put_file
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -23,15 +30,32 @@ from reapi.protos import remote_execution_pb2 as re_pb2
 @dataclass
 class _Uploads:
     function: DigestFunction
-    blobs: dict[Digest, bytes] = field(default_factory=dict)
+    blobs: dict[Digest, bytes] = field(default_factory=dict)  # messages made here
+    files: dict[Digest, Path] = field(default_factory=dict)  # files, read when sent
 
     def add(self, data: bytes) -> Digest:
         digest = self.function.digest_of(data)
         self.blobs[digest] = data
         return digest
 
+    def add_file(self, path: Path) -> Digest:
+        digest = self.function.digest_of_file(path)
+        self.files.setdefault(digest, path)
+        return digest
+
+    def data(self, digest: Digest) -> bytes:
+        if digest in self.blobs:
+            return self.blobs[digest]
+        data = self.files[digest].read_bytes()
+        if len(data) != digest.size:  # nothing runs in the tree any more
+            raise FailedPrecondition(f"output {self.files[digest]} changed while it was sent")
+        return data
+
 
 class OutputCollector:
+    """Collects outputs (`collect`, `add_file`: blocking, to be called in a
+    thread) and sends them (`upload`)."""
+
     def __init__(self, root: Path, workdir: str, function: DigestFunction) -> None:
         self._root = root.resolve()
         self._base = (self._root / workdir).resolve()
@@ -61,9 +85,8 @@ class OutputCollector:
         return path
 
     def _file(self, path: Path) -> tuple[Digest, bool]:
-        data = path.read_bytes()
         executable = bool(path.stat().st_mode & stat.S_IXUSR)
-        return self._uploads.add(data), executable
+        return self._uploads.add_file(path), executable
 
     def _directory(self, path: Path) -> tuple[re_pb2.Directory, list[re_pb2.Directory]]:
         """The Directory for `path` and every Directory below it."""
@@ -126,19 +149,39 @@ class OutputCollector:
                     path=relative, digest=digest.to_proto(), is_executable=executable
                 )
 
-    def add_blob(self, data: bytes) -> Digest:
-        return self._uploads.add(data)
+    def add_file(self, path: Path) -> Digest:
+        """A file outside the outputs to send too (stdout, stderr)."""
+        return self._uploads.add_file(path)
 
     async def upload(self, store: BlobStore, keep_bytes: int = 0) -> list[bytes]:
         """Send every collected blob the CAS lacks, except the smallest, up to
         `keep_bytes` in all: those are returned, for the caller to deliver."""
+        uploads = self._uploads
         kept: list[bytes] = []
-        rest = {}
-        for digest, data in sorted(self._uploads.blobs.items(), key=lambda item: item[0].size):
+        rest = []
+        for digest in sorted({*uploads.blobs, *uploads.files}, key=lambda d: d.size):
             if digest.size <= keep_bytes:
-                kept.append(data)
+                kept.append(uploads.data(digest))
                 keep_bytes -= digest.size
             else:
-                rest[digest] = data
-        await put_missing(store, list(rest), rest.__getitem__)
+                rest.append(digest)
+        batch: list[tuple[Digest, bytes]] = []
+        size = 0
+        for digest in await store.find_missing(rest):
+            if digest in uploads.files and digest.size > BATCH_BYTES:
+                await put_file(store, digest, uploads.files[digest])
+                continue
+            if batch and size + digest.size > BATCH_BYTES:
+                await _put(store, batch)
+                batch, size = [], 0
+            batch.append((digest, uploads.data(digest)))
+            size += digest.size
+        if batch:
+            await _put(store, batch)
         return kept
+
+
+async def _put(store: BlobStore, blobs: list[tuple[Digest, bytes]]) -> None:
+    for error in await store.put_many(blobs):
+        if error is not None:
+            raise error

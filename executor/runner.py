@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -202,16 +203,19 @@ class ActionRunner:
         if outcome.exceeded is not None:
             said = f"reapi worker {self._name}: {_EXCEEDED[outcome.exceeded](slot.limits)}"
             finished.response.message = said
-            with open(slot.stderr, "ab") as stderr:  # where every client shows it
-                stderr.write(f"{said}\n".encode())
+            with open(slot.stderr, "ab") as err:  # where every client shows it
+                err.write(f"{said}\n".encode())
 
         metadata.output_upload_start_timestamp.CopyFrom(_now())
         collector = OutputCollector(root, workdir, function)
         result.exit_code = outcome.exit_code
-        result.stdout_digest.CopyFrom(collector.add_blob(slot.stdout.read_bytes()).to_proto())
-        result.stderr_digest.CopyFrom(collector.add_blob(slot.stderr.read_bytes()).to_proto())
+        # Hashing gigabytes takes seconds: in a thread, so that heartbeats go on.
+        stdout = await asyncio.to_thread(collector.add_file, slot.stdout)
+        stderr = await asyncio.to_thread(collector.add_file, slot.stderr)
+        result.stdout_digest.CopyFrom(stdout.to_proto())
+        result.stderr_digest.CopyFrom(stderr.to_proto())
         if not outcome.timed_out:
-            collector.collect(command, result)
+            await asyncio.to_thread(collector.collect, command, result)
         listed = result.ByteSize()
         if listed > MAX_RESULT_BYTES:  # one message to the server could not hold it
             _drop_outputs(result)

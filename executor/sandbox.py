@@ -60,7 +60,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from executor import layout
 from executor.limits import DEFAULT_LIMITS, WATCH_SECONDS, Limits, SandboxUsers, written
@@ -459,8 +459,9 @@ class Slot:
         argv = sandbox.argv(self.root, command.workdir, command.arguments, environment, self.uid)
         cwd = self.root / command.workdir if sandbox.kind == "none" else self.root
         try:
-            process = subprocess.Popen(
+            process = _popen(
                 argv,
+                bwrap=sandbox.kind == "bwrap",
                 cwd=cwd,
                 env=environment if sandbox.kind == "none" else {},
                 stdin=subprocess.DEVNULL,
@@ -507,8 +508,9 @@ class _Warm:
         helper = ["-I", "-S", "-c", HELPER_SOURCE.read_text(), str(theirs.fileno()), settings]
         argv = sandbox.bwrap(root, "", {}, [python, *helper], extra_binds=binds)
         try:
-            process = subprocess.Popen(
+            process = _popen(
                 argv,
+                bwrap=True,
                 env={},  # nothing of the worker's: bubblewrap is the sandbox's first process
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -569,6 +571,26 @@ class _Warm:
         self.control.close()
         _kill_group(self.process.pid)
         self.process.wait()
+
+
+def _popen(argv: list[str], bwrap: bool, **options: Any) -> subprocess.Popen[bytes]:
+    """Start `argv`; bubblewrap reads its options from a file descriptor
+    (`--args`), so that the sandbox's first process (bubblewrap, whose command
+    line any command there can read) shows only the command it runs: not the
+    worker's directories, nor the command's environment."""
+    if not bwrap:
+        return subprocess.Popen(argv, **options)
+    end = argv.index("--")
+    arguments = os.memfd_create("bwrap-arguments", os.MFD_CLOEXEC)
+    try:
+        with open(arguments, "wb", closefd=False) as file:
+            file.write(b"".join(os.fsencode(option) + b"\0" for option in argv[1:end]))
+        os.lseek(arguments, 0, os.SEEK_SET)
+        passed = (*options.pop("pass_fds", ()), arguments)
+        command = [argv[0], "--args", str(arguments), *argv[end:]]
+        return subprocess.Popen(command, pass_fds=passed, **options)
+    finally:
+        os.close(arguments)
 
 
 def _short(error: Exception) -> str:

@@ -73,7 +73,9 @@ async def test_outputs_beyond_the_room_in_finished_are_uploaded(tmp_path: Path) 
     for room, kept_expected, uploaded in ((0, [], [small, large]), (15, [small], [large])):
         store = MemoryStore()
         collector = OutputCollector(tmp_path, "", SHA256)
-        digests = [collector.add_blob(large), collector.add_blob(small)]
+        (tmp_path / "large").write_bytes(large)
+        (tmp_path / "small").write_bytes(small)
+        digests = [collector.add_file(tmp_path / "large"), collector.add_file(tmp_path / "small")]
         assert await collector.upload(store, room) == kept_expected
         assert sorted((await store.get_many(digests)).values()) == sorted(uploaded)
 
