@@ -23,6 +23,7 @@ from reapi.errors import (
     InvalidArgument,
     NotFound,
     OutOfRange,
+    PermissionDenied,
     ReapiError,
     ResourceExhausted,
     Unavailable,
@@ -43,6 +44,7 @@ _ERRORS: dict[grpc.StatusCode, type[ReapiError]] = {
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -123,14 +123,22 @@ class SandboxUsers:
         self._claims.clear()
 
 
+def _size(status: os.stat_result) -> int:
+    """What a file counts: its length, or the disk it takes where that is more
+    (space allocated past its end). A sparse file counts its whole length:
+    that is what hashing and sending it would cost."""
+    return max(status.st_size, status.st_blocks * 512)
+
+
 def written(root: Path, inputs: set[int], files: Iterable[Path]) -> int:
-    """Bytes on disk of what a command wrote: each file in the tree at `root`
-    that is not an input (by inode), and `files` (its stdout and stderr).
-    Anything that vanishes meanwhile counts nothing; nothing is followed."""
+    """Bytes of what a command wrote (`_size`): each file in the tree at
+    `root` that is not an input (by inode), and `files` (its stdout and
+    stderr). Anything that vanishes meanwhile counts nothing; nothing is
+    followed."""
     total = 0
     for file in files:
         with contextlib.suppress(OSError):
-            total += os.stat(file).st_blocks * 512
+            total += _size(os.stat(file))
     pending = [str(root)]
     while pending:
         try:
@@ -140,7 +148,7 @@ def written(root: Path, inputs: set[int], files: Iterable[Path]) -> int:
                         if entry.is_dir(follow_symlinks=False):
                             pending.append(entry.path)
                         elif entry.inode() not in inputs:
-                            total += entry.stat(follow_symlinks=False).st_blocks * 512
+                            total += _size(entry.stat(follow_symlinks=False))
                     except OSError:
                         continue
         except OSError:

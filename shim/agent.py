@@ -42,10 +42,12 @@ from typing import Any
 import grpc
 
 from cas.gc import parse_size
+from reapi.access import read_token
 from reapi.conventions import provided_by
 from reapi.digests import Digest
-from reapi.errors import ReapiError
+from reapi.errors import PermissionDenied, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
+from reapi.security import ConfigError
 from shim.action import build_action
 from shim.classify import Local, classify, expand_response_files
 from shim.inputs import DigestCache, InputsUnknown, PreprocessHere
@@ -103,13 +105,26 @@ class Agent:
         self.manifests = Manifests()
         self.roots = RootFinder()
         self.modes = input_modes(self.scanner, scratch or tempfile.gettempdir())
-        self._servers: dict[str, Server] = {}
+        self._servers: dict[tuple[str, str | None, str | None], Server] = {}
         self.last_used = time.monotonic()
 
-    def server(self, target: str) -> Server:
-        if target not in self._servers:
-            self._servers[target] = Server(target, self.memory)
-        return self._servers[target]
+    def server(self, env: Mapping[str, str]) -> Server:
+        """The server a compile's environment names (REAPI_SERVER), reached
+        with its token (REAPI_TOKEN_FILE: a file whose first word is the token)
+        and CA (REAPI_TLS_CA: PEM, for a grpcs:// server whose certificate the
+        system does not trust). Raises OSError or ValueError when a file cannot
+        be read or holds no token."""
+        target = env.get("REAPI_SERVER") or DEFAULT_SERVER
+        token_file, ca_file = env.get("REAPI_TOKEN_FILE"), env.get("REAPI_TLS_CA")
+        key = (target, token_file, ca_file)
+        if key not in self._servers:
+            try:
+                token = read_token(Path(token_file)) if token_file else None
+            except ConfigError as error:  # an empty file
+                raise ValueError(str(error)) from None
+            tls_ca = Path(ca_file).read_bytes() if ca_file else None
+            self._servers[key] = Server(target, self.memory, token=token, tls_ca=tls_ca)
+        return self._servers[key]
 
     async def handle(self, request: Mapping[str, Any]) -> dict[str, Any]:
         self.last_used = time.monotonic()
@@ -144,7 +159,7 @@ class Agent:
         decision = classify(expand_response_files(arguments, read), env)
         if isinstance(decision, Local):
             return self.stats.local(decision.reason)
-        server = self.server(env.get("REAPI_SERVER") or DEFAULT_SERVER)
+        server = self.server(env)
         provided = await server.provided()
         # (the compiler's programs, its own binary first, as real paths)
         if not all(provided_by(p, provided) for p in self.manifests.programs(compiler)):
@@ -209,14 +224,23 @@ class Agent:
         outcome = server.remembered(built.action)
         if outcome is not None:
             self.stats.add("cache_hits")
+        elif server.read_only:
+            outcome = await self._cached(server, placed)
         else:
-            # Execute answers from the action cache itself when it can: asking the
-            # cache first would cost every new compile one more round trip.
-            sent = await server.upload([*built.blobs, *built.files], self._data_of(built.blobs))
-            self.stats.add("bytes_uploaded", sent)
-            executed = await server.execute(built.action, layout.spec.outputs)
-            self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
-            outcome = await self._fetch(server, placed, executed.result)
+            try:
+                # Execute answers from the action cache itself when it can: asking
+                # the cache first would cost every new compile one more round trip.
+                blobs = [*built.blobs, *built.files]
+                sent = await server.upload(blobs, self._data_of(built.blobs))
+                self.stats.add("bytes_uploaded", sent)
+                executed = await server.execute(built.action, layout.spec.outputs)
+            except PermissionDenied as refused:
+                log.info("the token may only read: from now on the cache only (%s)", refused)
+                server.read_only = True
+                outcome = await self._cached(server, placed)
+            else:
+                self.stats.add("cache_hits" if executed.cached_result else "remote_executions")
+                outcome = await self._fetch(server, placed, executed.result)
         if memo_key and inputs.scanned and not layout.spec.do_not_cache and outcome.exit_code == 0:
             programs = [compile.compiler, *self.manifests.programs(compile.compiler)]
             scanned = inputs.scanned
@@ -224,6 +248,15 @@ class Agent:
             if depends is not None:  # (else nothing to find next time)
                 self.memo.put(memo_key, placed, depends, started_ns)
         return outcome, placed
+
+    async def _cached(self, server: Server, placed: Placed) -> Outcome:
+        """The action cache's outcome for a token that may only read; a miss
+        leaves the compile to the local compiler."""
+        result = await server.cached_result(placed.action, placed.outputs)
+        if result is None:
+            raise RemoteFailed("read-only-miss", "not in the cache, and the token may only read")
+        self.stats.add("cache_hits")
+        return await self._fetch(server, placed, result)
 
     async def _fetch(self, server: Server, placed: Placed, result: re_pb2.ActionResult) -> Outcome:
         outcome = await server.fetch(placed.action, result)

@@ -24,7 +24,7 @@ from cas.remote import RemoteStore, channel_for
 from cas.store import get_blob, put_missing
 from reapi.conventions import PROVIDED_DIRS, provided_directory
 from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound
+from reapi.errors import NotFound, PermissionDenied
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import worker_pb2
@@ -100,11 +100,19 @@ class Server:
         target: str,
         memory: int = OUTCOME_MEMORY,
         clock: Callable[[], float] = time.monotonic,
+        token: str | None = None,
+        tls_ca: bytes | None = None,
     ) -> None:
-        """`memory`: bytes of outcomes kept (0: none)."""
-        self.channel = channel_for(target)
+        """`memory`: bytes of outcomes kept (0: none); `token`: sent as a
+        bearer token; `tls_ca`: the CA a grpcs:// server's certificate is
+        checked against (default: the system's)."""
+        self.channel = channel_for(target, tls_ca)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        # Set once the server refuses this token uploads or execution: from
+        # then on only the action cache is asked (a token that may only read).
+        self.read_only = False
         known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
-        self.store = ExistenceCachingStore(RemoteStore(self.channel), known)
+        self.store = ExistenceCachingStore(RemoteStore(self.channel, self._metadata), known)
         self._cache: Any = re_grpc.ActionCacheStub(self.channel)  # type: ignore[no-untyped-call]
         self._execution: Any = re_grpc.ExecutionStub(self.channel)  # type: ignore[no-untyped-call]
         self._workers: Any = worker_grpc.WorkersStub(self.channel)  # type: ignore[no-untyped-call]
@@ -120,7 +128,9 @@ class Server:
         if self._provided is not None and now - self._provided[0] < PROVIDED_SECONDS:
             return self._provided[1]
         try:
-            answer = await self._workers.GetProvided(worker_pb2.GetProvidedRequest(), timeout=60)
+            answer = await self._workers.GetProvided(
+                worker_pb2.GetProvidedRequest(), timeout=60, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
@@ -139,18 +149,22 @@ class Server:
             inline_output_files=outputs,
         )
         try:
-            result: re_pb2.ActionResult = await self._cache.GetActionResult(request)
+            result: re_pb2.ActionResult = await self._cache.GetActionResult(
+                request, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError:
             return None
         return result
 
     async def upload(self, digests: Iterable[Digest], data_of: Callable[[Digest], bytes]) -> int:
-        """Send those of `digests` the server lacks; the bytes sent."""
+        """Send those of `digests` the server lacks; the bytes sent. Raises
+        PermissionDenied when the token may not upload."""
         return await put_missing(self.store, list(set(digests)), data_of)
 
     async def execute(self, action: Digest, outputs: list[str]) -> re_pb2.ExecuteResponse:
         """Run `action` (the server answers from its action cache when it can);
-        raises RemoteFailed when it ends without a result."""
+        raises RemoteFailed when it ends without a result, PermissionDenied
+        when the token may not execute."""
         request = re_pb2.ExecuteRequest(
             action_digest=action.to_proto(),
             inline_stdout=True,
@@ -158,8 +172,14 @@ class Server:
             inline_output_files=outputs,
         )
         last = None
-        async for operation in self._execution.Execute(request, timeout=EXECUTE_TIMEOUT):
-            last = operation
+        call = self._execution.Execute(request, timeout=EXECUTE_TIMEOUT, metadata=self._metadata)
+        try:
+            async for operation in call:
+                last = operation
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise PermissionDenied(str(error.details())) from None
+            raise
         response = re_pb2.ExecuteResponse()
         if last is None or not last.done or not last.response.Unpack(response):
             raise RemoteFailed("remote-error", "the Execute stream ended without a result")
