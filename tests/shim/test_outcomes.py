@@ -73,7 +73,7 @@ class FakeWorkers:
         self.answer = answer
         self.asked = 0
 
-    async def GetProvided(self, request: object, timeout: float) -> object:
+    async def GetProvided(self, request: object, timeout: float, metadata: object) -> object:
         import grpc
 
         from reapi.protos import worker_pb2
