@@ -26,12 +26,18 @@ from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition
 from reapi.protos import remote_execution_pb2 as re_pb2
 
+# Files of up to SMALL_FILE bytes are read once and held, up to HELD_BYTES in all
+# (a compile's outputs); the rest are hashed from the file and read again to be sent.
+SMALL_FILE = 64 * 1024
+HELD_BYTES = 4 * 1024 * 1024
+
 
 @dataclass
 class _Uploads:
     function: DigestFunction
-    blobs: dict[Digest, bytes] = field(default_factory=dict)  # messages made here
+    blobs: dict[Digest, bytes] = field(default_factory=dict)  # messages, small files
     files: dict[Digest, Path] = field(default_factory=dict)  # files, read when sent
+    held: int = 0  # bytes of files in `blobs`
 
     def add(self, data: bytes) -> Digest:
         digest = self.function.digest_of(data)
@@ -39,6 +45,11 @@ class _Uploads:
         return digest
 
     def add_file(self, path: Path) -> Digest:
+        size = path.stat().st_size
+        if size <= SMALL_FILE and self.held + size <= HELD_BYTES:
+            data = path.read_bytes()
+            self.held += len(data)
+            return self.add(data)
         digest = self.function.digest_of_file(path)
         self.files.setdefault(digest, path)
         return digest
@@ -110,10 +121,25 @@ class OutputCollector:
                 )
         return directory, below
 
+    def to_read(self, command: re_pb2.Command, files: list[Path]) -> int | None:
+        """About the bytes collecting the outputs and `files` would read (a
+        stat of each), or None when an output is a directory: whether it is
+        worth a thread."""
+        total = 0
+        for path in [*files, *(self._base / relative for relative in _paths(command))]:
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                return None
+            total += info.st_size
+        return total
+
     def collect(self, command: re_pb2.Command, result: re_pb2.ActionResult) -> None:
         """Fill `result`'s outputs from the tree."""
         legacy = not command.output_paths
-        paths = list(command.output_paths) or [*command.output_files, *command.output_directories]
+        paths = _paths(command)
         legacy_dirs = set(command.output_directories)
         for relative in paths:
             path = self._locate(relative)
@@ -179,6 +205,11 @@ class OutputCollector:
         if batch:
             await _put(store, batch)
         return kept
+
+
+def _paths(command: re_pb2.Command) -> list[str]:
+    """The output paths a Command names, in either of its forms."""
+    return list(command.output_paths) or [*command.output_files, *command.output_directories]
 
 
 async def _put(store: BlobStore, blobs: list[tuple[Digest, bytes]]) -> None:

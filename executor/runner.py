@@ -35,6 +35,8 @@ DEFAULT_ENV: Mapping[str, str] = {"PATH": "/usr/local/bin:/usr/bin:/bin"}
 # An ActionResult travels to the server in one message, with at most
 # Assign.output_blob_bytes of outputs: far within the server's message limit.
 MAX_RESULT_BYTES = 4 * 1024 * 1024
+# Outputs of up to this many bytes are hashed on the event loop, more in a thread.
+HASH_HERE_BYTES = 4 * 1024 * 1024
 
 
 # What an action that went past a limit is told (Outcome.exceeded), on stderr
@@ -209,13 +211,20 @@ class ActionRunner:
         metadata.output_upload_start_timestamp.CopyFrom(_now())
         collector = OutputCollector(root, workdir, function)
         result.exit_code = outcome.exit_code
-        # Hashing gigabytes takes seconds: in a thread, so that heartbeats go on.
-        stdout = await asyncio.to_thread(collector.add_file, slot.stdout)
-        stderr = await asyncio.to_thread(collector.add_file, slot.stderr)
-        result.stdout_digest.CopyFrom(stdout.to_proto())
-        result.stderr_digest.CopyFrom(stderr.to_proto())
-        if not outcome.timed_out:
-            await asyncio.to_thread(collector.collect, command, result)
+
+        def collect() -> None:
+            result.stdout_digest.CopyFrom(collector.add_file(slot.stdout).to_proto())
+            result.stderr_digest.CopyFrom(collector.add_file(slot.stderr).to_proto())
+            if not outcome.timed_out:
+                collector.collect(command, result)
+
+        # Hashing gigabytes takes seconds: in a thread, so that heartbeats go
+        # on; a compile's few small files cost less than the thread.
+        size = collector.to_read(command, [slot.stdout, slot.stderr])
+        if size is not None and size <= HASH_HERE_BYTES:
+            collect()
+        else:
+            await asyncio.to_thread(collect)
         listed = result.ByteSize()
         if listed > MAX_RESULT_BYTES:  # one message to the server could not hold it
             _drop_outputs(result)

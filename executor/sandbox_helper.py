@@ -91,22 +91,31 @@ def start(
     os._exit(code)
 
 
-def become(settings: dict[str, object]) -> None:
-    """Take on the command's limits and user, and give up gaining privileges."""
+def confine(settings: dict[str, object]) -> None:
+    """Take on the commands' limits and give up gaining privileges (a set-user-ID
+    program runs as its caller), once, at the start: every command inherits
+    both (root is not held to RLIMIT_NPROC, the commands' user is), and a
+    child of a forked interpreter does as little as it can before exec."""
     limits = settings["rlimits"]
     assert isinstance(limits, dict)
     for name, value in limits.items():
         resource.setrlimit(getattr(resource, name), (value, value))
-    uid = settings["uid"]
-    if isinstance(uid, int):
+    if isinstance(settings["uid"], int):
         os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)  # which also drops every capability
     import ctypes
 
     pr_set_no_new_privs = 38
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def become(settings: dict[str, object]) -> None:
+    """Become the commands' user, where the helper is root (which drops every
+    capability)."""
+    uid = settings["uid"]
+    if isinstance(uid, int):
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
 
 
 def execute(argv: list[str], env: dict[str, str]) -> None:
@@ -275,6 +284,7 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     control.set_inheritable(False)
     settings = json.loads(sys.argv[2])
+    confine(settings)
     initial = state()
     control.sendall(b"R")
     while True:
