@@ -17,9 +17,10 @@ import grpc
 from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cas.action_cache import ActionCache, DiskActionResultStore
+from cas.action_cache import ActionCache, ActionResultStore, DiskActionResultStore
 from cas.disk import DiskStore
 from cas.gc import HIGH_WATERMARK, LOW_WATERMARK
+from cas.store import BlobStore
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.scheduler import Job, Scheduler
 from reapi.access import WORKER, AccessInterceptor, Caller, load_grants
@@ -79,10 +80,31 @@ class ServerConfig:
     idle_timeout: float = IDLE_TIMEOUT
 
 
-class Server:
-    """The gRPC server with every service wired to one storage directory."""
+@dataclass(frozen=True)
+class Backends:
+    """What the services keep their state in, built from the configuration
+    (`build_backends`): the one place that chooses a backend."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    store: BlobStore
+    results: ActionResultStore
+
+
+def build_backends(config: ServerConfig) -> Backends:
+    """The backends `config` names: the CAS and the action cache on disk under
+    `config.storage` (the embedded default). ConfigError when unusable."""
+    try:
+        return Backends(DiskStore(config.storage), DiskActionResultStore(config.storage))
+    except OSError as error:
+        raise ConfigError(
+            f"cannot use storage directory {config.storage}: {error.strerror or error}"
+        ) from None
+
+
+class Server:
+    """The gRPC server with every service wired to the backends."""
+
+    def __init__(self, config: ServerConfig, backends: Backends | None = None) -> None:
+        """`backends`: built from `config` when not given."""
         host, _port = split_address(config.listen)
         grants = load_grants(config.auth_tokens) if config.auth_tokens else None
         check_exposure(host, config.tls, grants is not None, config.insecure)
@@ -95,13 +117,8 @@ class Server:
                 self.worker_token, Caller("local-workers", frozenset({WORKER}))
             )
         self._credentials = config.tls.credentials() if config.tls else None
-        try:
-            store = DiskStore(config.storage)
-            results = DiskActionResultStore(config.storage)
-        except OSError as error:
-            raise ConfigError(
-                f"cannot use storage directory {config.storage}: {error.strerror or error}"
-            ) from None
+        backends = backends or build_backends(config)
+        store, results = backends.store, backends.results
         self.config = config
         self.bytestream = ByteStreamService(store, config.idle_timeout)
         self.health = health.aio.HealthServicer()
