@@ -238,14 +238,6 @@ def load_grants(path: Path) -> Grants:
     return Grants(tokens, common_names)
 
 
-def read_token(path: Path) -> str:
-    """A client's token file: its first word that is not a comment."""
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            return line.split()[0]
-    raise ConfigError(f"token file {path} holds no token")
-
-
 def instance_of(request: Any) -> str | None:
     """The instance name a request names, if it names one the interceptor can see
     (operations are judged by their services, which know the operation's)."""

@@ -37,8 +37,8 @@ from executor.limits import DEFAULT_LIMITS, Limits
 from executor.runner import DEFAULT_ENV
 from executor.worker import Worker, WorkerConfig
 from reapi import cas_commands
-from reapi.access import read_token
 from reapi.conventions import provided_directory
+from reapi.credentials import read_token
 from reapi.security import ConfigError, TlsFiles
 from reapi.server import ServerConfig, default_storage, reapi_home, serve
 
@@ -309,6 +309,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
             config.token = read_token(args.auth_token_file)
     except OSError as error:
         raise ConfigError(f"cannot read {error.filename}: {error.strerror}") from None
+    except ValueError as error:  # a token file without a token
+        raise ConfigError(str(error)) from None
     return config
 
 

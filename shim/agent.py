@@ -42,12 +42,11 @@ from typing import Any
 import grpc
 
 from cas.gc import parse_size
-from reapi.access import read_token
 from reapi.conventions import provided_by
+from reapi.credentials import read_token
 from reapi.digests import Digest
 from reapi.errors import PermissionDenied, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
-from reapi.security import ConfigError
 from shim.action import build_action
 from shim.classify import Local, classify, expand_response_files
 from shim.inputs import DigestCache, InputsUnknown, PreprocessHere
@@ -118,10 +117,7 @@ class Agent:
         token_file, ca_file = env.get("REAPI_TOKEN_FILE"), env.get("REAPI_TLS_CA")
         key = (target, token_file, ca_file)
         if key not in self._servers:
-            try:
-                token = read_token(Path(token_file)) if token_file else None
-            except ConfigError as error:  # an empty file
-                raise ValueError(str(error)) from None
+            token = read_token(Path(token_file)) if token_file else None
             tls_ca = Path(ca_file).read_bytes() if ca_file else None
             self._servers[key] = Server(target, self.memory, token=token, tls_ca=tls_ca)
         return self._servers[key]

@@ -19,9 +19,9 @@ from reapi.access import (
     instance_of,
     load_grants,
     parse_grant,
-    read_token,
     token_name,
 )
+from reapi.credentials import read_token
 from reapi.errors import PermissionDenied
 from reapi.protos import bytestream_pb2, worker_pb2
 from reapi.protos import remote_execution_pb2 as re_pb2
@@ -126,7 +126,7 @@ def test_client_token_file(tmp_path: Path) -> None:
     path.write_text("# mine\n  s3cret  read\n")
     assert read_token(path) == "s3cret"
     path.write_text("#\n")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="holds no token"):
         read_token(path)
 
 
