@@ -1,6 +1,6 @@
 """What one action may use on a worker, and how the worker holds it to that.
 
-Four limits, each set by a `reapi worker` flag (LIMIT_FLAGS):
+Four limits, each set by a `reapi worker` flag (LIMIT_OPTIONS in reapi/cli.py):
 
 - processes (`--max-processes`): RLIMIT_NPROC, set inside the action's
   sandbox. Where the worker runs as root every slot runs its actions as a
@@ -21,7 +21,8 @@ Four limits, each set by a `reapi worker` flag (LIMIT_FLAGS):
 The mechanism is rlimits and tmpfs sizes, which every Linux has. Control
 groups would bound an action's memory and processes as a whole, but they
 need a cgroup v2 hierarchy delegated to the worker with the memory and pids
-controllers; `describe` says which holds.
+controllers, and are not used yet: the worker logs the limits (`describe`)
+and why not (`cgroup_v2_state`) when it starts.
 """
 
 from __future__ import annotations
