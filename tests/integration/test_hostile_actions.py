@@ -314,3 +314,15 @@ async def test_huge_outputs_stream_through_a_worker_of_bounded_memory(tmp_path: 
     # A worker starts at about 60 MiB; outputs are read a MiB at a time.
     assert most["worker"] < 200 * MIB, most
     assert most["server"] < 300 * MIB, most
+
+
+async def test_reapi_serve_gives_its_local_workers_the_limits(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "storage", "--max-tmp", "8M", workers=1)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            response = await run(channel, "head -c 16M /dev/zero > /tmp/big")
+            assert "filled its /tmp or /dev/shm (8.0 MiB" in response.message, response
+            await normal_action_succeeds(channel)
+        assert "each action may use 1024 processes" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
