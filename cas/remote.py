@@ -61,17 +61,26 @@ def channel_for(
     `unix:PATH` (a local socket, plain); `max_receive` bytes in a message (-1:
     any), instead of gRPC's 4 MiB."""
     options = [] if max_receive is None else [("grpc.max_receive_message_length", max_receive)]
-    if target.startswith("unix:") and len(target) > len("unix:"):
+    scheme, address = split_target(target)
+    if scheme == "unix":
         return grpc.aio.insecure_channel(target, options=options)
+    if scheme == "grpcs":
+        credentials = grpc.ssl_channel_credentials(tls_ca)
+        return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """(scheme, address) of `grpc://HOST:PORT`, `grpcs://HOST:PORT` or
+    `unix:PATH`; ValueError, saying what is expected, for anything else."""
+    if target.startswith("unix:") and len(target) > len("unix:"):
+        return "unix", target[len("unix:") :]
     scheme, _, address = target.partition("://")
     if not address or scheme not in ("grpc", "grpcs"):
         raise ValueError(
             f"server address {target!r}: expected grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH"
         )
-    if scheme == "grpcs":
-        credentials = grpc.ssl_channel_credentials(tls_ca)
-        return grpc.aio.secure_channel(address, credentials, options=options)
-    return grpc.aio.insecure_channel(address, options=options)
+    return scheme, address
 
 
 class RemoteStore:

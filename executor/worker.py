@@ -3,12 +3,16 @@
 `reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]`
 keeps one Work stream open to the server (reapi/protos/worker.proto), sends a
 heartbeat every HEARTBEAT_INTERVAL seconds, runs up to `slots` actions at once,
-and reconnects with backoff when the connection drops.
+and reconnects when the connection drops: to the next of its servers, when it
+was given several (`--server A --server B`, frontends of one service), with
+backoff once it has tried them all. What it was running when the connection
+dropped is abandoned: the server that leased it runs it again elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -44,7 +48,8 @@ MAX_BACKOFF = 10.0
 
 @dataclass
 class WorkerConfig:
-    server: str  # grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH
+    # grpc://HOST:PORT, grpcs://HOST:PORT or unix:PATH; more than one: tried in turn.
+    servers: Sequence[str]
     workdir: Path
     name: str = field(default_factory=socket.gethostname)
     slots: int = 1
@@ -98,26 +103,29 @@ class Worker:
             serving.cancel()
 
     async def _serve(self) -> None:
+        servers = self.config.servers
         backoff = 0.5
-        while True:
+        for attempt in itertools.count():
+            server = servers[attempt % len(servers)]
             started = time.monotonic()
             try:
-                await self._session()
+                await self._session(server)
             except* (grpc.aio.AioRpcError, ConnectionError) as lost:
                 # Plain, or grouped by the session's TaskGroup: either way, reconnect.
-                log.warning("connection to %s lost: %s", self.config.server, lost.exceptions[0])
+                log.warning("connection to %s lost: %s", server, lost.exceptions[0])
             if time.monotonic() - started > MAX_BACKOFF:
                 backoff = 0.5  # it had been working: try again soon
-            await asyncio.sleep(backoff)
-            backoff = min(MAX_BACKOFF, backoff * 2)
+            if (attempt + 1) % len(servers) == 0:  # each tried once since the last pause
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
 
-    async def _session(self) -> None:
+    async def _session(self, server: str) -> None:
         config = self.config
         metadata = (("authorization", f"Bearer {config.token}"),) if config.token else None
         # A lease can be larger than gRPC's default 4 MiB (an Action and Command
         # of up to 4 MiB, and up to 2 MiB of inputs): its server's messages are
         # taken whatever their size.
-        async with channel_for(config.server, config.tls_ca, max_receive=-1) as channel:
+        async with channel_for(server, config.tls_ca, max_receive=-1) as channel:
             # Outputs already stored (an empty file, a result seen before) are not asked about.
             known = ExistenceCache(REMEMBERED_BLOBS, TRUST_SERVER_SECONDS)
             store = ExistenceCachingStore(RemoteStore(channel, metadata), known)
@@ -143,7 +151,7 @@ class Worker:
             running: dict[str, asyncio.Task[None]] = {}
             async with asyncio.TaskGroup() as group:
                 heartbeat = group.create_task(self._heartbeat(outgoing))
-                log.info("worker %s connected to %s", config.name, config.server)
+                log.info("worker %s connected to %s", config.name, server)
                 async for message in call:
                     if message.WhichOneof("kind") == "assign":
                         lease = message.assign.lease_id

@@ -4,7 +4,7 @@
                 [--tls-cert F --tls-key F [--tls-client-ca F]] [--auth-tokens F] [--insecure]
                 [--workers N] [--sandbox bwrap|none] [--max-size SIZE [--gc-interval S]]
                 [--instance NAME ...] [--idle-timeout SECONDS] [LIMITS]
-    reapi worker --server grpc://HOST:PORT [--slots N] [--property KEY=VALUE ...]
+    reapi worker --server grpc://HOST:PORT [--server ...] [--slots N] [--property KEY=VALUE ...]
                  [--provide DIR ...] [--env KEY=VALUE ...] [--sandbox bwrap|none] [LIMITS]
                  [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cas.inventory import StorageError
+from cas.remote import split_target
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.runner import DEFAULT_ENV
 from executor.worker import Worker, WorkerConfig
@@ -165,7 +166,11 @@ def _parser() -> argparse.ArgumentParser:
 
     worker_cmd = commands.add_parser("worker", help="run actions for a server")
     worker_cmd.add_argument(
-        "--server", required=True, help="grpc://HOST:PORT, grpcs://... or unix:PATH"
+        "--server",
+        action="append",
+        required=True,
+        help="grpc://HOST:PORT, grpcs://... or unix:PATH (repeatable: frontends of one "
+        "service, tried in turn when the connection drops)",
     )
     worker_cmd.add_argument("--slots", type=int, default=1, help="actions run at once")
     worker_cmd.add_argument(
@@ -283,6 +288,11 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
             raise ConfigError(f"--provide {error}") from None
         if not os.path.isdir(directory):
             raise ConfigError(f"--provide {directory!r}: not a directory")
+    for server in args.server:
+        try:
+            split_target(server)
+        except ValueError as error:
+            raise ConfigError(f"--server: {error}") from None
     env = dict(DEFAULT_ENV)
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -290,7 +300,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
             raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
     config = WorkerConfig(
-        server=args.server,
+        servers=args.server,
         env=env,
         workdir=args.workdir or reapi_home() / "worker",
         slots=args.slots,

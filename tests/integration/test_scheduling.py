@@ -269,6 +269,44 @@ async def test_worker_reconnects_after_the_server_restarts(tmp_path: Path) -> No
         worker.stop()
 
 
+async def test_a_worker_moves_to_its_next_server_when_one_dies(tmp_path: Path) -> None:
+    """`--server A --server B`: A killed, the worker connects to B at once
+    and runs B's actions; when B dies too, back to A (started again)."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = ServerProcess(tmp_path / "a" / "storage")
+    second = ServerProcess(tmp_path / "b" / "storage")
+    worker = WorkerProcess(
+        first, "roams", tmp_path / "roams", extra=["--server", f"grpc://{second.address}"]
+    )
+    try:
+        worker.wait_connected()
+        for server, word in ((first, "one"), (second, "two")):
+            if server is second:
+                first.kill()
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                action = await upload_action(channel, ["/bin/echo", word])
+                _ops, response = await asyncio.wait_for(execute(channel, action), 30)
+            assert response.status.code == code_pb2.OK, response.status
+            assert response.result.execution_metadata.worker == "roams"
+        assert "worker roams connected (" in second.log()
+        second.kill()
+        again = ServerProcess(tmp_path / "a" / "storage", "--listen", first.address)
+        try:
+            async with grpc.aio.insecure_channel(again.address) as channel:
+                action = await upload_action(channel, ["/bin/echo", "three"])
+                _ops, response = await asyncio.wait_for(execute(channel, action), 60)
+            assert response.status.code == code_pb2.OK, response.status
+            assert worker.process.poll() is None, worker.log()
+        finally:
+            again.stop()
+    finally:
+        worker.stop()
+        for server in (first, second):
+            if server.process.poll() is None:  # the test failed before killing it
+                server.stop()
+
+
 def test_local_workers_die_with_their_server(tmp_path: Path, reapi_home: Path) -> None:
     server = ServerProcess(tmp_path / "storage", workers=1, home=reapi_home)
     workdir = str(reapi_home / "worker")
