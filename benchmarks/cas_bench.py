@@ -41,6 +41,7 @@ import grpc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.processes import log_tail, supervised  # noqa: E402
 from reapi.protos import bytestream_pb2, bytestream_pb2_grpc  # noqa: E402
 from reapi.protos import remote_execution_pb2 as re_pb2  # noqa: E402
 from reapi.protos import remote_execution_pb2_grpc as re_grpc  # noqa: E402
@@ -120,38 +121,12 @@ def free_port() -> int:
         return port
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @contextlib.contextmanager
 def running(spec: ServerSpec) -> Iterator[subprocess.Popen[bytes]]:
     """Run the server for the duration of the block; SIGTERM (then SIGKILL) it on exit."""
     log(f"starting {spec.name}: {shlex.join(spec.argv)}")
-    with open(spec.log_path, "wb") as log_file:
-        # A session of its own: a Ctrl-C reaches only us, and we stop the server below.
-        proc = subprocess.Popen(
-            spec.argv,
-            cwd=spec.cwd,
-            env=spec.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with supervised(spec.argv, spec.log_path, spec.cwd, spec.env) as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 async def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: float) -> None:

@@ -56,6 +56,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.processes import log_tail, supervised
+
 HOST = "127.0.0.1"
 KIB = 1024
 MIB = 1024 * 1024
@@ -113,13 +117,6 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def server_argv(port: int, directory: Path, cluster: bool) -> list[str]:
     argv = ["redis-server", "--port", str(port), "--bind", HOST, "--dir", str(directory)]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
@@ -134,25 +131,8 @@ def redis_server(workdir: Path, port: int, cluster: bool) -> Iterator[subprocess
     """Run one redis-server for the duration of the block; SIGTERM (then SIGKILL) it after."""
     directory = workdir / f"redis-{port}"
     directory.mkdir()
-    with open(directory / "redis.log", "wb") as log_file:
-        # A session of its own: a Ctrl-C reaches only us, and we stop the server below.
-        proc = subprocess.Popen(
-            server_argv(port, directory, cluster),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
+    with supervised(server_argv(port, directory, cluster), directory / "redis.log") as proc:
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class Admin:
@@ -280,7 +260,11 @@ def redis_server_version() -> str:
 
 
 class Client(abc.ABC):
-    """What the benchmark needs from a client library: the same calls on both."""
+    """What the benchmark needs from a client library: the same calls on both
+    (single GET and SET are spelled alike in both libraries)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
 
     @abc.abstractmethod
     async def exists_each(self, keys: Sequence[bytes]) -> list[bool]:
@@ -294,11 +278,12 @@ class Client(abc.ABC):
     async def exists_count(self, keys: Sequence[bytes]) -> int:
         """One multi-key EXISTS: how many of the keys exist."""
 
-    @abc.abstractmethod
-    async def get(self, key: bytes) -> bytes | None: ...
+    async def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = await self.client.get(key)
+        return value
 
-    @abc.abstractmethod
-    async def set(self, key: bytes, value: bytes) -> None: ...
+    async def set(self, key: bytes, value: bytes) -> None:
+        await self.client.set(key, value)
 
     @abc.abstractmethod
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -312,9 +297,6 @@ class Client(abc.ABC):
 class RedisPyClient(Client):
     """redis.asyncio.Redis or redis.asyncio.cluster.RedisCluster: the same calls."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
     async def exists_each(self, keys: Sequence[bytes]) -> list[bool]:
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
@@ -326,13 +308,6 @@ class RedisPyClient(Client):
 
     async def exists_count(self, keys: Sequence[bytes]) -> int:
         return int(await self.client.exists(*keys))
-
-    async def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = await self.client.get(key)
-        return value
-
-    async def set(self, key: bytes, value: bytes) -> None:
-        await self.client.set(key, value)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         pipe = self.client.pipeline(transaction=False)
@@ -350,9 +325,6 @@ class RedisPyClient(Client):
 class CoredisClient(Client):
     """coredis.Redis or coredis.RedisCluster: a pipeline runs when its block exits."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
-
     async def exists_each(self, keys: Sequence[bytes]) -> list[bool]:
         async with self.client.pipeline(transaction=False) as pipe:
             requests = [pipe.exists([key]) for key in keys]
@@ -363,13 +335,6 @@ class CoredisClient(Client):
 
     async def exists_count(self, keys: Sequence[bytes]) -> int:
         return int(await self.client.exists(keys))
-
-    async def get(self, key: bytes) -> bytes | None:
-        value: bytes | None = await self.client.get(key)
-        return value
-
-    async def set(self, key: bytes, value: bytes) -> None:
-        await self.client.set(key, value)
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         async with self.client.pipeline(transaction=False) as pipe:

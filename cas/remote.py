@@ -179,31 +179,20 @@ class RemoteStore:
                 if failed:
                     raise Internal(f"remote CAS refused a blob: {failed[0].status.message}")
         for digest, data in good:
-            if digest.size > BATCH_BYTES:
-                await self._write(digest, data)
+            if digest.size > BATCH_BYTES:  # on a ByteStream write of its own
+                writer = self.begin_write(digest)
+                try:
+                    for start in range(0, len(data), READ_CHUNK):
+                        await writer.write(data[start : start + READ_CHUNK])
+                    await writer.commit()
+                except BaseException:
+                    await writer.abort()
+                    raise
         return errors
 
     def _upload_name(self, digest: Digest) -> str:
         prefix = f"{self._instance}/" if self._instance else ""
         return f"{prefix}uploads/{uuid.uuid4()}/blobs/{digest.resource_path()}"
-
-    async def _write(self, digest: Digest, data: bytes) -> None:
-        name = self._upload_name(digest)
-
-        async def requests() -> AsyncIterator[bs_pb2.WriteRequest]:
-            for start in range(0, max(len(data), 1), READ_CHUNK):
-                end = start + READ_CHUNK
-                yield bs_pb2.WriteRequest(
-                    resource_name=name if start == 0 else "",
-                    write_offset=start,
-                    data=data[start:end],
-                    finish_write=end >= len(data),
-                )
-
-        try:
-            await self._bytestream.Write(requests(), metadata=self._metadata)
-        except grpc.aio.AioRpcError as error:
-            raise as_reapi_error(error) from None
 
     def begin_write(self, digest: Digest) -> BlobWriter:
         """A batch upload for a small blob; a ByteStream write that sends each

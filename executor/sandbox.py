@@ -325,8 +325,6 @@ class Slot:
         self.stderr = self.place / "stderr"
         # What the tree holds (executor/layout.py); None when that is not known.
         self._kept: layout.Dir | None = layout.Dir()
-        # The inodes of its input files: what a command wrote is the rest.
-        self._inputs: set[int] = set()
 
     def prepare(self) -> None:
         """The tree's directory, made if it is not there yet (clear() resets
@@ -339,7 +337,6 @@ class Slot:
         """Make the tree hold `tree` (and nothing else), from what it kept."""
         root = str(self.root)
         have, self._kept = self._kept, None
-        self._inputs = tree.inodes()
         try:
             if have is not None:
                 layout.lay_out(root, have, tree, self.uid)
@@ -433,10 +430,12 @@ class Slot:
         """Return once the command has written more than the tree limit."""
         limit = self._sandbox.limits.tree
         files = (self.stdout, self.stderr)
-        while True:  # a quick command is done before the first look
+        await asyncio.sleep(WATCH_SECONDS)  # a quick command is done before the first look
+        # The inodes of the input files (what a command wrote is the rest): only
+        # for a command that runs this long.
+        inputs = self._kept.inodes() if self._kept is not None else set()
+        while await asyncio.to_thread(written, self.root, inputs, files) <= limit:
             await asyncio.sleep(WATCH_SECONDS)
-            if await asyncio.to_thread(written, self.root, self._inputs, files) > limit:
-                return
 
     async def _run_warm(self, warm: _Warm, command: _Command) -> tuple[int, bool]:
         """In the warm sandbox, which is thrown away if the command changed it,

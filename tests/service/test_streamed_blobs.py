@@ -68,3 +68,11 @@ async def test_the_worker_cache_fetches_a_large_input_as_a_stream(
         assert path.read_bytes() == data
         assert os.access(path, os.X_OK) == executable
     assert os.listdir(tmp_path / "cache" / "tmp") == []
+
+
+async def test_a_large_blob_in_a_batch_upload_goes_as_a_stream(channel: grpc.aio.Channel) -> None:
+    data = os.urandom(SIZE)
+    digest = SHA256.digest_of(data)
+    store = RemoteStore(channel)
+    assert await store.put_many([(digest, data), (SHA256.digest_of(b"x"), b"x")]) == [None, None]
+    assert await get_blob(store, digest) == data
