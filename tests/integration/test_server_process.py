@@ -85,6 +85,20 @@ def test_bad_listen_and_config(tmp_path: Path) -> None:
     )
 
 
+def test_bad_worker_options(tmp_path: Path) -> None:
+    """Each a line and exit 2 before anything starts: a server address of no
+    known form (among good ones), a limit that is no size, an empty token file."""
+    good = "grpc://127.0.0.1:1"
+    bad_server = run_reapi("worker", "--server", good, "--server", "http://127.0.0.1:1")
+    assert "--server: server address 'http://127.0.0.1:1'" in one_line_error(bad_server)
+    for option, value in (("--max-tree", "lots"), ("--max-processes", "0")):
+        assert option in one_line_error(run_reapi("worker", "--server", good, option, value))
+    token = tmp_path / "token"
+    token.write_text("# none\n")
+    empty = run_reapi("worker", "--server", good, "--auth-token-file", str(token))
+    assert "holds no token" in one_line_error(empty)
+
+
 @pytest.fixture
 def insecure_everywhere(tmp_path: Path) -> Iterator[ServerProcess]:
     config = tmp_path / "reapi.toml"

@@ -80,6 +80,22 @@ def test_ci_fills_the_cache_developers_read_it(
     assert stats(developer)["local_reasons"] == {"link": 2, "read-only-miss": 1}
     assert stats(developer)["remote_executions"] == 0
 
+    # A token file or CA that cannot be read, or holds nothing: local, never broken.
+    (tmp_path / "empty.token").write_text("# nothing\n")
+    for broken in (
+        {"REAPI_TOKEN_FILE": str(tmp_path / "absent.token")},
+        {"REAPI_TOKEN_FILE": str(tmp_path / "empty.token")},
+        {"REAPI_TLS_CA": str(tmp_path / "absent.pem")},
+    ):
+        mishap = (
+            with_token(env, reapi_home, "ci") | broken | {"REAPI_HOME": str(reapi_home / "mishap")}
+        )
+        elsewhere = write_project(tmp_path / "mishap")
+        make(elsewhere, mishap)
+        assert objects(elsewhere) == expected
+        assert stats(mishap)["remote_executions"] == 0
+        shutil.rmtree(elsewhere)
+
     stranger = with_token(env, reapi_home, "wrong")
     elsewhere = write_project(tmp_path / "stranger")
     make(elsewhere, stranger)
