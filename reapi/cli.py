@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cas.inventory import StorageError
+from cas.redis_conn import RedisConfigError, RedisTarget
 from cas.remote import split_target
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.runner import DEFAULT_ENV
@@ -46,6 +47,7 @@ from reapi.server import ServerConfig, default_storage, reapi_home, serve
 SERVE_OPTIONS = (
     "listen",
     "storage",
+    "redis",
     "tls-cert",
     "tls-key",
     "tls-client-ca",
@@ -107,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8980)")
     serve_cmd.add_argument(
         "--storage", type=Path, help=f"storage directory (default {default_storage()})"
+    )
+    serve_cmd.add_argument(
+        "--redis",
+        action="append",
+        help="redis://[:PASSWORD@]HOST:PORT or rediss://...: keep the CAS and the action "
+        "cache in this Redis or Redis Cluster, shared with other frontends (repeatable: "
+        "nodes of one deployment); instead of --storage",
     )
     serve_cmd.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve_cmd.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
@@ -250,6 +259,17 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         config.listen = str(settings["listen"])
     if settings.get("storage"):
         config.storage = Path(settings["storage"])
+    if settings.get("redis"):
+        urls = settings["redis"]
+        urls = [urls] if isinstance(urls, str) else urls
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise ConfigError("redis: expected a URL or a list of URLs")
+        if settings.get("storage"):
+            raise ConfigError("--redis and --storage exclude each other: blobs live in one place")
+        try:
+            config.redis = RedisTarget(tuple(urls))
+        except RedisConfigError as error:
+            raise ConfigError(str(error)) from None
     if settings.get("workers") is not None:
         config.workers = int(settings["workers"])
     if settings.get("sandbox"):

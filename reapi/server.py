@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cas.action_cache import ActionCache, ActionResultStore, DiskActionResultStore
 from cas.disk import DiskStore
 from cas.gc import HIGH_WATERMARK, LOW_WATERMARK
+from cas.redis_conn import RedisConfigError, RedisTarget, check_no_eviction, connect
+from cas.redis_store import RedisActionResultStore, RedisStore
 from cas.store import BlobStore
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.scheduler import Job, Scheduler
@@ -61,6 +64,8 @@ def default_storage() -> Path:
 class ServerConfig:
     listen: str = "127.0.0.1:8980"
     storage: Path = field(default_factory=default_storage)
+    # Where the CAS and action cache live instead of `storage`, shared by frontends.
+    redis: RedisTarget | None = None
     tls: TlsFiles | None = None
     auth_tokens: Path | None = None
     insecure: bool = False
@@ -83,21 +88,42 @@ class ServerConfig:
 @dataclass(frozen=True)
 class Backends:
     """What the services keep their state in, built from the configuration
-    (`build_backends`): the one place that chooses a backend."""
+    (`build_backends`, `open_backends`): the one place that chooses a backend."""
 
     store: BlobStore
     results: ActionResultStore
+    # Closes what the backends hold open (a Redis client), when there is such a thing.
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 def build_backends(config: ServerConfig) -> Backends:
-    """The backends `config` names: the CAS and the action cache on disk under
-    `config.storage` (the embedded default). ConfigError when unusable."""
+    """The embedded default: the CAS and the action cache on disk under
+    `config.storage`. ConfigError when unusable."""
     try:
         return Backends(DiskStore(config.storage), DiskActionResultStore(config.storage))
     except OSError as error:
         raise ConfigError(
             f"cannot use storage directory {config.storage}: {error.strerror or error}"
         ) from None
+
+
+async def open_backends(config: ServerConfig) -> Backends:
+    """The backends `config` names: in Redis with `config.redis` (connected and
+    checked now), else on disk. ConfigError when unusable or unreachable."""
+    if config.redis is None:
+        return build_backends(config)
+    try:
+        client = await connect(config.redis)
+    except RedisConfigError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        warning = await check_no_eviction(client, config.redis)
+    except RedisConfigError as error:
+        await client.aclose()
+        raise ConfigError(str(error)) from None
+    if warning:
+        log.warning("%s", warning)
+    return Backends(RedisStore(client), RedisActionResultStore(client), client.aclose)
 
 
 class Server:
@@ -224,13 +250,15 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    server = Server(config)
+    backends = await open_backends(config)
+    server = Server(config, backends)
     # A directory only this user can enter: the local workers' socket and token.
     with tempfile.TemporaryDirectory(prefix="reapi-serve-") as private:
         local_socket = Path(private) / "workers.sock"
         port = await server.start(local_socket if config.workers else None)
         host, _ = split_address(config.listen)
-        log.info("serving on %s:%d, storage %s", host, port, config.storage)
+        where = f"Redis {config.redis}" if config.redis else f"storage {config.storage}"
+        log.info("serving on %s:%d, %s", host, port, where)
         token_file = None
         if server.worker_token is not None:
             token_file = Path(private) / "worker-token"
@@ -254,6 +282,8 @@ async def serve(config: ServerConfig) -> None:
         for worker in workers:
             await worker.wait()
     await server.stop()
+    if backends.close is not None:
+        await backends.close()
 
 
 async def _keep_under(config: ServerConfig, max_size: int) -> None:

@@ -10,7 +10,9 @@ import grpc
 import pytest
 
 from reapi.server import Server, ServerConfig
+from tests import redis_servers
 from tests.helpers import ServerProcess
+from tests.redis_servers import RedisDeployment
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +49,27 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
         yield chan
+
+
+@pytest.fixture(scope="session")
+def redis_standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDeployment]:
+    """One real redis-server for the whole run; tests flush it (`redis_flushed`)."""
+    with redis_servers.standalone(tmp_path_factory.mktemp("redis")) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDeployment]:
+    """A real Redis Cluster (3 masters + 3 replicas) for the whole run. Tests that
+    kill nodes start their own with `redis_servers.cluster`."""
+    with redis_servers.cluster(tmp_path_factory.mktemp("redis-cluster")) as deployment:
+        yield deployment
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_flushed(request: pytest.FixtureRequest) -> RedisDeployment:
+    """Each shared Redis deployment in turn, emptied."""
+    deployment: RedisDeployment = request.getfixturevalue(f"redis_{request.param}")
+    deployment.wait_healthy()
+    deployment.flush()
+    return deployment

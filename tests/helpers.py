@@ -42,22 +42,23 @@ class ServerProcess:
     with `workers` local workers (none unless asked: most tests need no execution)."""
 
     def __init__(
-        self, storage: Path, *extra: str, workers: int = 0, home: Path | None = None
+        self,
+        storage: Path,
+        *extra: str,
+        workers: int = 0,
+        home: Path | None = None,
+        redis: Sequence[str] | None = None,
     ) -> None:
+        """With `redis` (URLs), the CAS and action cache are there, not in
+        `storage` (which then only names the log); with `redis=()`, where
+        they are comes from `extra` (a --config file)."""
         self.storage = storage
         self.log_path = storage.parent / f"{storage.name}-server.log"
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         env = dict(os.environ, REAPI_HOME=str(home or storage.parent / "home"))
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--storage",
-            str(storage),
-            "--workers",
-            str(workers),
-            *extra,
-        ]
+        where = ["--storage", str(storage)] if redis is None else [f"--redis={u}" for u in redis]
+        args = ["--listen", "127.0.0.1:0", *where, "--workers", str(workers), *extra]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "reapi", "serve", *args],
             cwd=REPO,

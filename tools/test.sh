@@ -6,9 +6,11 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests use: real Bazel 4 (offline), bubblewrap, and the
 # toolchain the shim's real-project builds need (autoreconf for libyaml, CMake
-# with Ninja; prlimit and unshare come with util-linux).
+# with Ninja; prlimit and unshare come with util-linux; Redis and HAProxy for
+# the frontends that share their state).
 packages=(bazel-bootstrap bazel-platforms bazel-rules-java bubblewrap
-          gcc g++ make autoconf automake libtool cmake ninja-build util-linux)
+          gcc g++ make autoconf automake libtool cmake ninja-build util-linux
+          redis-server redis-tools haproxy)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||

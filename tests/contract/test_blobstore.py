@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -12,10 +12,13 @@ import pytest
 from cas.disk import DiskStore
 from cas.existence import ExistenceCache, ExistenceCachingStore
 from cas.memory import MemoryStore
+from cas.redis_conn import RedisTarget, connect
+from cas.redis_store import RedisStore
 from cas.small_blobs import SMALL_BLOB
 from cas.store import BlobStore, get_blob, put_blob
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import InvalidArgument, NotFound, OutOfRange
+from tests.redis_servers import RedisDeployment
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 
@@ -26,9 +29,21 @@ STORES: dict[str, Callable[[Path], BlobStore]] = {
 }
 
 
-@pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    return STORES[request.param](tmp_path)
+REDIS_STORES = ["redis-standalone", "redis-cluster"]
+
+
+@pytest.fixture(params=sorted(STORES) + REDIS_STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    """Each implementation in turn; the Redis ones on real, emptied, redis-servers."""
+    if request.param not in REDIS_STORES:
+        yield STORES[request.param](tmp_path)
+        return
+    deployment: RedisDeployment = request.getfixturevalue(request.param.replace("-", "_"))
+    deployment.wait_healthy()
+    deployment.flush()
+    client = await connect(RedisTarget(tuple(deployment.urls)))
+    yield RedisStore(client)
+    await client.aclose()
 
 
 async def read_all(store: BlobStore, digest: Digest, offset: int = 0, limit: int = 0) -> bytes:

@@ -1,0 +1,416 @@
+"""RedisStore: the CAS kept in Redis (standalone or Cluster), shared by every frontend.
+
+Why blobs live in Redis itself, large ones in chunks: Redis (Cluster) already
+replicates and fails over what it holds, so the bytes need no replication of
+ours and no second storage system to run. A value is at most CHUNK bytes, so
+no single command makes Redis copy a large blob at once.
+
+Keys. Every key of one blob carries the hash tag of the first two hex digits
+of its hash: a blob, its chunks and its tag's bookkeeping sit in one Cluster
+slot, so one Lua script changes them atomically, and the 256 tags spread the
+store over the masters.
+
+    cas:{ab}:FUNCTION:HASH:SIZE       the blob, or its first CHUNK bytes
+    cas:{ab}:FUNCTION:HASH:SIZE:N     chunk N >= 1 of a blob larger than CHUNK
+    cas:{ab}:atime                    sorted set "FUNCTION:HASH:SIZE" -> last use (s)
+    cas:{ab}:bytes                    the total size of the tag's blobs
+    up:{ab}:UPLOAD:N                  chunk N of an upload not yet committed (expires)
+
+The size is part of the name, so a digest with the right hash and a wrong size
+names nothing. A blob becomes readable in one step (a script renames its
+verified chunks into place), and leaves in one step (a script deletes them all).
+
+Lifetimes follow `cas/gc.py`: a use refreshes the blob's time in `atime` when
+it is older than TOUCH_AFTER, and `collect` deletes only blobs unused for the
+grace period, re-checked inside the deleting script. Redis must not evict by
+itself (`maxmemory-policy noeviction`): when it is full, writes fail with
+RESOURCE_EXHAUSTED and the lookups that extend lifetimes go on.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from cas.redis_conn import Arg, Client, is_cluster, redis_errors, run_script
+from cas.store import (
+    READ_CHUNK,
+    BlobInfo,
+    check_final,
+    check_offset,
+    check_room,
+    verified,
+)
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import NotFound, ReapiError, Unavailable
+
+# Values are at most this large; larger blobs are chunked.
+CHUNK = READ_CHUNK
+# An upload's chunks expire if it is not committed within this many seconds.
+UPLOAD_TTL = 3600
+# A use refreshes a blob's time only when it is older than this (seconds): most
+# lookups then write nothing (the same rule as the disk store's).
+TOUCH_AFTER = 3600.0
+TAGS = [f"{n:02x}" for n in range(256)]
+# Scripts take a blob's atime member from its key: what follows "cas:{ab}:",
+# from the 10th character on.
+assert len("cas:{ab}:") + 1 == 10
+
+# KEYS: pairs (blob, its tag's atime); ARGV: now, refresh-if-older-than.
+# Returns 1/0 per blob. allow-oom: lookups go on while Redis is full.
+_TOUCH = """#!lua flags=allow-oom
+local now, stale = ARGV[1], tonumber(ARGV[2])
+local found = {}
+for i = 1, #KEYS, 2 do
+  local present = redis.call('EXISTS', KEYS[i])
+  found[#found + 1] = present
+  if present == 1 then
+    local member = string.sub(KEYS[i], 10)
+    local last = redis.call('ZSCORE', KEYS[i + 1], member)
+    if not last or tonumber(last) < stale then redis.call('ZADD', KEYS[i + 1], now, member) end
+  end
+end
+return found
+"""
+
+# The same, answering each blob's first value (false when absent).
+_GET = """#!lua flags=allow-oom
+local now, stale = ARGV[1], tonumber(ARGV[2])
+local values = {}
+for i = 1, #KEYS, 2 do
+  local value = redis.call('GET', KEYS[i])
+  values[#values + 1] = value
+  if value then
+    local member = string.sub(KEYS[i], 10)
+    local last = redis.call('ZSCORE', KEYS[i + 1], member)
+    if not last or tonumber(last) < stale then redis.call('ZADD', KEYS[i + 1], now, member) end
+  end
+end
+return values
+"""
+
+# KEYS: triples (blob, atime, bytes); ARGV: now, then each blob's data.
+_PUT = """#!lua
+local now = ARGV[1]
+for i = 1, #KEYS, 3 do
+  local data = ARGV[1 + (i + 2) / 3]
+  if redis.call('SET', KEYS[i], data, 'NX') then redis.call('INCRBY', KEYS[i + 2], #data) end
+  redis.call('ZADD', KEYS[i + 1], now, string.sub(KEYS[i], 10))
+end
+return 1
+"""
+
+# KEYS: blob, atime, bytes, upload chunks 0..n-1, final chunks 1..n-1; ARGV: now, size, n.
+# Returns 0 when an upload chunk has expired.
+_COMMIT = """#!lua
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[3 + i]) == 0 then return 0 end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 2, n do
+    redis.call('RENAME', KEYS[3 + i], KEYS[2 + n + i])
+    redis.call('PERSIST', KEYS[2 + n + i])
+  end
+  redis.call('RENAME', KEYS[4], KEYS[1])
+  redis.call('PERSIST', KEYS[1])
+  redis.call('INCRBY', KEYS[3], ARGV[2])
+else
+  for i = 1, n do redis.call('DEL', KEYS[3 + i]) end
+end
+redis.call('ZADD', KEYS[2], ARGV[1], string.sub(KEYS[1], 10))
+return 1
+"""
+
+# KEYS: blob, atime, bytes, chunks 1..; ARGV: size, used-before (only a blob
+# last used before it goes; '+inf' for any). Returns 1 if the blob was deleted.
+_DELETE = """#!lua flags=allow-oom
+local member = string.sub(KEYS[1], 10)
+local last = redis.call('ZSCORE', KEYS[2], member)
+if last and tonumber(last) >= tonumber(ARGV[2]) then return 0 end
+local existed = redis.call('DEL', KEYS[1])
+for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('ZREM', KEYS[2], member)
+if existed == 1 then redis.call('DECRBY', KEYS[3], ARGV[1]) end
+return existed
+"""
+
+
+def _tag(digest: Digest) -> str:
+    return "{" + digest.hash[:2] + "}"
+
+
+def blob_key(digest: Digest) -> str:
+    return f"cas:{_tag(digest)}:{digest.function.path_name}:{digest.hash}:{digest.size}"
+
+
+def chunk_count(size: int) -> int:
+    return max(1, -(-size // CHUNK))
+
+
+def chunk_keys(digest: Digest) -> list[str]:
+    """Every key holding the blob's bytes, chunk 0 (the blob key) first."""
+    head = blob_key(digest)
+    return [head] + [f"{head}:{n}" for n in range(1, chunk_count(digest.size))]
+
+
+def atime_key(tag: str) -> str:
+    return f"cas:{{{tag}}}:atime"
+
+
+def bytes_key(tag: str) -> str:
+    return f"cas:{{{tag}}}:bytes"
+
+
+def _digest_of_member(member: str) -> Digest | None:
+    name, hash_, size = member.rsplit(":", 2)
+    function = DigestFunction.from_path_name(name)
+    return Digest(function, hash_, int(size)) if function is not None else None
+
+
+class RedisStore:
+    """The BlobStore contract (cas/store.py) on a Redis client from `cas.redis_conn`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._cluster = is_cluster(client)
+
+    def _groups(self, digests: Sequence[Digest]) -> list[list[Digest]]:
+        """`digests` (no empty ones) in groups one script may take: one slot each
+        on a Cluster, all together on a standalone Redis."""
+        if not self._cluster:
+            return [list(digests)] if digests else []
+        by_tag: dict[str, list[Digest]] = {}
+        for digest in digests:
+            by_tag.setdefault(digest.hash[:2], []).append(digest)
+        return list(by_tag.values())
+
+    async def _lookup(self, script: str, digests: Sequence[Digest]) -> dict[Digest, object]:
+        """Run the touch or get script over `digests`: {digest: its answer}."""
+        stored = list(dict.fromkeys(d for d in digests if not d.is_empty))
+        groups = self._groups(stored)
+        now = time.time()
+        calls = []
+        for group in groups:
+            keys = [k for d in group for k in (blob_key(d), atime_key(d.hash[:2]))]
+            calls.append((keys, [repr(now), repr(now - TOUCH_AFTER)]))
+        with redis_errors("a lookup in the CAS"):
+            results = await run_script(self._client, script, calls)
+        answers: dict[Digest, object] = {}
+        for group, result in zip(groups, results, strict=True):
+            answers.update(zip(group, result, strict=True))  # type: ignore[call-overload]
+        return answers
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
+        found = await self._lookup(_TOUCH, digests)
+        return [d for d in digests if not d.is_empty and not found.get(d)]
+
+    async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        values = await self._lookup(_GET, digests)
+        found: dict[Digest, bytes] = {d: b"" for d in digests if d.is_empty}
+        for digest, value in values.items():
+            if not isinstance(value, bytes):
+                continue
+            if len(value) == digest.size:
+                found[digest] = value
+                continue
+            try:  # a chunked blob: its first chunk came; read the rest
+                rest = [chunk async for chunk in self._chunks(digest, CHUNK, digest.size)]
+            except NotFound:
+                continue  # deleted meanwhile
+            found[digest] = value + b"".join(rest)
+        return found
+
+    async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
+        if not digest.is_empty and not (await self._lookup(_TOUCH, [digest])).get(digest):
+            raise NotFound(f"blob {digest} not found")
+        check_offset(digest, offset, limit)
+        end = digest.size if limit == 0 else min(digest.size, offset + limit)
+        async for chunk in self._chunks(digest, offset, end):
+            yield chunk
+
+    async def _chunks(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes start..end of a stored blob, a chunk at a time."""
+        keys = chunk_keys(digest)
+        while start < end:
+            index, within = divmod(start, CHUNK)
+            last = min(CHUNK, end - index * CHUNK) - 1
+            with redis_errors(f"reading {digest}"):
+                data = await self._client.getrange(keys[index], within, last)
+            assert isinstance(data, bytes)  # the client does not decode responses
+            if len(data) != last - within + 1:
+                raise NotFound(f"blob {digest} was deleted while being read")
+            yield data
+            start += len(data)
+
+    async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+        errors = verified(blobs)
+        small: dict[Digest, bytes] = {}
+        for (digest, data), error in zip(blobs, errors, strict=True):
+            if error is not None or digest.is_empty:
+                continue
+            if digest.size <= CHUNK:
+                small[digest] = data
+            else:
+                writer = self.begin_write(digest)
+                await writer.write(data)
+                await writer.commit()
+        await self._put_small(small)
+        return errors
+
+    async def _put_small(self, blobs: dict[Digest, bytes]) -> None:
+        now = repr(time.time())
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for group in self._groups(list(blobs)):
+            keys = [
+                key
+                for d in group
+                for key in (blob_key(d), atime_key(d.hash[:2]), bytes_key(d.hash[:2]))
+            ]
+            calls.append((keys, [now, *(blobs[d] for d in group)]))
+        if calls:
+            with redis_errors(f"storing {len(blobs)} blob(s)"):
+                await run_script(self._client, _PUT, calls)
+
+    def begin_write(self, digest: Digest) -> RedisWriter:
+        return RedisWriter(self, digest)
+
+    async def delete(self, digest: Digest, used_before: float | None = None) -> bool:
+        """Remove a blob; True if it was there. With `used_before`, only if
+        it was last used before that time (checked atomically with its uses)."""
+        if digest.is_empty:
+            return False
+        tag = digest.hash[:2]
+        keys = chunk_keys(digest)
+        keys[1:1] = [atime_key(tag), bytes_key(tag)]
+        args: list[Arg] = [digest.size, "+inf" if used_before is None else repr(used_before)]
+        with redis_errors(f"deleting {digest}"):
+            (deleted,) = await run_script(self._client, _DELETE, [(keys, args)])
+        return bool(deleted)
+
+    async def iter_blobs(self) -> AsyncIterator[BlobInfo]:
+        for tag in TAGS:
+            with redis_errors("listing the CAS"):
+                entries = [e async for e in self._client.zscan_iter(atime_key(tag))]
+            for member, score in entries:
+                digest = _digest_of_member(member.decode())
+                if digest is not None:
+                    yield BlobInfo(digest, score)
+
+    async def total_size(self) -> int:
+        """The bytes of every stored blob."""
+        with redis_errors("reading the CAS's size"):
+            pipe = self._client.pipeline(transaction=False)
+            for tag in TAGS:
+                pipe.get(bytes_key(tag))
+            return sum(int(value or 0) for value in await pipe.execute())
+
+
+class RedisWriter:
+    """A streamed upload: verified chunk by chunk into expiring upload keys,
+    renamed into place by one script at commit. At most one chunk in memory."""
+
+    def __init__(self, store: RedisStore, digest: Digest) -> None:
+        self._store = store
+        self._digest = digest
+        self._hasher = digest.function.hasher()
+        self._buffer = bytearray()
+        self._received = 0
+        self._upload = f"up:{_tag(digest)}:{uuid.uuid4().hex}"
+        self._sent = 0  # upload chunks in Redis
+
+    @property
+    def committed_size(self) -> int:
+        return self._received
+
+    async def write(self, data: bytes) -> None:
+        try:
+            check_room(self._digest, self._received, len(data))
+            self._hasher.update(data)
+            self._buffer += data
+            self._received += len(data)
+            while len(self._buffer) >= CHUNK and self._digest.size > CHUNK:
+                await self._send(bytes(self._buffer[:CHUNK]))
+                del self._buffer[:CHUNK]
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def _send(self, chunk: bytes) -> None:
+        with redis_errors(f"uploading {self._digest}"):
+            await self._store._client.set(f"{self._upload}:{self._sent}", chunk, ex=UPLOAD_TTL)
+        self._sent += 1
+
+    async def commit(self) -> None:
+        try:
+            check_final(self._digest, self._received, self._hasher)
+            if self._digest.is_empty:
+                return
+            if self._digest.size <= CHUNK:
+                await self._store._put_small({self._digest: bytes(self._buffer)})
+                return
+            if self._buffer:
+                await self._send(bytes(self._buffer))
+                self._buffer.clear()
+            await self._rename_into_place()
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def _rename_into_place(self) -> None:
+        digest, tag = self._digest, self._digest.hash[:2]
+        uploads = [f"{self._upload}:{n}" for n in range(self._sent)]
+        keys = [blob_key(digest), atime_key(tag), bytes_key(tag), *uploads, *chunk_keys(digest)[1:]]
+        args: list[Arg] = [repr(time.time()), digest.size, self._sent]
+        with redis_errors(f"storing {digest}"):
+            (done,) = await run_script(self._store._client, _COMMIT, [(keys, args)])
+        if not done:
+            raise Unavailable(
+                f"upload of {digest} took over {UPLOAD_TTL}s and expired; send it again"
+            )
+        self._sent = 0  # renamed: nothing of the upload is left to discard
+
+    async def abort(self) -> None:
+        self._buffer.clear()
+        self._received = 0
+        self._hasher = self._digest.function.hasher()
+        if self._sent:
+            keys = [f"{self._upload}:{n}" for n in range(self._sent)]
+            self._sent = 0
+            try:
+                with redis_errors(f"discarding an upload of {self._digest}"):
+                    await self._store._client.delete(*keys)
+            except ReapiError:
+                pass  # they expire by themselves
+
+
+# An action-cache entry unused this long (seconds) expires; each hit renews it.
+RESULT_TTL = 7 * 24 * 3600
+
+
+class RedisActionResultStore:
+    """Action-cache entries as keys ac:INSTANCE:FUNCTION:HASH:SIZE (the instance
+    name percent-encoded, so no name can pose as another's key), each expiring
+    RESULT_TTL after its last use. A Redis full to its maxmemory refuses new
+    entries with RESOURCE_EXHAUSTED, as the disk store does when its disk is full."""
+
+    def __init__(self, client: Client, ttl: int = RESULT_TTL) -> None:
+        self._client = client
+        self._ttl = ttl
+
+    @staticmethod
+    def key(action: Digest, instance_name: str) -> str:
+        instance = urllib.parse.quote(instance_name, safe="")
+        return f"ac:{instance}:{action.function.path_name}:{action.hash}:{action.size}"
+
+    async def get(self, action: Digest, instance_name: str = "") -> bytes | None:
+        with redis_errors(f"reading the action result of {action}"):
+            data = await self._client.getex(self.key(action, instance_name), ex=self._ttl)
+        assert data is None or isinstance(data, bytes)
+        return data
+
+    async def put(self, action: Digest, result: bytes, instance_name: str = "") -> None:
+        with redis_errors(f"storing the action result of {action}"):
+            await self._client.set(self.key(action, instance_name), result, ex=self._ttl)
