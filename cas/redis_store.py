@@ -164,7 +164,7 @@ def bytes_key(tag: str) -> str:
     return f"cas:{{{tag}}}:bytes"
 
 
-def _digest_of_member(member: str) -> Digest | None:
+def digest_of_member(member: str) -> Digest | None:
     name, hash_, size = member.rsplit(":", 2)
     function = DigestFunction.from_path_name(name)
     return Digest(function, hash_, int(size)) if function is not None else None
@@ -231,6 +231,11 @@ class RedisStore:
         async for chunk in self._chunks(digest, offset, end):
             yield chunk
 
+    def stored_bytes(self, digest: Digest) -> AsyncIterator[bytes]:
+        """A stored blob's bytes, a chunk at a time, without counting as a use
+        (for verify). NotFound if it is not (or no longer) stored."""
+        return self._chunks(digest, 0, digest.size)
+
     async def _chunks(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes start..end of a stored blob, a chunk at a time."""
         keys = chunk_keys(digest)
@@ -295,7 +300,7 @@ class RedisStore:
             with redis_errors("listing the CAS"):
                 entries = [e async for e in self._client.zscan_iter(atime_key(tag))]
             for member, score in entries:
-                digest = _digest_of_member(member.decode())
+                digest = digest_of_member(member.decode())
                 if digest is not None:
                     yield BlobInfo(digest, score)
 

@@ -4,8 +4,10 @@
     reapi cas stats --storage DIR [--json]
     reapi cas verify --storage DIR [--repair]
 
-They work on a directory whether or not a server is using it (see cas/gc.py
-for why that is safe). Exit status: 0 when done (verify: nothing wrong, or
+With `--redis URL` (repeatable) instead of `--storage`, on the CAS and action
+cache that `reapi serve --redis` keeps in Redis (cas/redis_lifecycle.py).
+They work on a directory or a Redis whether or not a server is using it (see
+cas/gc.py for why that is safe). Exit status: 0 when done (verify: nothing wrong, or
 everything repaired), 1 when verify found problems it left, 2 with one line
 on stderr for bad input (a missing or unwritable directory, a bad size).
 """
@@ -13,17 +15,22 @@ on stderr for bad input (a missing or unwritable directory, a bad size).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sqlite3
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cas.gc import GRACE, GcReport, collect, human, parse_size
 from cas.inventory import Storage, StorageError, stats
+from cas.redis_conn import RedisConfigError, RedisTarget, connect
+from cas.redis_lifecycle import GcRunning, collect_redis, stats_redis, verify_redis
 from cas.verify import VerifyReport, verify
+from reapi.errors import ReapiError
 from reapi.security import ConfigError
 from reapi.server import default_storage
 
@@ -38,9 +45,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
     cas = commands.add_parser("cas", help="storage lifecycle: gc, stats, verify")
     tools = cas.add_subparsers(dest="cas_command", required=True)
     storage_help = f"storage directory (default {default_storage()})"
+    redis_help = "the Redis (Cluster) of `reapi serve --redis`, instead of --storage (repeatable)"
 
     gc = tools.add_parser("gc", help="evict least recently used blobs down to a size")
     gc.add_argument("--storage", help=storage_help)
+    gc.add_argument("--redis", action="append", help=redis_help)
     gc.add_argument("--max-size", required=True, help="size to get under: 500M, 10G, ...")
     gc.add_argument("--dry-run", action="store_true", help="change nothing; report what would go")
     gc.add_argument(
@@ -55,44 +64,65 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[t
 
     stats_cmd = tools.add_parser("stats", help="blobs, bytes, action results, access times")
     stats_cmd.add_argument("--storage", help=storage_help)
+    stats_cmd.add_argument("--redis", action="append", help=redis_help)
     stats_cmd.add_argument("--json", action="store_true", help="machine-readable output")
 
     verify_cmd = tools.add_parser("verify", help="re-hash every blob, check the action cache")
     verify_cmd.add_argument("--storage", help=storage_help)
+    verify_cmd.add_argument("--redis", action="append", help=redis_help)
     verify_cmd.add_argument(
         "--repair", action="store_true", help="remove what is corrupt or incomplete"
     )
 
 
+@dataclass(frozen=True)
+class GcOptions:
+    max_size: int
+    if_above: int | None
+    grace: float
+    dry_run: bool
+
+
+def _gc_options(args: argparse.Namespace) -> GcOptions:
+    try:
+        grace = float(args.grace)
+    except ValueError:
+        grace = -1.0
+    if grace < 0:
+        raise ConfigError(f"--grace {args.grace!r}: expected a number of seconds")
+    return GcOptions(
+        size_option("--max-size", args.max_size),
+        size_option("--if-above", args.if_above) if args.if_above else None,
+        grace,
+        args.dry_run,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a `reapi cas` command; raises ConfigError or StorageError on bad input."""
-    root = Path(args.storage) if args.storage else default_storage()
-    if args.cas_command == "gc":
-        max_size = size_option("--max-size", args.max_size)
-        if_above = size_option("--if-above", args.if_above) if args.if_above else None
+    gc = _gc_options(args) if args.cas_command == "gc" else None
+    if args.redis:
+        if args.storage:
+            raise ConfigError("--redis and --storage exclude each other")
         try:
-            grace = float(args.grace)
-        except ValueError:
-            grace = -1.0
-        if grace < 0:
-            raise ConfigError(f"--grace {args.grace!r}: expected a number of seconds")
-    changes = args.repair if args.cas_command == "verify" else args.cas_command == "gc"
-    storage = Storage(root, writable=changes and not getattr(args, "dry_run", False))
+            target = RedisTarget(tuple(args.redis))
+        except RedisConfigError as error:
+            raise ConfigError(str(error)) from None
+        return asyncio.run(_run_on_redis(args, target, gc))
+    root = Path(args.storage) if args.storage else default_storage()
+    changes = args.repair if args.cas_command == "verify" else gc is not None and not gc.dry_run
+    storage = Storage(root, writable=changes)
     try:
-        if args.cas_command == "gc":
+        if gc is not None:
             report = collect(
                 storage,
-                max_size,
-                grace=grace,
-                dry_run=args.dry_run,
-                if_above=if_above,
+                gc.max_size,
+                grace=gc.grace,
+                dry_run=gc.dry_run,
+                if_above=gc.if_above,
                 progress=_progress(_gc_progress),
             )
-            if if_above is not None and report.bytes_before <= if_above:
-                print(f"nothing to do: {human(report.bytes_before)} stored, --if-above "
-                      f"{human(if_above)}")  # fmt: skip
-            else:
-                print(_gc_summary(report, max_size, grace))
+            print(_gc_outcome(report, gc))
             return 0
         if args.cas_command == "stats":
             found = stats(storage)
@@ -105,6 +135,47 @@ def run(args: argparse.Namespace) -> int:
         raise StorageError(f"storage {root}: {error}") from None
     finally:
         storage.close()
+
+
+async def _run_on_redis(args: argparse.Namespace, target: RedisTarget, gc: GcOptions | None) -> int:
+    """The same commands on the CAS in Redis."""
+    try:
+        client = await connect(target)
+    except RedisConfigError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        if gc is not None:
+            report = await collect_redis(
+                client,
+                gc.max_size,
+                grace=gc.grace,
+                dry_run=gc.dry_run,
+                if_above=gc.if_above,
+                progress=_progress(_gc_progress),
+            )
+            print(_gc_outcome(report, gc))
+            return 0
+        if args.cas_command == "stats":
+            found = await stats_redis(client, f"Redis {target}")
+            print(json.dumps(found, indent=1) if args.json else _stats_text(found))
+            return 0
+        checked = await verify_redis(client, args.repair, _progress(_verify_progress))
+        print(_verify_summary(checked, args.repair))
+        return 1 if checked.problems and not args.repair else 0
+    except GcRunning as error:
+        raise StorageError(str(error)) from None
+    except ReapiError as error:  # Redis lost or full meanwhile
+        raise StorageError(f"Redis {target}: {error.message}") from None
+    finally:
+        await client.aclose()
+
+
+def _gc_outcome(report: GcReport, gc: GcOptions) -> str:
+    if gc.if_above is not None and report.bytes_before <= gc.if_above:
+        return (
+            f"nothing to do: {human(report.bytes_before)} stored, --if-above {human(gc.if_above)}"
+        )
+    return _gc_summary(report, gc.max_size, gc.grace)
 
 
 def size_option(option: str, text: str) -> int:
@@ -167,6 +238,13 @@ def _stats_text(found: dict[str, Any]) -> str:
     def count(blobs: int, size: int) -> str:
         return f"{blobs} ({human(size)})"
 
+    tiers = []
+    if "small_blobs" in found:  # a storage directory's two tiers
+        tiers = [
+            f"{'  small':16} {count(found['small_blobs'], found['small_bytes'])}, "
+            f"database {human(int(found['database_bytes']))} on disk",
+            f"{'  large':16} {count(found['large_blobs'], found['large_bytes'])}",
+        ]
     instances = found["action_results_by_instance"]
     per_instance = (
         [f"  instance {name!r}: {count}" for name, count in sorted(instances.items())]
@@ -177,9 +255,7 @@ def _stats_text(found: dict[str, Any]) -> str:
         [
             f"{'storage':16} {found['storage']}",
             f"{'blobs':16} {count(found['blobs'], found['bytes'])}",
-            f"{'  small':16} {count(found['small_blobs'], found['small_bytes'])}, "
-            f"database {human(int(found['database_bytes']))} on disk",
-            f"{'  large':16} {count(found['large_blobs'], found['large_bytes'])}",
+            *tiers,
             f"{'action results':16} {found['action_results']}",
             *per_instance,
             f"{'oldest access':16} {when(found['oldest_access'])}",

@@ -10,7 +10,6 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +19,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cas.action_cache import ActionCache, ActionResultStore, DiskActionResultStore
 from cas.disk import DiskStore
-from cas.gc import HIGH_WATERMARK, LOW_WATERMARK
-from cas.redis_conn import RedisConfigError, RedisTarget, check_no_eviction, connect
+from cas.gc import GRACE, HIGH_WATERMARK, LOW_WATERMARK, human
+from cas.redis_conn import Client, RedisConfigError, RedisTarget, check_no_eviction, connect
+from cas.redis_lifecycle import GcRunning, collect_redis
 from cas.redis_store import RedisActionResultStore, RedisStore
 from cas.store import BlobStore
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.scheduler import Job, Scheduler
 from reapi.access import WORKER, AccessInterceptor, Caller, load_grants
+from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import worker_pb2_grpc as worker_grpc
 from reapi.security import ConfigError, TlsFiles, check_exposure, split_address
@@ -92,8 +93,12 @@ class Backends:
 
     store: BlobStore
     results: ActionResultStore
-    # Closes what the backends hold open (a Redis client), when there is such a thing.
-    close: Callable[[], Awaitable[None]] | None = None
+    # The Redis client they share, when they live in Redis.
+    redis: Client | None = None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def build_backends(config: ServerConfig) -> Backends:
@@ -123,7 +128,7 @@ async def open_backends(config: ServerConfig) -> Backends:
         raise ConfigError(str(error)) from None
     if warning:
         log.warning("%s", warning)
-    return Backends(RedisStore(client), RedisActionResultStore(client), client.aclose)
+    return Backends(RedisStore(client), RedisActionResultStore(client), client)
 
 
 class Server:
@@ -270,7 +275,9 @@ async def serve(config: ServerConfig) -> None:
         if workers:
             log.info("started %d local worker(s), sandbox %s", len(workers), config.sandbox)
         async with asyncio.TaskGroup() as group:
-            if config.max_size is not None:
+            if config.max_size is not None and backends.redis is not None:
+                collector = group.create_task(_keep_redis_under(backends.redis, config))
+            elif config.max_size is not None:
                 collector = group.create_task(_keep_under(config, config.max_size))
             await stopping.wait()
             log.info("stopping")
@@ -282,8 +289,7 @@ async def serve(config: ServerConfig) -> None:
         for worker in workers:
             await worker.wait()
     await server.stop()
-    if backends.close is not None:
-        await backends.close()
+    await backends.close()
 
 
 async def _keep_under(config: ServerConfig, max_size: int) -> None:
@@ -310,6 +316,28 @@ async def _keep_under(config: ServerConfig, max_size: int) -> None:
             log.warning("background gc failed: %s", err.decode(errors="replace").strip())
         elif not out.startswith(b"nothing to do"):
             log.info("background gc:\n%s", out.decode(errors="replace").rstrip())
+
+
+async def _keep_redis_under(client: Client, config: ServerConfig) -> None:
+    """The background gc on Redis: as `_keep_under`, in this process (the work
+    is Redis's). Another frontend's gc running at the time is no error: that
+    one does the work."""
+    assert config.max_size is not None
+    high, low = int(config.max_size * HIGH_WATERMARK), int(config.max_size * LOW_WATERMARK)
+    while True:
+        await asyncio.sleep(config.gc_interval)
+        try:
+            report = await collect_redis(client, low, grace=GRACE, if_above=high)
+        except GcRunning:
+            continue
+        except ReapiError as error:
+            log.warning("background gc failed: %s", error.message)
+            continue
+        if report.evicted_blobs or report.kept_recent_bytes:
+            log.info(
+                "background gc: evicted %d blobs (%s), %s above the size kept (grace period)",
+                report.evicted_blobs, human(report.evicted_bytes), human(report.kept_recent_bytes),
+            )  # fmt: skip
 
 
 async def _start_local_worker(

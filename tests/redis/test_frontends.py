@@ -12,13 +12,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cas.gc import GRACE
 from cas.remote import RemoteStore
 from reapi.digests import DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from tests import redis_servers
 from tests.helpers import ServerProcess, expect_status
+from tests.integration.test_cas_lifecycle import upload
 from tests.integration.test_server_process import one_line_error, run_reapi
+from tests.redis.test_redis_lifecycle import age, cas_json, stored
 from tests.redis_servers import RedisDeployment
 
 SHA256 = DigestFunction.SHA256
@@ -119,3 +122,26 @@ async def test_redis_lost_while_serving_then_back(tmp_path: Path) -> None:
                 assert list(answer.missing_blob_digests) == [digest.to_proto()]
         finally:
             assert server.stop() == 0, server.log()
+
+
+def test_background_gc_keeps_redis_under_max_size(
+    tmp_path: Path, redis_flushed: RedisDeployment
+) -> None:
+    """`serve --redis --max-size`: blobs past the grace period are evicted down to
+    90% of the size; those inside it stay."""
+    server = ServerProcess(
+        tmp_path / "frontend", "--max-size", "100K", "--gc-interval", "0.5",
+        redis=redis_flushed.urls,
+    )  # fmt: skip
+    try:
+        old = upload(server.address, [os.urandom(10_000) for _ in range(30)])
+        age(redis_flushed, old, 2 * GRACE)
+        recent = upload(server.address, [os.urandom(10_000) for _ in range(3)])
+        deadline = time.monotonic() + 30
+        while cas_json(redis_flushed)["bytes"] > 90 * 1024:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.5)
+        assert stored(redis_flushed, recent) == recent
+        assert "background gc: evicted" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
