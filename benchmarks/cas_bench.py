@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """CAS benchmark: our server and BuildGrid side by side, one client, one run.
 
-Starts both servers on loopback ports with fresh disk storage in a temporary directory,
-drives them with the same grpc.aio client (our generated stubs, SHA256, instance name ""),
-and prints a markdown table of medians with the ratio ours/BuildGrid.
+Starts both servers on loopback ports with fresh disk storage in a temporary directory
+(or, with ``--backend redis``, each on a standalone redis-server of its own), drives them
+with the same grpc.aio client (our generated stubs, SHA256, instance name ""), and prints
+a markdown table of medians with the ratio ours/BuildGrid.
 
     python benchmarks/cas_bench.py                  # both servers, 5 repetitions
     python benchmarks/cas_bench.py --only buildgrid # one server only
+    python benchmarks/cas_bench.py --backend redis  # both servers storing in Redis
 
 BuildGrid is installed on first use into its own venv (``--buildgrid-venv``). Repetitions
 alternate which server goes first, so slow drifts of a noisy machine hit both alike.
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -41,17 +44,23 @@ import grpc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import redis  # noqa: E402
+
 from benchmarks.processes import log_tail, supervised  # noqa: E402
 from reapi.protos import bytestream_pb2, bytestream_pb2_grpc  # noqa: E402
 from reapi.protos import remote_execution_pb2 as re_pb2  # noqa: E402
 from reapi.protos import remote_execution_pb2_grpc as re_grpc  # noqa: E402
+from tests.redis_servers import RedisNode, RedisStartError, standalone  # noqa: E402
 
 OURS = "ours"
 BUILDGRID = "BuildGrid"
 KIB = 1024
 MIB = 1024 * 1024
 
-DEFAULT_OURS_CMD = "{python} -m reapi serve --listen {listen} --storage {storage} --workers 0"
+DEFAULT_OURS_CMD = {
+    "disk": "{python} -m reapi serve --listen {listen} --storage {storage} --workers 0",
+    "redis": "{python} -m reapi serve --listen {listen} --redis {redis} --workers 0",
+}
 
 # Only what the benchmark needs: CAS, ByteStream and the action cache (Capabilities comes
 # with them). No scheduler, so BuildGrid needs no database.
@@ -61,10 +70,7 @@ server:
     address: {address}
     insecure-mode: true
 
-storages:
-  - !disk-storage &cas-storage
-    path: {storage}
-
+{storages}
 caches:
   - !lru-action-cache &action-cache
     storage: *cas-storage
@@ -82,6 +88,28 @@ instances:
       - !action-cache
         cache: *action-cache
 """
+
+BUILDGRID_STORAGES = {
+    "disk": """\
+storages:
+  - !disk-storage &cas-storage
+    path: {storage}
+""",
+    # BuildGrid's RedisStorage: one key per blob, whole blobs in one value.
+    "redis": """\
+connections:
+  - !redis-connection &redis
+    host: "127.0.0.1"
+    port: {port}
+
+storages:
+  - !redis-storage &cas-storage
+    redis: *redis
+""",
+}
+
+# INFO commandstats entries not counted: our own INFO calls.
+NOT_COUNTED = {"info"}
 
 T = TypeVar("T")
 # server name -> measurement key -> one rate per repetition
@@ -152,14 +180,21 @@ async def wait_ready(spec: ServerSpec, proc: subprocess.Popen[bytes], timeout: f
                 await asyncio.sleep(0.2)
 
 
-def ensure_buildgrid(venv: Path, requirement: str) -> str:
-    """Create the BuildGrid venv unless it exists; return the installed BuildGrid version."""
+def ensure_buildgrid(venv: Path, requirement: str, backend: str) -> str:
+    """Create the BuildGrid venv unless it exists, or install into it again if the Redis
+    backend needs redis-py (BuildGrid's [redis] extra) and it has none; return the
+    installed BuildGrid version."""
     python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     if not (venv / "bin" / "bgd").exists():
         log(f"installing {requirement} into {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         subprocess.run([*pip, requirement], check=True)
+    elif backend == "redis":
+        probe = subprocess.run([str(python), "-c", "import redis"], stderr=subprocess.DEVNULL)
+        if probe.returncode != 0:
+            log(f"installing {requirement} into {venv} again: it has no redis-py")
+            subprocess.run([*pip, requirement], check=True)
     version = subprocess.run(
         [str(python), "-c", "import importlib.metadata as m; print(m.version('buildgrid'))"],
         check=True,
@@ -169,14 +204,17 @@ def ensure_buildgrid(venv: Path, requirement: str) -> str:
     return version.stdout.strip()
 
 
-def buildgrid_spec(venv: Path, workdir: Path) -> ServerSpec:
+def buildgrid_spec(venv: Path, workdir: Path, redis_node: RedisNode | None) -> ServerSpec:
+    """BuildGrid on disk storage, or on `redis_node` if given."""
     address = f"127.0.0.1:{free_port()}"
     storage = workdir / "buildgrid-storage"
     config = workdir / "buildgrid.yml"
     # JSON strings are valid YAML scalars, which quotes paths safely.
-    config.write_text(
-        BUILDGRID_CONFIG.format(address=json.dumps(address), storage=json.dumps(str(storage)))
-    )
+    if redis_node is None:
+        storages = BUILDGRID_STORAGES["disk"].format(storage=json.dumps(str(storage)))
+    else:
+        storages = BUILDGRID_STORAGES["redis"].format(port=redis_node.port)
+    config.write_text(BUILDGRID_CONFIG.format(address=json.dumps(address), storages=storages))
     return ServerSpec(
         name=BUILDGRID,
         argv=[str(venv / "bin" / "bgd"), "server", "start", str(config)],
@@ -187,13 +225,15 @@ def buildgrid_spec(venv: Path, workdir: Path) -> ServerSpec:
     )
 
 
-def ours_spec(command: str, workdir: Path) -> ServerSpec:
+def ours_spec(command: str, workdir: Path, redis_node: RedisNode | None) -> ServerSpec:
+    """Our server; `command`'s {redis} is `redis_node`'s URL."""
     listen = f"127.0.0.1:{free_port()}"
     storage = workdir / "ours-storage"
     home = workdir / "ours-home"
     home.mkdir()
+    url = redis_node.url if redis_node else ""
     argv = [
-        part.format(python=sys.executable, listen=listen, storage=storage)
+        part.format(python=sys.executable, listen=listen, storage=storage, redis=url)
         for part in shlex.split(command)
     ]
     env = dict(os.environ, REAPI_HOME=str(home))
@@ -205,6 +245,16 @@ def ours_spec(command: str, workdir: Path) -> ServerSpec:
         cwd=REPO_ROOT,
         log_path=workdir / "ours.log",
         address=listen,
+    )
+
+
+def command_count(client: redis.Redis) -> int:
+    """Commands the Redis has processed so far (INFO commandstats), but our INFO calls."""
+    stats = client.info("commandstats")
+    return sum(
+        int(entry["calls"])
+        for name, entry in stats.items()
+        if name.removeprefix("cmdstat_").split("|")[0] not in NOT_COUNTED
     )
 
 
@@ -324,17 +374,25 @@ class Measurement:
     key: str
     title: str
     unit: str
-    target: float  # minimum ratio ours/BuildGrid
+    target: float | None  # minimum ratio ours/BuildGrid
 
 
 def size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB and n % MIB == 0 else f"{n // KIB} KiB"
 
 
-def measurements(p: Params) -> list[Measurement]:
+def measurements(p: Params, backend: str) -> list[Measurement]:
     fmb = f"FindMissingBlobs, {p.find_batch} digests/request"
     batch = f"{size(p.blob_size)} blobs, {p.batch_blobs}/request"
     streams = f"{p.streams} streams, {size(p.stream_blob_size)} blobs"
+    commands = [
+        Measurement(f"{key}_cmds", f"Redis commands: {title}", "commands/request", None)
+        for key, title in [
+            ("fmb_missing", f"{fmb}, all missing"),
+            ("fmb_present", f"{fmb}, all present"),
+            ("batch_update", f"BatchUpdateBlobs, {batch}"),
+        ]
+    ]
     return [
         Measurement("fmb_missing", f"{fmb}, all missing", "digests/s", 3.0),
         Measurement("fmb_present", f"{fmb}, all present", "digests/s", 3.0),
@@ -347,6 +405,7 @@ def measurements(p: Params) -> list[Measurement]:
             for c in p.chunk_sizes
         ),
         Measurement("bs_read", f"ByteStream Read, {streams}", "MB/s", 1.0),
+        *(commands if backend == "redis" else []),
     ]
 
 
@@ -459,24 +518,44 @@ class Client:
         return sum(b.digest.size_bytes for s in streams for b in s) / elapsed / 1e6
 
 
-async def run_all(name: str, client: Client, work: Workload, read_passes: int) -> dict[str, float]:
+# Counts the commands the server's Redis has processed so far (None: no Redis).
+CommandCount = Callable[[], int] | None
+
+
+async def run_all(
+    name: str, client: Client, work: Workload, read_passes: int, commands: CommandCount
+) -> dict[str, float]:
     """One pass of every measurement; a failed RPC or check is a BenchError naming the server."""
     try:
-        return await measure_all(client, work, read_passes)
+        return await measure_all(client, work, read_passes, commands)
     except grpc.aio.AioRpcError as e:
         raise BenchError(f"{name}: {e.code().name}: {e.details()}") from e
     except BenchError as e:
         raise BenchError(f"{name}: {e}") from e
 
 
-async def measure_all(client: Client, work: Workload, read_passes: int) -> dict[str, float]:
-    """One pass of every measurement, in an order where each finds the data it needs."""
-    rates = {
-        "fmb_missing": await client.find_missing(work.missing, all_missing=True),
-        "batch_update": await client.batch_update(work.uploads),
-        "fmb_present": await client.find_missing(work.present, all_missing=False),
-        "batch_read": await client.batch_read(work.reads, work.blobs),
-    }
+async def measure_all(
+    client: Client, work: Workload, read_passes: int, commands: CommandCount
+) -> dict[str, float]:
+    """One pass of every measurement, in an order where each finds the data it needs.
+    With `commands`, FindMissingBlobs and BatchUpdateBlobs also count the Redis commands
+    each request cost ("KEY_cmds"), from the counts before and after (outside the timing)."""
+    rates: dict[str, float] = {}
+
+    async def counted(key: str, requests: int, measure: Awaitable[float]) -> None:
+        before = commands() if commands else 0
+        rates[key] = await measure
+        if commands:
+            rates[f"{key}_cmds"] = (commands() - before) / requests
+
+    await counted(
+        "fmb_missing", len(work.missing), client.find_missing(work.missing, all_missing=True)
+    )
+    await counted("batch_update", len(work.uploads), client.batch_update(work.uploads))
+    await counted(
+        "fmb_present", len(work.present), client.find_missing(work.present, all_missing=False)
+    )
+    rates["batch_read"] = await client.batch_read(work.reads, work.blobs)
     for chunk, streams in work.streams.items():
         rates[f"bs_write_{chunk}"] = await client.bytestream_write(streams)
     # Each stream reads back what it wrote under every chunk size.
@@ -504,8 +583,11 @@ def table(rows: list[Measurement], results: Results, servers: list[str]) -> str:
         cells = [m.title, m.unit, *(fmt(medians[s]) for s in servers)]
         if both:
             ratio = medians[OURS] / medians[BUILDGRID]
-            verdict = "met" if ratio >= m.target else "**missed**"
-            cells += [f"{ratio:.2f}x", f">= {m.target:g}x {verdict}"]
+            if m.target is None:
+                target = ""
+            else:
+                target = f">= {m.target:g}x " + ("met" if ratio >= m.target else "**missed**")
+            cells += [f"{ratio:.2f}x", target]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -519,6 +601,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--only", choices=["ours", "buildgrid"], help="benchmark one server (default: both)")
+    add(
+        "--backend",
+        choices=["disk", "redis"],
+        default="disk",
+        help="where both servers store blobs: fresh directories, or a standalone "
+        "redis-server each (default: disk)",
+    )
     add("--repeats", type=int, default=5, help="repetitions; medians are reported")
     add("--concurrency", type=int, default=4, help="batch RPCs in flight")
     add("--find-batch", type=int, default=1000, help="digests per FindMissingBlobs")
@@ -533,11 +622,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--chunk-kib", default="64,1024", help="ByteStream Write chunk sizes, comma separated")
     add("--read-passes", type=int, default=2, help="ByteStream reads of each blob")
     add("--buildgrid-venv", type=Path, default=Path("/tmp/reapi-bench/buildgrid-venv"))
-    add("--buildgrid-requirement", default="buildgrid==0.4.4", help="what pip installs")
+    add(
+        "--buildgrid-requirement",
+        default="buildgrid[redis]==0.4.4",
+        help="what pip installs (--backend redis needs the [redis] extra)",
+    )
     add(
         "--ours-cmd",
-        default=DEFAULT_OURS_CMD,
-        help="command that starts our server; {python}, {listen}, {storage} are filled in",
+        help="command that starts our server; {python}, {listen}, {storage}, {redis} (a URL) "
+        f"are filled in (default: {DEFAULT_OURS_CMD['disk']!r}, with --backend redis "
+        f"{DEFAULT_OURS_CMD['redis']!r})",
     )
     add("--startup-timeout", type=float, default=60.0, help="seconds for a server to answer")
     return parser.parse_args(argv)
@@ -563,15 +657,26 @@ def params(args: argparse.Namespace) -> Params:
 async def benchmark(args: argparse.Namespace, workdir: Path) -> tuple[list[str], Results]:
     """Start the servers, run warm-up and repetitions, stop the servers; return results."""
     p = params(args)
-    specs = []
-    if args.only in (None, "ours"):
-        specs.append(ours_spec(args.ours_cmd, workdir))
-    if args.only in (None, "buildgrid"):
-        specs.append(buildgrid_spec(args.buildgrid_venv, workdir))
-    servers = [s.name for s in specs]
+    servers = [name for name in (OURS, BUILDGRID) if args.only in (None, name.lower())]
     results: Results = {s: {} for s in servers}
 
     async with contextlib.AsyncExitStack() as stack:
+        # With --backend redis, each server gets a standalone redis-server of its own.
+        nodes: dict[str, RedisNode | None] = dict.fromkeys(servers)
+        commands: dict[str, CommandCount] = dict.fromkeys(servers)
+        if args.backend == "redis":
+            for name in servers:
+                deployment = stack.enter_context(standalone(workdir / f"redis-{name.lower()}"))
+                node = nodes[name] = deployment.nodes[0]
+                admin = stack.enter_context(node.client())
+                commands[name] = functools.partial(command_count, admin)
+        specs = []
+        if OURS in servers:
+            command = args.ours_cmd or DEFAULT_OURS_CMD[args.backend]
+            specs.append(ours_spec(command, workdir, nodes[OURS]))
+        if BUILDGRID in servers:
+            specs.append(buildgrid_spec(args.buildgrid_venv, workdir, nodes[BUILDGRID]))
+
         clients = {}
         for spec in specs:
             proc = stack.enter_context(running(spec))
@@ -584,19 +689,25 @@ async def benchmark(args: argparse.Namespace, workdir: Path) -> tuple[list[str],
             p, find_requests=4, batch_requests=4, read_requests=4, stream_blobs=1
         )
         for name in servers:
-            await run_all(name, clients[name], make_workload(warmup), p.read_passes)
+            await run_all(name, clients[name], make_workload(warmup), p.read_passes, commands[name])
 
         for rep in range(args.repeats):
             work = make_workload(p)
             # Alternate who goes first, so a drift of the machine's speed hits both alike.
             for name in servers if rep % 2 == 0 else servers[::-1]:
-                rates = await run_all(name, clients[name], work, p.read_passes)
+                rates = await run_all(name, clients[name], work, p.read_passes, commands[name])
                 for key, rate in rates.items():
                     results[name].setdefault(key, []).append(rate)
                 figures = " ".join(f"{k}={fmt(v)}" for k, v in rates.items())
                 log(f"rep {rep + 1}/{args.repeats} {name}: {figures}")
             del work  # a workload holds a few hundred MB; free it before making the next
     return servers, results
+
+
+def redis_version() -> str:
+    """The version of the installed redis-server ("Redis server v=7.0.15 sha=...")."""
+    done = subprocess.run(["redis-server", "--version"], check=True, capture_output=True, text=True)
+    return done.stdout.split("v=", 1)[1].split()[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -610,11 +721,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.only != "ours":
         try:
-            version = ensure_buildgrid(args.buildgrid_venv, args.buildgrid_requirement)
+            version = ensure_buildgrid(
+                args.buildgrid_venv, args.buildgrid_requirement, args.backend
+            )
         except subprocess.CalledProcessError as e:
             log(f"error: could not set up BuildGrid in {args.buildgrid_venv}: {e}")
             return 1
         host += f", BuildGrid {version}"
+    if args.backend == "redis":
+        try:
+            storage = f"Redis {redis_version()}, a standalone redis-server per server"
+        except (OSError, subprocess.CalledProcessError) as e:
+            log(f"error: redis-server --version: {e}")
+            return 1
+    else:
+        storage = "disk, a fresh directory per server"
 
     with tempfile.TemporaryDirectory(prefix="reapi-bench-") as tmp:
 
@@ -627,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             servers, results = asyncio.run(run())
-        except BenchError as e:
+        except (BenchError, RedisStartError) as e:
             log(f"error: {e}")
             return 1
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -636,9 +757,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Command: `{shlex.join(['python', 'benchmarks/cas_bench.py', *argv])}`")
     print()
-    print(f"Host: {host}. Median of {args.repeats} repetitions; MB = 10^6 bytes.")
+    print(f"Host: {host}. Storage: {storage}.")
+    print(f"Median of {args.repeats} repetitions; MB = 10^6 bytes.")
     print()
-    print(table(measurements(p), results, servers))
+    print(table(measurements(p, args.backend), results, servers))
     return 0
 
 

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from google.rpc import code_pb2, status_pb2
 
@@ -113,6 +114,47 @@ class WorkerHandle:
 OnComplete = Callable[[Job], Awaitable[None]]
 
 
+class Scheduling(Protocol):
+    """What the Execution, Operations and Workers services ask of a scheduler:
+    `Scheduler` below keeps its state in memory, `RedisScheduler`
+    (executor/redis_scheduler.py) in Redis, shared by frontends. Both keep the
+    rules described above; tests/contract/test_scheduling.py runs both."""
+
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+    def check_placeable(self, requirements: Properties, instance_name: str = "") -> None: ...
+    async def submit(
+        self,
+        action_digest: Digest,
+        action: re_pb2.Action,
+        command: re_pb2.Command,
+        instance_name: str,
+        requirements: Properties,
+        priority: int = 0,
+        input_directories: Sequence[bytes] = (),
+        input_files: Sequence[Digest] = (),
+        owner: str = "",
+    ) -> Job: ...
+    async def job(self, name: str) -> Job: ...
+    async def jobs(self) -> list[Job]: ...
+    def watch(self, job: Job, quiet: float = 0.0) -> AsyncIterator[Job]: ...
+    async def cancel(self, name: str, owner: str | None = None) -> None: ...
+    async def connect(
+        self,
+        name: str,
+        properties: Properties,
+        slots: int,
+        provided: tuple[str, ...] = PROVIDED_DIRS,
+        instances: frozenset[str] | None = None,
+    ) -> WorkerHandle: ...
+    def provided(self) -> tuple[str, ...]: ...
+    async def next_job(self, worker: WorkerHandle) -> Job: ...
+    async def finish(
+        self, worker: WorkerHandle, lease_id: str, response: re_pb2.ExecuteResponse
+    ) -> None: ...
+    async def disconnect(self, worker: WorkerHandle, reason: str) -> None: ...
+
+
 class Scheduler:
     def __init__(self, on_complete: OnComplete | None = None) -> None:
         """`on_complete` runs once for each job that finishes with a result
@@ -129,27 +171,15 @@ class Scheduler:
         self._workers: set[WorkerHandle] = set()
         self._work_available = asyncio.Condition()
 
+    async def start(self) -> None:
+        """Nothing to start: everything is in this process."""
+
     # ------------------------------------------------------------ clients
 
     def check_placeable(self, requirements: Properties, instance_name: str = "") -> None:
         """Raise FailedPrecondition if no connected worker could ever run an
-        action with these requirements in that instance. With no worker
-        connected at all (the server just started), anything may still come."""
-        if not self._workers:
-            return
-        allowed = [w for w in self._workers if w.instances is None or instance_name in w.instances]
-        if not allowed:
-            raise FailedPrecondition(
-                f"no connected worker runs actions of instance name {instance_name!r}"
-            )
-        if any(requirements <= w.properties for w in allowed):
-            return
-        known = sorted({name for w in allowed for name, _ in w.properties})
-        wanted = ", ".join(f"{k}={v}" for k, v in sorted(requirements))
-        raise FailedPrecondition(
-            f"no worker matches platform properties {{{wanted}}}; workers offer the "
-            f"property names {known or '(none)'}"
-        )
+        action with these requirements in that instance (see `placeable`)."""
+        placeable([(w.properties, w.instances) for w in self._workers], requirements, instance_name)
 
     async def submit(
         self,
@@ -192,13 +222,13 @@ class Scheduler:
         await self._enqueue(job)
         return job
 
-    def job(self, name: str) -> Job:
+    async def job(self, name: str) -> Job:
         job = self._jobs.get(name)
         if job is None:
             raise NotFound(f"operation {name!r} not found; it may have expired")
         return job
 
-    def jobs(self) -> list[Job]:
+    async def jobs(self) -> list[Job]:
         return list(self._jobs.values())
 
     async def watch(self, job: Job, quiet: float = 0.0) -> AsyncIterator[Job]:
@@ -218,7 +248,7 @@ class Scheduler:
     async def cancel(self, name: str, owner: str | None = None) -> None:
         """Cancel the job; with `owner`, only that owner's interest in it: the
         job runs on while another owner still wants it."""
-        job = self.job(name)
+        job = await self.job(name)
         if job.done:
             return
         if owner is not None:
@@ -257,15 +287,7 @@ class Scheduler:
         return worker
 
     def provided(self) -> tuple[str, ...]:
-        """The directories every connected worker provides (PROVIDED_DIRS when
-        none is connected): what a client may rely on wherever its action runs."""
-        if not self._workers:
-            return PROVIDED_DIRS
-        candidates = {d for worker in self._workers for d in worker.provided}
-        common = {d for d in candidates if all(provided_by(d, w.provided) for w in self._workers)}
-        return tuple(
-            sorted(d for d in common if not any(d != c and is_under(d, c) for c in common))
-        )
+        return common_provided([w.provided for w in self._workers])
 
     async def next_job(self, worker: WorkerHandle) -> Job:
         """Wait for a free slot and a queued job this worker matches; lease it."""
@@ -354,6 +376,45 @@ class Scheduler:
         horizon = time.time() - KEEP_COMPLETED
         while self._completed and self._completed[0].completed_at < horizon:
             self._jobs.pop(self._completed.popleft().name, None)
+
+
+def placeable(
+    workers: Sequence[tuple[Properties, frozenset[str] | None]],
+    requirements: Properties,
+    instance_name: str,
+) -> None:
+    """Raise FailedPrecondition if none of `workers` (properties, instances
+    or None for all) could ever run an action with these requirements in that
+    instance. With no worker connected at all (the server just started),
+    anything may still come."""
+    if not workers:
+        return
+    allowed = [
+        props for props, instances in workers if instances is None or instance_name in instances
+    ]
+    if not allowed:
+        raise FailedPrecondition(
+            f"no connected worker runs actions of instance name {instance_name!r}"
+        )
+    if any(requirements <= props for props in allowed):
+        return
+    known = sorted({name for props in allowed for name, _ in props})
+    wanted = ", ".join(f"{k}={v}" for k, v in sorted(requirements))
+    raise FailedPrecondition(
+        f"no worker matches platform properties {{{wanted}}}; workers offer the "
+        f"property names {known or '(none)'}"
+    )
+
+
+def common_provided(provided: Sequence[tuple[str, ...]]) -> tuple[str, ...]:
+    """The directories every one of the workers (their `provided`) provides,
+    PROVIDED_DIRS when there is none: what a client may rely on wherever its
+    action runs."""
+    if not provided:
+        return PROVIDED_DIRS
+    candidates = {d for dirs in provided for d in dirs}
+    common = {d for d in candidates if all(provided_by(d, dirs) for dirs in provided)}
+    return tuple(sorted(d for d in common if not any(d != c and is_under(d, c) for c in common)))
 
 
 def _error_response(code: int, message: str) -> re_pb2.ExecuteResponse:

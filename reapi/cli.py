@@ -48,6 +48,7 @@ SERVE_OPTIONS = (
     "listen",
     "storage",
     "redis",
+    "read-tier",
     "tls-cert",
     "tls-key",
     "tls-client-ca",
@@ -116,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         help="redis://[:PASSWORD@]HOST:PORT or rediss://...: keep the CAS and the action "
         "cache in this Redis or Redis Cluster, shared with other frontends (repeatable: "
         "nodes of one deployment); instead of --storage",
+    )
+    serve_cmd.add_argument(
+        "--read-tier",
+        help="with --redis: keep up to this much (500M, 10G; 0: nothing) of what this "
+        "frontend reads from Redis on its own disk too, for the next reads (default 1G)",
     )
     serve_cmd.add_argument("--config", type=Path, help="TOML file with the same settings")
     serve_cmd.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
@@ -270,6 +276,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             config.redis = RedisTarget(tuple(urls))
         except RedisConfigError as error:
             raise ConfigError(str(error)) from None
+    if settings.get("read-tier") is not None:
+        config.read_tier = cas_commands.size_option("--read-tier", str(settings["read-tier"]))
     if settings.get("workers") is not None:
         config.workers = int(settings["workers"])
     if settings.get("sandbox"):

@@ -6,12 +6,15 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.longrunning import operations_pb2_grpc
@@ -20,12 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cas.action_cache import ActionCache, ActionResultStore, DiskActionResultStore
 from cas.disk import DiskStore
 from cas.gc import GRACE, HIGH_WATERMARK, LOW_WATERMARK, human
+from cas.read_tier import ReadTier
 from cas.redis_conn import Client, RedisConfigError, RedisTarget, check_no_eviction, connect
 from cas.redis_lifecycle import GcRunning, collect_redis
 from cas.redis_store import RedisActionResultStore, RedisStore
 from cas.store import BlobStore
 from executor.limits import DEFAULT_LIMITS, Limits
-from executor.scheduler import Job, Scheduler
+from executor.redis_scheduler import RedisScheduler
+from executor.scheduler import Job, OnComplete, Scheduler, Scheduling
 from reapi.access import WORKER, AccessInterceptor, Caller, load_grants
 from reapi.errors import ReapiError
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
@@ -67,6 +72,8 @@ class ServerConfig:
     storage: Path = field(default_factory=default_storage)
     # Where the CAS and action cache live instead of `storage`, shared by frontends.
     redis: RedisTarget | None = None
+    # With `redis`: bytes of this frontend's local disk copy of blobs it read (0: none).
+    read_tier: int = 1 << 30
     tls: TlsFiles | None = None
     auth_tokens: Path | None = None
     insecure: bool = False
@@ -93,12 +100,18 @@ class Backends:
 
     store: BlobStore
     results: ActionResultStore
+    # Makes the scheduler, given what it calls on each completed job.
+    scheduler: Callable[[OnComplete], Scheduling] = Scheduler
     # The Redis client they share, when they live in Redis.
     redis: Client | None = None
+    # This frontend's local copy of what it read from Redis (a directory it owns).
+    read_tier: Path | None = None
 
     async def close(self) -> None:
         if self.redis is not None:
             await self.redis.aclose()
+        if self.read_tier is not None:
+            shutil.rmtree(self.read_tier, ignore_errors=True)
 
 
 def build_backends(config: ServerConfig) -> Backends:
@@ -128,7 +141,20 @@ async def open_backends(config: ServerConfig) -> Backends:
         raise ConfigError(str(error)) from None
     if warning:
         log.warning("%s", warning)
-    return Backends(RedisStore(client), RedisActionResultStore(client), client)
+    target = config.redis
+
+    def scheduler(on_complete: OnComplete) -> Scheduling:
+        return RedisScheduler(client, target, on_complete)
+
+    store: BlobStore = RedisStore(client)
+    read_tier = None
+    if config.read_tier > 0:
+        home = reapi_home()
+        home.mkdir(parents=True, exist_ok=True)
+        read_tier = Path(tempfile.mkdtemp(prefix="read-tier-", dir=home))
+        store = ReadTier(store, DiskStore(read_tier))
+    results = RedisActionResultStore(client)
+    return Backends(store, results, scheduler, client, read_tier)
 
 
 class Server:
@@ -181,7 +207,7 @@ class Server:
             if job.cacheable and job.response.result.exit_code == 0:
                 await cache.put(job.action_digest, job.response.result, job.instance_name)
 
-        self.scheduler = Scheduler(on_complete=store_result)
+        self.scheduler = backends.scheduler(store_result)
         re_grpc.add_ExecutionServicer_to_server(
             ExecutionService(store, cache, self.scheduler), self._grpc
         )
@@ -199,6 +225,7 @@ class Server:
         With `local_socket`, also serve on that Unix socket: how the local
         workers `serve` starts reach it, whatever TLS the network port asks."""
         _check_bindable(self.config.listen)
+        await self.scheduler.start()
         try:
             if self._credentials is not None:
                 self.port = self._grpc.add_secure_port(self.config.listen, self._credentials)
@@ -275,13 +302,10 @@ async def serve(config: ServerConfig) -> None:
         if workers:
             log.info("started %d local worker(s), sandbox %s", len(workers), config.sandbox)
         async with asyncio.TaskGroup() as group:
-            if config.max_size is not None and backends.redis is not None:
-                collector = group.create_task(_keep_redis_under(backends.redis, config))
-            elif config.max_size is not None:
-                collector = group.create_task(_keep_under(config, config.max_size))
+            collectors = [group.create_task(gc) for gc in _collectors(config, backends)]
             await stopping.wait()
             log.info("stopping")
-            if config.max_size is not None:
+            for collector in collectors:
                 collector.cancel()
         for worker in workers:
             if worker.returncode is None:
@@ -292,18 +316,35 @@ async def serve(config: ServerConfig) -> None:
     await backends.close()
 
 
-async def _keep_under(config: ServerConfig, max_size: int) -> None:
-    """The background gc: every gc_interval, `reapi cas gc` in a child process
+def _collectors(config: ServerConfig, backends: Backends) -> list[Coroutine[Any, Any, None]]:
+    """The background gcs: of the store with --max-size, and of the read tier."""
+    found = []
+    if config.max_size is not None and backends.redis is not None:
+        found.append(_keep_redis_under(backends.redis, config))
+    elif config.max_size is not None:
+        found.append(_keep_under(config.storage, config.max_size, config.gc_interval))
+    if backends.read_tier is not None:  # a cache: no grace period to keep
+        found.append(_keep_under(backends.read_tier, config.read_tier, config.gc_interval, 0))
+    return found
+
+
+async def _keep_under(
+    storage: Path, max_size: int, interval: float, grace: float | None = None
+) -> None:
+    """The background gc: every `interval`, `reapi cas gc` in a child process
     (the same code as by hand, on the other core, with its own database
-    connection) brings the store from above HIGH_WATERMARK of max_size down to
-    LOW_WATERMARK of it. It runs alongside the services; see cas/gc.py."""
+    connection) brings the storage directory from above HIGH_WATERMARK of
+    max_size down to LOW_WATERMARK of it. It runs alongside the services; see
+    cas/gc.py. `grace`: gc's own default unless given."""
     high, low = int(max_size * HIGH_WATERMARK), int(max_size * LOW_WATERMARK)
     command = [
-        sys.executable, "-m", "reapi", "cas", "gc", "--storage", str(config.storage),
+        sys.executable, "-m", "reapi", "cas", "gc", "--storage", str(storage),
         "--max-size", str(low), "--if-above", str(high),
     ]  # fmt: skip
+    if grace is not None:
+        command += ["--grace", str(grace)]
     while True:
-        await asyncio.sleep(config.gc_interval)
+        await asyncio.sleep(interval)
         pipe = asyncio.subprocess.PIPE
         process = await asyncio.create_subprocess_exec(*command, stdout=pipe, stderr=pipe)
         try:

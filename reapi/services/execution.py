@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2
 from cas.action_cache import ActionCache
 from cas.store import BlobStore
 from cas.tree import TreeRead, read_tree
-from executor.scheduler import COMPLETED, Job, Properties, Scheduler
+from executor.scheduler import COMPLETED, Job, Properties, Scheduling
 from reapi.access import current_caller
 from reapi.digests import Digest, DigestFunction
 from reapi.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -51,7 +51,7 @@ LIST_PAGE_BYTES = 2 * 1024 * 1024
 
 
 class ExecutionService(re_grpc.ExecutionServicer):
-    def __init__(self, store: BlobStore, cache: ActionCache, scheduler: Scheduler) -> None:
+    def __init__(self, store: BlobStore, cache: ActionCache, scheduler: Scheduling) -> None:
         self._store = store
         self._cache = cache
         self._scheduler = scheduler
@@ -98,7 +98,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
     async def WaitExecution(
         self, request: re_pb2.WaitExecutionRequest, context: Context
     ) -> AsyncIterator[operations_pb2.Operation]:
-        job = visible_job(self._scheduler, request.name)
+        job = await visible_job(self._scheduler, request.name)
         async for snapshot in self._scheduler.watch(job):
             yield await self._job_operation(snapshot, None)
 
@@ -163,10 +163,10 @@ class ExecutionService(re_grpc.ExecutionServicer):
         return action, command, tree
 
 
-def visible_job(scheduler: Scheduler, name: str) -> Job:
+async def visible_job(scheduler: Scheduling, name: str) -> Job:
     """The job named `name` if the caller may see it: one of its owners, or an
     admin. To anyone else it does not exist (NotFound, as for an unknown name)."""
-    job = scheduler.job(name)
+    job = await scheduler.job(name)
     if not current_caller().sees(job.owners, job.instance_name):
         raise NotFound(f"operation {name!r} not found; it may have expired")
     return job
@@ -250,7 +250,7 @@ def _page_position(token: str) -> tuple[float, str]:
 class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore[misc]
     """Get, List, Cancel and Wait over the scheduler's jobs."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduling) -> None:
         self._scheduler = scheduler
 
     def _message(self, job: Job) -> operations_pb2.Operation:
@@ -260,7 +260,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
     async def GetOperation(
         self, request: operations_pb2.GetOperationRequest, context: Context
     ) -> operations_pb2.Operation:
-        return self._message(visible_job(self._scheduler, request.name))
+        return self._message(await visible_job(self._scheduler, request.name))
 
     @grpc_errors
     async def ListOperations(
@@ -279,7 +279,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
         jobs = sorted(
             (
                 job
-                for job in self._scheduler.jobs()
+                for job in await self._scheduler.jobs()
                 if job.instance_name == request.name
                 and caller.sees(job.owners, job.instance_name)
                 and matches(clauses, job)
@@ -307,7 +307,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
         self, request: operations_pb2.CancelOperationRequest, context: Context
     ) -> empty_pb2.Empty:
         caller = current_caller()
-        visible_job(self._scheduler, request.name)
+        await visible_job(self._scheduler, request.name)
         await self._scheduler.cancel(request.name, None if caller.is_admin else caller.name)
         return empty_pb2.Empty()
 
@@ -315,7 +315,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
     async def WaitOperation(
         self, request: operations_pb2.WaitOperationRequest, context: Context
     ) -> operations_pb2.Operation:
-        job = visible_job(self._scheduler, request.name)
+        job = await visible_job(self._scheduler, request.name)
         timeout = (
             request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
         )

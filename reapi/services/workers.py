@@ -11,7 +11,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
-from executor.scheduler import Job, Scheduler, WorkerHandle
+from executor.scheduler import Job, Scheduling, WorkerHandle
 from reapi.access import current_caller
 from reapi.conventions import PROVIDED_DIRS, provided_directory
 from reapi.errors import InvalidArgument, ReapiError
@@ -43,7 +43,7 @@ class _WorkerGone(Exception):
 
 class WorkersService(worker_grpc.WorkersServicer):
     def __init__(
-        self, scheduler: Scheduler, store: BlobStore, heartbeat_timeout: float = HEARTBEAT_TIMEOUT
+        self, scheduler: Scheduling, store: BlobStore, heartbeat_timeout: float = HEARTBEAT_TIMEOUT
     ) -> None:
         self._scheduler = scheduler
         self._store = store

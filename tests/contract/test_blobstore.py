@@ -12,6 +12,7 @@ import pytest
 from cas.disk import DiskStore
 from cas.existence import ExistenceCache, ExistenceCachingStore
 from cas.memory import MemoryStore
+from cas.read_tier import ReadTier
 from cas.redis_conn import RedisTarget, connect
 from cas.redis_store import RedisStore
 from cas.small_blobs import SMALL_BLOB
@@ -26,6 +27,7 @@ STORES: dict[str, Callable[[Path], BlobStore]] = {
     "memory": lambda tmp: MemoryStore(),
     "disk": lambda tmp: DiskStore(tmp / "store"),
     "existence-caching": lambda tmp: ExistenceCachingStore(MemoryStore(), ExistenceCache(100)),
+    "read-tier": lambda tmp: ReadTier(MemoryStore(), DiskStore(tmp / "tier")),
 }
 
 

@@ -4,6 +4,7 @@ a client sees when Redis is unreachable at start or lost while serving."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from cas.gc import GRACE
 from cas.remote import RemoteStore
@@ -18,13 +20,18 @@ from reapi.digests import DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from tests import redis_servers
-from tests.helpers import ServerProcess, expect_status
+from tests.actions import execute, execution, upload_action
+from tests.helpers import ServerProcess, WorkerProcess, expect_status
 from tests.integration.test_cas_lifecycle import upload
 from tests.integration.test_server_process import one_line_error, run_reapi
 from tests.redis.test_redis_lifecycle import age, cas_json, stored
 from tests.redis_servers import RedisDeployment
 
 SHA256 = DigestFunction.SHA256
+
+
+def operations_stub(channel: grpc.aio.Channel) -> operations_pb2_grpc.OperationsStub:
+    return operations_pb2_grpc.OperationsStub(channel)
 
 
 @pytest.fixture
@@ -90,8 +97,9 @@ def test_a_redis_that_evicts_is_refused(tmp_path: Path) -> None:
 
 
 async def test_redis_lost_while_serving_then_back(tmp_path: Path) -> None:
-    """UNAVAILABLE while Redis is down (FindMissingBlobs never guesses), and
-    service back without a restart once Redis is; password and TOML config too."""
+    """UNAVAILABLE while Redis is down (FindMissingBlobs never guesses; reads of
+    what the frontend's read tier holds go on), and service back without a
+    restart once Redis is; password and TOML config too."""
     with redis_servers.standalone(tmp_path, ("--requirepass", "s3cret")) as redis:
         node = redis.nodes[0]
         config = tmp_path / "reapi.toml"
@@ -109,6 +117,8 @@ async def test_redis_lost_while_serving_then_back(tmp_path: Path) -> None:
                 await expect_status(
                     cas.FindMissingBlobs(request), grpc.StatusCode.UNAVAILABLE, "Redis unreachable"
                 )
+                # What this frontend stored or read is in its read tier: still served.
+                assert await RemoteStore(channel).get_many([digest]) == {digest: b"blob"}
                 redis.restart(node)
                 deadline = time.monotonic() + 30
                 while True:
@@ -145,3 +155,87 @@ def test_background_gc_keeps_redis_under_max_size(
         assert "background gc: evicted" in server.log()
     finally:
         assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def two_frontends(tmp_path: Path, redis_flushed: RedisDeployment) -> Iterator[list[ServerProcess]]:
+    """Frontends a and b on the shared Redis, without local workers."""
+    started: list[ServerProcess] = []
+    try:
+        for name in ("a", "b"):
+            started.append(ServerProcess(tmp_path / name, redis=redis_flushed.urls))
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+async def test_one_queue_and_operations_seen_from_every_frontend(
+    tmp_path: Path, two_frontends: list[ServerProcess]
+) -> None:
+    """An action submitted on a runs on the worker connected to b; b answers
+    WaitExecution and GetOperation for a's operation; the same action sent to
+    both at once runs once."""
+    a, b = two_frontends
+    worker = WorkerProcess(b, "on-b", tmp_path / "worker-b", extra=["--sandbox", "none"])
+    try:
+        worker.wait_connected()
+        time.sleep(2.5)  # a learns of b's worker (the registry is read every 2 s)
+        async with (
+            grpc.aio.insecure_channel(a.address) as on_a,
+            grpc.aio.insecure_channel(b.address) as on_b,
+        ):
+            action = await upload_action(on_a, ["sh", "-c", "echo hi"])
+            operations, response = await execute(on_a, action)
+            assert response.result.exit_code == 0 and response.status.code == 0
+            name = operations[-1].name
+            waited = [op async for op in execution(on_b).WaitExecution(
+                re_pb2.WaitExecutionRequest(name=name))]  # fmt: skip
+            assert waited[-1].done and waited[-1].response == operations[-1].response
+            got = await operations_stub(on_b).GetOperation(
+                operations_pb2.GetOperationRequest(name=name)
+            )
+            assert got.done
+            once = await upload_action(on_a, ["sh", "-c", "sleep 1; echo once"], salt=b"1")
+            both = await asyncio.gather(execute(on_a, once), execute(on_b, once))
+            assert both[0][0][-1].name == both[1][0][-1].name, "one operation, one run"
+        assert worker.log().count("running ") == 2, worker.log()
+    finally:
+        worker.stop()
+
+
+async def test_a_frontend_killed_mid_action_costs_only_a_retry(
+    tmp_path: Path, two_frontends: list[ServerProcess]
+) -> None:
+    """The worker is on a, the client's Execute stream on a. kill -9 a: the
+    worker moves to b, the lease expires and b queues the action again; the
+    client asks b (WaitExecution) and gets the result."""
+    a, b = two_frontends
+    worker = WorkerProcess(
+        a, "w", tmp_path / "worker", extra=["--sandbox", "none", "--server", f"grpc://{b.address}"]
+    )
+    try:
+        worker.wait_connected()
+        async with grpc.aio.insecure_channel(a.address) as on_a:
+            action = await upload_action(
+                on_a, ["sh", "-c", "sleep 2; echo finished"], outputs=[], salt=b"kill"
+            )
+            call = execution(on_a).Execute(re_pb2.ExecuteRequest(action_digest=action.to_proto()))
+            first = await anext(aiter(call))
+            deadline = time.monotonic() + 20
+            while "running " not in worker.log():
+                assert time.monotonic() < deadline, worker.log()
+                await asyncio.sleep(0.05)
+            a.kill()
+            with pytest.raises(grpc.aio.AioRpcError):
+                async for _ in call:
+                    pass
+        async with grpc.aio.insecure_channel(b.address) as on_b:
+            waited = [op async for op in execution(on_b).WaitExecution(
+                re_pb2.WaitExecutionRequest(name=first.name))]  # fmt: skip
+        response = re_pb2.ExecuteResponse()
+        waited[-1].response.Unpack(response)
+        assert response.status.code == 0 and response.result.exit_code == 0
+        assert worker.log().count("running ") == 2, "ran again after the lease expired"
+    finally:
+        worker.stop()

@@ -180,7 +180,7 @@ async def test_cancel_a_queued_job() -> None:
     assert not waiting.done()  # nothing left to run
     waiting.cancel()
     with pytest.raises(NotFound):
-        scheduler.job("operations/unknown")
+        await scheduler.job("operations/unknown")
 
 
 async def test_shutdown_completes_everything_unfinished() -> None:
@@ -208,11 +208,11 @@ async def test_completed_jobs_are_forgotten_after_a_while(monkeypatch: pytest.Mo
     clock[0] += KEEP_COMPLETED / 2 + 1  # `old` is past keeping, `recent` is not
     await submit(scheduler, "new")  # forgetting happens as work comes in
     with pytest.raises(NotFound):
-        scheduler.job(old.name)
-    assert scheduler.job(recent.name) is recent
-    assert scheduler.job(running.name) is running
+        await scheduler.job(old.name)
+    assert await scheduler.job(recent.name) is recent
+    assert await scheduler.job(running.name) is running
     clock[0] += KEEP_COMPLETED
     await submit(scheduler, "newer")
     with pytest.raises(NotFound):
-        scheduler.job(recent.name)
-    assert scheduler.job(running.name) is running  # unfinished jobs stay
+        await scheduler.job(recent.name)
+    assert await scheduler.job(running.name) is running  # unfinished jobs stay
