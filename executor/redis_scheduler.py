@@ -514,16 +514,18 @@ class RedisScheduler:
         await self._complete(job.name, lease_id, response)
 
     async def disconnect(self, worker: WorkerHandle, reason: str) -> None:
-        """The worker is gone: its jobs go back in the queue at once."""
+        """The worker is gone: its jobs go back in the queue at once. (Once:
+        a worker handed back at shutdown is not handed back again.)"""
         registry_id = self._local.pop(worker, None)
+        if registry_id is None:
+            return
         leases, worker.leases = dict(worker.leases), {}
         log.warning("worker %s lost (%s); %d job(s) to re-run", worker.name, reason, len(leases))
         pairs = [x for lease, job in leases.items() for x in (job.name, lease)]
-        await self._reclaim(pairs)
-        if registry_id is not None:
-            with redis_errors("unregistering a worker"):
-                await self._client.hdel(WORKERS, registry_id)
         self._wake_work()
+        await self._reclaim(pairs)  # if Redis is unreachable, the leases expire instead
+        with redis_errors("unregistering a worker"):
+            await self._client.hdel(WORKERS, registry_id)
 
     # ------------------------------------------------------------ inside
 

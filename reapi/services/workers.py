@@ -121,12 +121,17 @@ class WorkersService(worker_grpc.WorkersServicer):
             return finished.response
         function = job.action_digest.function
         blobs = [(function.digest_of(data), data) for data in finished.output_blobs]
-        errors = [error for error in await self._store.put_many(blobs) if error is not None]
+        try:
+            errors = [error for error in await self._store.put_many(blobs) if error is not None]
+        except ReapiError as error:  # the store is unreachable (Redis failing over)
+            errors = [error]
         if not errors:
             return finished.response
         log.error("outputs of %s not stored: %s", job.action_digest, errors[0].message)
+        # UNAVAILABLE when the store is (clients retry that), else INTERNAL.
+        code = code_pb2.UNAVAILABLE if errors[0].code == code_pb2.UNAVAILABLE else code_pb2.INTERNAL
         status = status_pb2.Status(
-            code=code_pb2.INTERNAL, message=f"storing the outputs failed: {errors[0].message}"
+            code=code, message=f"storing the outputs failed: {errors[0].message}"
         )
         return re_pb2.ExecuteResponse(status=status)
 

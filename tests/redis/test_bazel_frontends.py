@@ -104,7 +104,10 @@ def test_bazel_through_two_frontends_that_die_under_it(tmp_path: Path) -> None:
                 bazel.run, "test", *alone, "--noremote_accept_cached", TARGETS
             )
             when_running(workers, master.kill)
+            assert not build.done(), "the build ended before the master was killed"
             rerun = build.result()
+            cluster.wait_healthy()
+            assert len(cluster.masters()) == 3, "its replica took over"
             assert sha256_files(bazel_bin, OUTPUTS) == expected
             only_remote(rerun, ran_locally)
         finally:

@@ -7,14 +7,26 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import code_pb2
 
+from cas.action_cache import MemoryActionResultStore
+from cas.memory import MemoryStore
 from reapi.conventions import PROVIDED_DIRS
+from reapi.digests import Digest, DigestFunction
+from reapi.errors import ReapiError, Unavailable
+from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
+from reapi.server import Backends, Server, ServerConfig
+from tests.actions import execute, upload_action
 from tests.helpers import REPO
+
+SHA256 = DigestFunction.SHA256
 
 
 async def provided(channel: grpc.aio.Channel) -> list[str]:
@@ -84,3 +96,50 @@ def test_worker_provide_option_errors(directory: str, message: str) -> None:
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+class UnreachableOnWrite(MemoryStore):
+    """A store whose writes fail as a Redis failing over makes them fail."""
+
+    failing = False
+
+    async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
+        if self.failing:
+            raise Unavailable("Redis unreachable: storing blobs")
+        return await super().put_many(blobs)
+
+
+async def test_outputs_that_cannot_be_stored_fail_the_action_not_the_worker(
+    tmp_path: Path,
+) -> None:
+    """The store fails while a worker reports a result with output blobs: the
+    client gets UNAVAILABLE (it retries that), the worker's stream goes on and
+    takes the next action."""
+    store = UnreachableOnWrite()
+    config = ServerConfig(listen="127.0.0.1:0", storage=tmp_path / "unused")
+    server = Server(config, Backends(store, MemoryActionResultStore()))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            work = await connect(channel, "fake", list(PROVIDED_DIRS))
+            results = []
+            for salt in (b"first", b"second"):
+                action = await upload_action(channel, ["true"], salt=salt)
+                running = asyncio.create_task(execute(channel, action))
+                message = await work.read()  # type: ignore[attr-defined]
+                store.failing = salt == b"first"
+                output = b"object code"
+                stdout = re_pb2.Digest(hash=SHA256.hex_of(output), size_bytes=len(output))
+                response = re_pb2.ExecuteResponse(result=re_pb2.ActionResult(stdout_digest=stdout))
+                finished = worker_pb2.Finished(
+                    lease_id=message.assign.lease_id, response=response, output_blobs=[output]
+                )
+                await work.write(worker_pb2.WorkerMessage(finished=finished))  # type: ignore[attr-defined]
+                results.append((await asyncio.wait_for(running, 30))[1])
+                store.failing = False
+            assert results[0].status.code == code_pb2.UNAVAILABLE
+            assert "storing the outputs failed" in results[0].status.message
+            assert results[1].status.code == code_pb2.OK
+            work.cancel()  # type: ignore[attr-defined]
+    finally:
+        await server.stop(grace=1)
