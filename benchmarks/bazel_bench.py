@@ -9,24 +9,33 @@ all. Then, each round, with one warm Bazel server (Debian's Bazel 4, offline):
   remote  `bazel clean`, then the same build with --remote_executor pointing at
           a fresh `reapi serve --workers 2` (bubblewrap) on this machine
   cached  `bazel clean`, then the remote build again: every action a cache hit
+  redis remote, redis cached
+          the same two builds against two frontends + Redis: a fresh standalone
+          redis-server, two `reapi serve --redis URL --workers 1` (2 local
+          workers in all, as above) and HAProxy in front of them, which
+          --remote_executor points at (skipped with --no-redis)
 
-and prints the median wall times and the ratios to local.
+and prints the median wall times, the ratios to local and those of the Redis
+builds to the embedded default's (`reapi serve --workers 2`, disk storage).
 
-    python benchmarks/bazel_bench.py [--rounds 3] [--libs 30] [--files 8]
+    python benchmarks/bazel_bench.py [--rounds 3] [--libs 30] [--files 8] [--no-redis]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from tests import redis_servers  # noqa: E402
 from tests.helpers import ServerProcess  # noqa: E402
 from tests.integration.bazel_helpers import (  # noqa: E402
     Bazel,
@@ -34,6 +43,16 @@ from tests.integration.bazel_helpers import (  # noqa: E402
     process_summary,
     require_bazel,
 )
+from tests.redis.haproxy import haproxy  # noqa: E402
+
+LABELS = {
+    "local": "local",
+    "remote": "remote (embedded: --workers 2)",
+    "cached": "cached (embedded)",
+    "redis remote": "remote (2 frontends + Redis)",
+    "redis cached": "cached (2 frontends + Redis)",
+}
+TARGETS = {"remote": "<= 1.3", "cached": "<= 0.2"}
 
 SOURCE = """#include "lib{lib}/file{n}.h"
 {includes}
@@ -95,13 +114,49 @@ def timed(bazel: Bazel, flags: list[str]) -> tuple[float, dict[str, int]]:
     return time.perf_counter() - start, process_summary(output)
 
 
+@contextlib.contextmanager
+def embedded(workdir: Path) -> Iterator[str]:
+    """A fresh `reapi serve --workers 2` (disk storage); yields its address."""
+    server = ServerProcess(workdir / "storage", workers=2, home=workdir / "home")
+    try:
+        yield server.address
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def two_frontends(workdir: Path) -> Iterator[str]:
+    """A fresh standalone Redis, two `reapi serve --redis URL --workers 1` on it
+    (a home, so worker input caches, each) and HAProxy; yields HAProxy's address."""
+    with contextlib.ExitStack() as stack:
+        redis = stack.enter_context(redis_servers.standalone(workdir / "redis"))
+        addresses = []
+        for name in ("a", "b"):
+            frontend = ServerProcess(
+                workdir / name, workers=1, home=workdir / f"home-{name}", redis=redis.urls
+            )
+            stack.callback(frontend.stop)
+            addresses.append(frontend.address)
+        yield stack.enter_context(haproxy(workdir, addresses))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--libs", type=int, default=30)
     parser.add_argument("--files", type=int, default=8)
+    parser.add_argument(
+        "--no-redis", action="store_true", help="skip the two frontends + Redis builds"
+    )
     args = parser.parse_args()
-    times: dict[str, list[float]] = {"local": [], "remote": [], "cached": []}
+    # Each round, a fresh service of each kind: a new CAS, action cache and worker input caches.
+    services: dict[str, Callable[[Path], contextlib.AbstractContextManager[str]]] = {"": embedded}
+    if not args.no_redis:
+        services["redis "] = two_frontends
+    times: dict[str, list[float]] = {"local": []}
+    for prefix in services:
+        times[f"{prefix}remote"] = []
+        times[f"{prefix}cached"] = []
     with tempfile.TemporaryDirectory(prefix="reapi-bazel-bench-") as tmp_name:
         tmp = Path(tmp_name)
         compiles = generate(tmp / "ws", args.libs, args.files)
@@ -115,17 +170,14 @@ def main() -> int:
             for round_number in range(args.rounds):
                 seconds, summaries["local"] = timed(bazel, offline)
                 times["local"].append(seconds)
-                # A fresh CAS, action cache and worker input caches each round.
-                server = ServerProcess(
-                    tmp / f"storage-{round_number}", workers=2, home=tmp / f"home-{round_number}"
-                )
-                try:
-                    remote = [*offline, f"--remote_executor=grpc://{server.address}"]
-                    for kind in ("remote", "cached"):
-                        seconds, summaries[kind] = timed(bazel, remote)
-                        times[kind].append(seconds)
-                finally:
-                    server.stop()
+                for prefix, service in services.items():
+                    workdir = tmp / f"{prefix.strip() or 'embedded'}-{round_number}"
+                    workdir.mkdir()
+                    with service(workdir) as address:
+                        remote = [*offline, f"--remote_executor=grpc://{address}"]
+                        for kind in (f"{prefix}remote", f"{prefix}cached"):
+                            seconds, summaries[kind] = timed(bazel, remote)
+                            times[kind].append(seconds)
                 print(
                     f"round {round_number + 1}: "
                     + ", ".join(f"{kind} {values[-1]:.1f}s" for kind, values in times.items()),
@@ -133,24 +185,28 @@ def main() -> int:
                 )
         finally:
             bazel.shutdown()
-    local = statistics.median(times["local"])
+    medians = {kind: statistics.median(values) for kind, values in times.items()}
     print(
         f"Command: `python benchmarks/bazel_bench.py --rounds {args.rounds} "
-        f"--libs {args.libs} --files {args.files}`"
+        f"--libs {args.libs} --files {args.files}{' --no-redis' if args.no_redis else ''}`"
     )
     print()
+    processes = "; ".join(f"{LABELS[kind]}: {summary}" for kind, summary in summaries.items())
     print(
         f"Workspace: {args.libs} libraries x {args.files} sources ({compiles} compiles); "
-        f"processes per build: {summaries['local']}; remote build: {summaries['remote']}; "
-        f"cached build: {summaries['cached']}. Median of {args.rounds} rounds."
+        f"processes per build, {processes}. Median of {args.rounds} rounds."
     )
     print()
-    print("| build | wall time | ratio to local | target |")
-    print("|---|---:|---:|---:|")
-    targets = {"local": "", "remote": "<= 1.3", "cached": "<= 0.2"}
-    for kind, values in times.items():
-        median = statistics.median(values)
-        print(f"| {kind} | {median:.1f} s | {median / local:.2f} | {targets[kind]} |")
+    print("| build | wall time | ratio to local | ratio to embedded | target (to local) |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, median in medians.items():
+        to_embedded = ""
+        if kind.startswith("redis "):
+            to_embedded = f"{median / medians[kind.removeprefix('redis ')]:.2f}"
+        print(
+            f"| {LABELS[kind]} | {median:.1f} s | {median / medians['local']:.2f} "
+            f"| {to_embedded} | {TARGETS.get(kind, '')} |"
+        )
     return 0
 
 

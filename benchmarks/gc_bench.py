@@ -36,7 +36,7 @@ import grpc  # noqa: E402
 from cas.disk import DiskStore  # noqa: E402
 from cas.gc import GRACE  # noqa: E402
 from cas.small_blobs import SMALL_DB, SmallBlobs  # noqa: E402
-from reapi.digests import Digest, DigestFunction  # noqa: E402
+from reapi.core.digests import Digest, DigestFunction  # noqa: E402
 from reapi.protos import remote_execution_pb2 as re_pb2  # noqa: E402
 from reapi.protos import remote_execution_pb2_grpc as re_grpc  # noqa: E402
 from tests.helpers import ServerProcess  # noqa: E402

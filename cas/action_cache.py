@@ -23,8 +23,8 @@ from google.protobuf.message import DecodeError
 
 from cas.disk import is_full
 from cas.store import BlobStore, get_blob
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import InvalidArgument, NotFound, ResourceExhausted
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger(__name__)

@@ -51,8 +51,8 @@ from cas.store import (
     check_room,
     verified,
 )
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ReapiError, ResourceExhausted
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import NotFound, ReapiError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

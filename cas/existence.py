@@ -15,8 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from cas.store import BlobInfo, BlobStore, BlobWriter
-from reapi.digests import Digest
-from reapi.errors import ReapiError
+from reapi.core.digests import Digest
+from reapi.core.errors import ReapiError
 
 # How long a client trusts our server's word that it holds a blob (seconds):
 # its gc keeps a blob that FindMissingBlobs reported present for the grace

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from cas.inventory import ActionIndex, BlobKey, LargeBlob, Storage
 from cas.small_blobs import TOUCH_AFTER
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 
 # Seconds since its last use within which no blob is evicted.
 GRACE = 3600.0

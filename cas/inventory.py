@@ -28,7 +28,7 @@ from google.protobuf.message import DecodeError
 
 from cas.action_cache import instance_roots, named_blobs, tree_files
 from cas.small_blobs import SMALL_DB, open_small_db
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 # A blob as the tools key it: its function and lowercase hex hash.

@@ -6,8 +6,8 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from cas.store import READ_CHUNK, BlobInfo, BufferedWriter, check_offset, verified
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ReapiError
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import NotFound, ReapiError
 
 _Key = tuple[DigestFunction, str]
 

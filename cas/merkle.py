@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 # path (relative, "/"-separated) -> (digest, is_executable)

@@ -17,8 +17,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 
 from cas.store import BlobInfo, BlobStore, BlobWriter
-from reapi.digests import Digest
-from reapi.errors import NotFound, ReapiError
+from reapi.core.digests import Digest
+from reapi.core.errors import NotFound, ReapiError
 
 log = logging.getLogger(__name__)
 

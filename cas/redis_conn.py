@@ -18,7 +18,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode
 
-from reapi.errors import Internal, ResourceExhausted, Unavailable
+from reapi.core.errors import Internal, ResourceExhausted, Unavailable
 
 # Seconds a command may take before it counts as Redis being unreachable.
 COMMAND_TIMEOUT = 10.0

@@ -28,8 +28,8 @@ from cas.redis_conn import Client, redis_errors
 from cas.redis_store import TAGS, RedisStore, atime_key, digest_of_member
 from cas.store import get_blob
 from cas.verify import Corrupt, VerifyReport
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ReapiError
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import NotFound, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 GC_LOCK = "cas:gc-lock"

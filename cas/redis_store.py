@@ -43,8 +43,8 @@ from cas.store import (
     check_room,
     verified,
 )
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ReapiError, Unavailable
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import NotFound, ReapiError, Unavailable
 
 # Values are at most this large; larger blobs are chunked.
 CHUNK = READ_CHUNK

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 
 from cas.store import READ_CHUNK, BlobInfo, BlobWriter, BufferedWriter, check_room, verified
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import (
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,

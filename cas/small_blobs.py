@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cas.store import BlobInfo
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 
 SMALL_BLOB = 64 * 1024  # bytes; larger blobs are files
 SMALL_DB = Path("cas") / "small.db"

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from reapi.digests import Digest, Hasher
-from reapi.errors import InvalidArgument, NotFound, OutOfRange, ReapiError
+from reapi.core.digests import Digest, Hasher
+from reapi.core.errors import InvalidArgument, NotFound, OutOfRange, ReapiError
 
 # Reads are streamed in chunks of this size (and gRPC messages stay well under 4 MiB).
 READ_CHUNK = 1024 * 1024

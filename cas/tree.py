@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from cas.store import BlobStore
-from reapi.digests import Digest
-from reapi.errors import InvalidArgument
+from reapi.core.digests import Digest
+from reapi.core.errors import InvalidArgument
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cas.inventory import ActionIndex, BlobKey, Storage
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 
 READ_CHUNK = 1 << 20
 # Blobs checked between two calls of the progress callback (which decides what to show).

@@ -1,6 +1,6 @@
 """What one action may use on a worker, and how the worker holds it to that.
 
-Four limits, each set by a `reapi worker` flag (LIMIT_OPTIONS in reapi/cli.py):
+Four limits, each set by a `reapi worker` flag (LIMIT_OPTIONS in reapi/frontend/cli.py):
 
 - processes (`--max-processes`): RLIMIT_NPROC, set inside the action's
   sandbox. Where the worker runs as root every slot runs its actions as a

@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from cas.store import BlobStore, check_final, check_room, verify
-from reapi.digests import Digest
-from reapi.errors import NotFound
+from reapi.core.digests import Digest
+from reapi.core.errors import NotFound
 
 # A file in the cache: its digest, and whether it is executable.
 CachedFile = tuple[Digest, bool]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from cas.remote import BATCH_BYTES
 from cas.store import BlobStore, put_file
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import FailedPrecondition
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import FailedPrecondition
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 # Files of up to SMALL_FILE bytes are read once and held, up to HELD_BYTES in all

@@ -67,9 +67,9 @@ from executor.scheduler import (
     common_provided,
     placeable,
 )
-from reapi.conventions import PROVIDED_DIRS
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, ReapiError, Unavailable
+from reapi.core.conventions import PROVIDED_DIRS
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import NotFound, ReapiError, Unavailable
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 

@@ -19,12 +19,12 @@ from executor.limits import Limits
 from executor.local_cache import CachedFile, LocalCache
 from executor.outputs import OutputCollector
 from executor.sandbox import Slot
-from reapi.conventions import MANIFEST_VARIABLE, PROVIDED_DIRS, SystemFiles
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
+from reapi.core.conventions import MANIFEST_VARIABLE, PROVIDED_DIRS, SystemFiles
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import FailedPrecondition, InvalidArgument, NotFound, ReapiError
+from reapi.core.watch import Watcher
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
-from reapi.watch import Watcher
 
 log = logging.getLogger(__name__)
 

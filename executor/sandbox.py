@@ -64,7 +64,7 @@ from typing import IO, Any
 
 from executor import layout
 from executor.limits import DEFAULT_LIMITS, WATCH_SECONDS, Limits, SandboxUsers, written
-from reapi.conventions import PROVIDED_DIRS, SANDBOX_ROOT, provided_by
+from reapi.core.conventions import PROVIDED_DIRS, SANDBOX_ROOT, provided_by
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class Sandbox:
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         """`provided`: the directories mounted read-only at their own paths
-        (reapi/conventions.py): PROVIDED_DIRS and any the worker adds."""
+        (reapi/core/conventions.py): PROVIDED_DIRS and any the worker adds."""
         if kind not in ("bwrap", "none"):
             raise ValueError(f"unknown sandbox {kind!r}; use bwrap or none")
         self._bwrap = shutil.which("bwrap") or ""

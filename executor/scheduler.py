@@ -29,9 +29,9 @@ from typing import Protocol
 from google.rpc import code_pb2, status_pb2
 
 from cas.existence import ExistenceCache
-from reapi.conventions import PROVIDED_DIRS, is_under, provided_by
-from reapi.digests import Digest
-from reapi.errors import FailedPrecondition, NotFound
+from reapi.core.conventions import PROVIDED_DIRS, is_under, provided_by
+from reapi.core.digests import Digest
+from reapi.core.errors import FailedPrecondition, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Job:
     completed_at: float = 0.0
     worker: str = ""
     lease_id: str = ""
-    # The callers who asked for it (reapi/access.py names them): only they and
+    # The callers who asked for it (reapi/frontend/access.py names them): only they and
     # an admin see the operation.
     owners: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,7 +100,7 @@ class WorkerHandle:
     # Input files of this worker's earlier leases: its cache has them (or fetched
     # them itself), so no lease needs to carry them again.
     held: ExistenceCache = field(default_factory=lambda: ExistenceCache(HELD_FILES))
-    # The directories it mounts for every action (reapi/conventions.py).
+    # The directories it mounts for every action (reapi/core/conventions.py).
     provided: tuple[str, ...] = PROVIDED_DIRS
     # The instance names whose actions it may run; None: every one.
     instances: frozenset[str] | None = None

@@ -35,7 +35,7 @@ from executor.limits import DEFAULT_LIMITS, Limits, cgroup_v2_state
 from executor.local_cache import LocalCache
 from executor.runner import DEFAULT_ENV, ActionRunner
 from executor.sandbox import Sandbox
-from reapi.conventions import PROVIDED_DIRS
+from reapi.core.conventions import PROVIDED_DIRS
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
@@ -69,7 +69,7 @@ class WorkerConfig:
 
     @property
     def provided(self) -> tuple[str, ...]:
-        """Every directory the sandbox mounts for an action (reapi/conventions.py)."""
+        """Every directory the sandbox mounts for an action (reapi/core/conventions.py)."""
         return tuple(sorted({*PROVIDED_DIRS, *self.provide}))
 
 

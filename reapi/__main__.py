@@ -1,3 +1,3 @@
-from reapi.cli import main
+from reapi.frontend.cli import main
 
 raise SystemExit(main())

@@ -42,10 +42,10 @@ from typing import Any
 import grpc
 
 from cas.gc import parse_size
-from reapi.conventions import provided_by
-from reapi.credentials import read_token
-from reapi.digests import Digest
-from reapi.errors import PermissionDenied, ReapiError
+from reapi.core.conventions import provided_by
+from reapi.core.credentials import read_token
+from reapi.core.digests import Digest
+from reapi.core.errors import PermissionDenied, ReapiError
 from reapi.protos import remote_execution_pb2 as re_pb2
 from shim.action import build_action
 from shim.classify import Local, classify, expand_response_files

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 
 # Options whose only effect is an output: left out of the dependency query.
 _OUTPUT_OPTIONS_WITH_VALUE = ("-o", "-MF", "-MT", "-MQ")

@@ -24,8 +24,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reapi.conventions import MANIFEST_VARIABLE, SANDBOX_ROOT
-from reapi.digests import Digest
+from reapi.core.conventions import MANIFEST_VARIABLE, SANDBOX_ROOT
+from reapi.core.digests import Digest
 from shim.action import ActionSpec
 from shim.inputs import DigestCache, FileInfo, PreprocessHere
 from shim.manifest import MANIFEST, Manifests, digest_status

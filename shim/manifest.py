@@ -1,4 +1,4 @@
-"""A compile's system-file manifest (see reapi.conventions), and the
+"""A compile's system-file manifest (see reapi.core.conventions), and the
 compiler's identity: the programs it runs.
 
 The manifest lists, as `HASH SIZE PATH`, the compiler's programs and every
@@ -13,7 +13,7 @@ import os
 import subprocess
 from collections.abc import Iterable, Mapping
 
-from reapi.conventions import ABSENT, file_identity
+from reapi.core.conventions import ABSENT, file_identity
 from shim.scan import StatKey
 
 # Where the manifest lies in the input tree (named by REAPI_SYSTEM_FILES).

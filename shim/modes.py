@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from reapi.conventions import provided_by
+from reapi.core.conventions import provided_by
 from shim.classify import RemoteCompile, compile_only_arguments
 from shim.inputs import Dependencies, PreprocessHere, preprocess, preprocessor_dependencies
 from shim.paths import named_paths

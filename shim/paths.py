@@ -1,7 +1,7 @@
 """Where a compile's files lie in the worker's sandbox, and the way back.
 
 A remote compile runs in an input tree mounted at SANDBOX_ROOT (/build), with
-the directories every worker provides (reapi/conventions.py) at their own
+the directories every worker provides (reapi/core/conventions.py) at their own
 paths. A `PathMap` places each local path there:
 
 - under a project root: the root's place in the sandbox, plus the path below
@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from reapi.conventions import SANDBOX_ROOT, is_under, provided_by
+from reapi.core.conventions import SANDBOX_ROOT, is_under, provided_by
 from shim.options import Option, lookup
 
 # The sandbox places: a project root (or the source tree), a CMake build tree,
@@ -83,7 +83,7 @@ class Unmappable(Exception):
 @dataclass(frozen=True)
 class PathMap:
     roots: tuple[Root, ...]  # the project roots, deepest local directory first
-    provided: tuple[str, ...]  # what every worker provides (reapi/conventions.py)
+    provided: tuple[str, ...]  # what every worker provides (reapi/core/conventions.py)
 
     def place(self, path: str) -> str | None:
         """Where the file at `path` (absolute, normalized) goes in the sandbox;

@@ -22,9 +22,9 @@ from cas.existence import (
 )
 from cas.remote import RemoteStore, channel_for
 from cas.store import get_blob, put_missing
-from reapi.conventions import PROVIDED_DIRS, provided_directory
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import NotFound, PermissionDenied
+from reapi.core.conventions import PROVIDED_DIRS, provided_directory
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import NotFound, PermissionDenied
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import worker_pb2
@@ -121,7 +121,7 @@ class Server:
         self._outcomes = OutcomeMemory(memory)
 
     async def provided(self) -> tuple[str, ...]:
-        """The directories every worker provides (reapi/conventions.py), as
+        """The directories every worker provides (reapi/core/conventions.py), as
         the server said at most PROVIDED_SECONDS ago. A server that does not
         say (an older one) is taken to have workers that provide PROVIDED_DIRS."""
         now = self._clock()

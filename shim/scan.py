@@ -32,7 +32,7 @@ Every place a lookup tried and found nothing is reported as absent: the
 places tried before the one it found (a worker with a file there would read
 that one instead: another version of a library in /usr/local/include, say),
 and all of them for a name found nowhere. A worker must not have any of them
-in its system directories (see reapi.conventions).
+in its system directories (see reapi.core.conventions).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from reapi.watch import StatKey, Watcher, list_files, stat_key
+from reapi.core.watch import StatKey, Watcher, list_files, stat_key
 from shim.inputs import InputsUnknown, lexical_is_physical, run_preprocessor
 from shim.options import lookup
 
@@ -459,7 +459,7 @@ class Scanner:
         Each header the source includes leads to the same files in every
         compile: that closure is kept, and taken whole while its files and
         directories are unchanged, so a compile costs about a stat per file
-        (none for those the watcher knows unchanged: reapi/watch.py).
+        (none for those the watcher knows unchanged: reapi/core/watch.py).
 
         `#include NAME` follows NAME's definition on the command line (git's
         `-DSHA1DC_CUSTOM_INCLUDE_SHA1_C="cache.h"`). A NAME that no file read

@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from cas.merkle import build_tree
 from cas.remote import RemoteStore
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 

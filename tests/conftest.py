@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from reapi.server import Server, ServerConfig
+from reapi.frontend.server import Server, ServerConfig
 from tests import redis_servers
 from tests.helpers import ServerProcess
 from tests.redis_servers import RedisDeployment

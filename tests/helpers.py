@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 REPO = Path(__file__).resolve().parent.parent

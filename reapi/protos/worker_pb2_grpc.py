@@ -57,7 +57,7 @@ class WorkersServicer:
 
     def GetProvided(self, request, context):
         """The directories every connected worker provides to its actions besides
-        their input trees (see reapi/conventions.py): a client (reapi-cc) relies
+        their input trees (see reapi/core/conventions.py): a client (reapi-cc) relies
         on the files there being the worker's own, and sends the rest as inputs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

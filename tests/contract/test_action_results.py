@@ -12,7 +12,7 @@ import pytest
 from cas.action_cache import ActionResultStore, DiskActionResultStore, MemoryActionResultStore
 from cas.redis_conn import RedisTarget, connect
 from cas.redis_store import RedisActionResultStore
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from tests.redis_servers import RedisDeployment
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3

@@ -17,8 +17,8 @@ from cas.redis_conn import RedisTarget, connect
 from cas.redis_store import RedisStore
 from cas.small_blobs import SMALL_BLOB
 from cas.store import BlobStore, get_blob, put_blob
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import InvalidArgument, NotFound, OutOfRange
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import InvalidArgument, NotFound, OutOfRange
 from tests.redis_servers import RedisDeployment
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3

@@ -21,8 +21,8 @@ from executor.scheduler import (
     Scheduler,
     Scheduling,
 )
-from reapi.digests import DigestFunction
-from reapi.errors import FailedPrecondition, NotFound
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import FailedPrecondition, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.redis_servers import RedisDeployment
 

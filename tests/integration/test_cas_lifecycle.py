@@ -21,7 +21,7 @@ import pytest
 
 from cas.gc import GRACE
 from cas.small_blobs import SMALL_BLOB, SMALL_DB
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2 as re_pb2

@@ -13,8 +13,8 @@ from google.rpc import code_pb2
 
 from cas.disk import DiskStore
 from cas.remote import RemoteStore
-from reapi.conventions import file_identity
-from reapi.digests import Digest
+from reapi.core.conventions import file_identity
+from reapi.core.digests import Digest
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.actions import (
     SHA256,
@@ -247,7 +247,7 @@ async def test_timed_out_output_is_kept(channel: grpc.aio.Channel) -> None:
 
 async def test_small_and_large_outputs_reach_the_cas(channel: grpc.aio.Channel) -> None:
     """Small output blobs travel with the worker's Finished message, the rest
-    through the CAS (reapi/services/workers.py, OUTPUT_BLOB_BYTES): both must be there."""
+    through the CAS (reapi/frontend/services/workers.py, OUTPUT_BLOB_BYTES): both must be there."""
     script = "head -c 3000000 /dev/urandom > big && echo small > small && cat small"
     action = await upload_action(channel, ["/bin/sh", "-c", script], outputs=["big", "small"])
     _ops, response = await execute(channel, action)

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from reapi.digests import Digest
+from reapi.core.digests import Digest
 from reapi.protos import bytestream_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2 as re_pb2

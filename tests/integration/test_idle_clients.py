@@ -129,7 +129,7 @@ async def test_idle_clients_do_not_lock_out_a_normal_one(tmp_path: object) -> No
             "the upload was dropped"
         }, said
         # The silent sockets the server accepted are closed by it once their
-        # handshake time is up (reapi/server.py HANDSHAKE_TIMEOUT).
+        # handshake time is up (reapi/frontend/server.py HANDSHAKE_TIMEOUT).
         closed = 0
         for _ in range(30):
             closed = sum(_closed_by_peer(sock) for sock in sockets)

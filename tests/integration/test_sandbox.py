@@ -21,7 +21,7 @@ from executor import layout
 from executor import sandbox as sandbox_module
 from executor.local_cache import LocalCache
 from executor.sandbox import Sandbox, Slot
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 
 SHA256 = DigestFunction.SHA256
 

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cas.disk import FLUSH_BYTES
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2 as re_pb2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from cas.gc import GRACE
 from cas.remote import RemoteStore
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from tests import redis_servers
@@ -239,3 +240,34 @@ async def test_a_frontend_killed_mid_action_costs_only_a_retry(
         assert worker.log().count("running ") == 2, "ran again after the lease expired"
     finally:
         worker.stop()
+
+
+async def test_a_worker_killed_mid_action_its_action_runs_on_another(
+    tmp_path: Path, two_frontends: list[ServerProcess]
+) -> None:
+    """Two workers, one on each frontend; the one running the action is killed
+    (kill -9): its frontend puts the action back in the shared queue and the
+    other worker, on the other frontend, runs it."""
+    a, b = two_frontends
+    workers = [
+        WorkerProcess(server, f"w{n}", tmp_path / f"w{n}", extra=["--sandbox", "none"])
+        for n, server in enumerate((a, b))
+    ]
+    try:
+        for worker in workers:
+            worker.wait_connected()
+        async with grpc.aio.insecure_channel(a.address) as channel:
+            action = await upload_action(channel, ["sh", "-c", "sleep 1; echo done"], salt=b"w")
+            running = asyncio.create_task(execute(channel, action))
+            deadline = time.monotonic() + 20
+            while not (busy := [w for w in workers if "running " in w.log()]):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            busy[0].stop(signal.SIGKILL)
+            _, response = await asyncio.wait_for(running, 60)
+        assert response.status.code == 0 and response.result.exit_code == 0
+        (other,) = [w for w in workers if w is not busy[0]]
+        assert "running " in other.log()
+    finally:
+        for worker in workers:
+            worker.stop()

@@ -21,7 +21,7 @@ from cas.redis_conn import RedisTarget, connect
 from cas.redis_lifecycle import GC_LOCK, GcRunning, collect_redis
 from cas.redis_store import CHUNK, RedisStore, atime_key, blob_key
 from cas.store import put_blob
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from tests.helpers import ServerProcess
 from tests.integration.test_cas_lifecycle import upload
 from tests.integration.test_server_process import one_line_error, run_reapi

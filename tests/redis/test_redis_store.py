@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,9 +17,10 @@ import redis.crc
 from cas.redis_conn import RedisConfigError, RedisTarget, connect, redacted
 from cas.redis_store import CHUNK, RedisStore, blob_key, chunk_keys
 from cas.store import get_blob, put_blob
-from reapi.digests import DigestFunction
-from reapi.errors import ResourceExhausted, Unavailable
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import ResourceExhausted, Unavailable
 from tests import redis_servers
+from tests.pki import make_pki
 from tests.redis_servers import RedisDeployment
 
 SHA256 = DigestFunction.SHA256
@@ -162,3 +164,35 @@ async def test_password_in_the_url(tmp_path: Path) -> None:
         store = RedisStore(client)
         await put_blob(store, SHA256.digest_of(b"x"), b"x")
         await client.aclose()
+
+
+async def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    """A Redis that only speaks TLS: rediss://...?ssl_ca_certs=CA works, and
+    without the CA the certificate is refused (one clear error)."""
+    pki = make_pki(tmp_path, "")
+    (port,) = redis_servers.free_ports(1)
+    argv = ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--tls-cert-file", str(pki.files["server.pem"])]
+    argv += ["--tls-key-file", str(pki.files["server.key"])]
+    argv += ["--tls-ca-cert-file", str(pki.files["ca.pem"]), "--tls-auth-clients", "no"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"rediss://localhost:{port}?ssl_ca_certs={pki.files['ca.pem']}"
+    try:
+        client = None
+        for _ in range(100):
+            try:
+                client = await connect(RedisTarget((url,)))
+                break
+            except RedisConfigError:
+                await asyncio.sleep(0.1)
+        assert client is not None, "no TLS Redis"
+        store = RedisStore(client)
+        await put_blob(store, SHA256.digest_of(b"secret"), b"secret")
+        assert await get_blob(store, SHA256.digest_of(b"secret")) == b"secret"
+        await client.aclose()
+        with pytest.raises(RedisConfigError, match="certificate verify failed"):
+            await connect(RedisTarget((f"rediss://localhost:{port}",)))
+    finally:
+        process.terminate()
+        process.wait()

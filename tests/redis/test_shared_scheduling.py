@@ -14,7 +14,7 @@ from cas.redis_conn import RedisTarget, connect
 from executor import redis_scheduler
 from executor.redis_scheduler import RedisScheduler
 from executor.scheduler import COMPLETED, EXECUTING, QUEUED
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.contract.test_scheduling import NONE, ok, submit
 from tests.redis_servers import RedisDeployment

@@ -6,7 +6,7 @@ import grpc
 import pytest
 from google.rpc import code_pb2
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 

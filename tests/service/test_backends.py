@@ -1,4 +1,4 @@
-"""The server is wired to whatever backends it is given (reapi/server.py's
+"""The server is wired to whatever backends it is given (reapi/frontend/server.py's
 composition root): here memory ones, so nothing reaches the disk."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import grpc
 from cas.action_cache import MemoryActionResultStore
 from cas.memory import MemoryStore
 from cas.store import get_blob
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
+from reapi.frontend.server import Backends, Server, ServerConfig
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from reapi.server import Backends, Server, ServerConfig
 from tests.service.test_cas_service import upload
 
 SHA256 = DigestFunction.SHA256

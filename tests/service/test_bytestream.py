@@ -11,13 +11,13 @@ import grpc
 import pytest
 import zstandard
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
+from reapi.frontend.server import Server
+from reapi.frontend.services.bytestream import _read_response
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from reapi.server import Server
-from reapi.services.bytestream import _read_response
 from tests.helpers import expect_status
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3

@@ -7,10 +7,10 @@ import pytest
 import zstandard
 from google.rpc import code_pb2
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
+from reapi.frontend.server import MAX_BATCH_TOTAL_SIZE
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from reapi.server import MAX_BATCH_TOTAL_SIZE
 from tests.helpers import expect_status
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3

@@ -13,8 +13,8 @@ import pytest
 from cas.remote import BATCH_BYTES, RemoteStore
 from cas.store import get_blob, put_file
 from executor.local_cache import LocalCache
-from reapi.digests import DigestFunction
-from reapi.errors import InvalidArgument
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import InvalidArgument
 
 SHA256 = DigestFunction.SHA256
 SIZE = 20 * 1024 * 1024  # far above the batch limit: a ByteStream write of 20 chunks

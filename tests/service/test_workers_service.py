@@ -1,5 +1,5 @@
 """The Workers service's GetProvided and the Hello it is built from: what
-every connected worker provides (reapi/conventions.py), against a real
+every connected worker provides (reapi/core/conventions.py), against a real
 in-process server, with hostile Hellos."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from google.rpc import code_pb2
 
 from cas.action_cache import MemoryActionResultStore
 from cas.memory import MemoryStore
-from reapi.conventions import PROVIDED_DIRS
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import ReapiError, Unavailable
+from reapi.core.conventions import PROVIDED_DIRS
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import ReapiError, Unavailable
+from reapi.frontend.server import Backends, Server, ServerConfig
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
-from reapi.server import Backends, Server, ServerConfig
 from tests.actions import execute, upload_action
 from tests.helpers import REPO
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reapi.conventions import ABSENT, PROVIDED_DIRS
+from reapi.core.conventions import ABSENT, PROVIDED_DIRS
 from shim.agent import Agent
 from shim.classify import RemoteCompile, classify
 from shim.layout import lay_out

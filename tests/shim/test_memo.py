@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
 from shim.memo import Depends, DirectMemo
 from shim.scan import Scanner, Seen, StatKey, stat_key
 

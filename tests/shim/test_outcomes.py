@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 from shim.remote import Outcome, OutcomeMemory
 from tests.helpers import ServerProcess
 from tests.shim.compiles import stats
@@ -96,7 +96,7 @@ async def test_what_the_server_says_workers_provide_is_checked_and_kept() -> Non
     """A directory no worker could provide (relative, /, the sandbox's own)
     is dropped, not trusted: the agent would leave project files out. An
     older server, which does not know the call, means the system's."""
-    from reapi.conventions import PROVIDED_DIRS
+    from reapi.core.conventions import PROVIDED_DIRS
     from shim.remote import PROVIDED_SECONDS, Server
 
     now = [0.0]

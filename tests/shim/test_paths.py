@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reapi.conventions import PROVIDED_DIRS
+from reapi.core.conventions import PROVIDED_DIRS
 from shim.paths import (
     BUILD_PLACE,
     DEBUG_MAPS,

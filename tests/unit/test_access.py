@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from google.longrunning import operations_pb2
 
-from reapi.access import (
+from reapi.core.credentials import read_token
+from reapi.core.errors import PermissionDenied
+from reapi.frontend.access import (
     ADMIN,
     ANYONE,
     EXECUTE,
@@ -21,11 +23,9 @@ from reapi.access import (
     parse_grant,
     token_name,
 )
-from reapi.credentials import read_token
-from reapi.errors import PermissionDenied
+from reapi.frontend.security import ConfigError
 from reapi.protos import bytestream_pb2, worker_pb2
 from reapi.protos import remote_execution_pb2 as re_pb2
-from reapi.security import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ from cas.action_cache import (
 )
 from cas.memory import MemoryStore
 from cas.store import put_blob
-from reapi.digests import DigestFunction
-from reapi.errors import InvalidArgument, NotFound
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import InvalidArgument, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 BLAKE3 = DigestFunction.BLAKE3

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import InvalidArgument
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import InvalidArgument
+from reapi.core.resources import parse_read_name, parse_write_name
 from reapi.protos import remote_execution_pb2 as re_pb2
-from reapi.resources import parse_read_name, parse_write_name
 
 H = "0123456789abcdef" * 4
 

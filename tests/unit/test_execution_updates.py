@@ -1,4 +1,4 @@
-"""Execute's updates (reapi/services/execution.py) built from the scheduler's
+"""Execute's updates (reapi/frontend/services/execution.py) built from the scheduler's
 jobs, with the scheduler alone and a stand-in action cache (no grpc)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from google.longrunning import operations_pb2
 
 from executor.scheduler import Job, Scheduler
+from reapi.frontend.services.execution import ExecutionService, OperationsService
 from reapi.protos import remote_execution_pb2 as re_pb2
-from reapi.services.execution import ExecutionService, OperationsService
 from tests.unit.test_scheduler import NONE, ok, submit
 
 
@@ -47,7 +47,7 @@ async def test_a_job_completing_while_its_update_is_built_is_reported_done_once(
 async def test_a_page_of_operations_ends_before_its_byte_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("reapi.services.execution.LIST_PAGE_BYTES", 25_000)
+    monkeypatch.setattr("reapi.frontend.services.execution.LIST_PAGE_BYTES", 25_000)
     scheduler = Scheduler()
     worker = await scheduler.connect("w", NONE, 1)
     for n in range(6):

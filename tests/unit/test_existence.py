@@ -10,8 +10,8 @@ import pytest
 from cas.existence import ExistenceCache, ExistenceCachingStore
 from cas.memory import MemoryStore
 from cas.store import put_blob
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import Unavailable
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import Unavailable
 
 SHA256 = DigestFunction.SHA256
 

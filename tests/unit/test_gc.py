@@ -21,8 +21,8 @@ from cas.gc import GRACE, collect, parse_size
 from cas.inventory import Storage, StorageError, stats
 from cas.small_blobs import SMALL_BLOB, SMALL_DB
 from cas.verify import verify
-from reapi.cas_commands import _stats_text
-from reapi.digests import Digest, DigestFunction
+from reapi.core.digests import Digest, DigestFunction
+from reapi.frontend.cas_commands import _stats_text
 from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.helpers import REPO
 

@@ -1,4 +1,4 @@
-"""What a lease carries of its action's inputs (reapi/services/workers.py add_inputs)."""
+"""What a lease carries of its action's inputs (reapi/frontend/services/workers.py add_inputs)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from cas.memory import MemoryStore
 from cas.store import put_blob
 from executor.scheduler import Job, WorkerHandle
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import Internal
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import Internal
+from reapi.frontend.services.workers import LEASE_FILE_BYTES, LEASE_INPUT_BYTES, add_inputs
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
-from reapi.services.workers import LEASE_FILE_BYTES, LEASE_INPUT_BYTES, add_inputs
 
 SHA256 = DigestFunction.SHA256
 

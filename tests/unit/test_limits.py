@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from executor.limits import DEFAULT_LIMITS, SANDBOX_UID_BASE, Limits, SandboxUsers, written
-from reapi.cli import limits_from
-from reapi.security import ConfigError
+from reapi.frontend.cli import limits_from
+from reapi.frontend.security import ConfigError
 
 MIB = 1024 * 1024
 

@@ -10,8 +10,8 @@ import pytest
 from cas.memory import MemoryStore
 from cas.store import put_blob
 from executor.local_cache import LocalCache
-from reapi.digests import DigestFunction
-from reapi.errors import NotFound
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import NotFound
 
 SHA256 = DigestFunction.SHA256
 

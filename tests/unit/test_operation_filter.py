@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from executor.scheduler import COMPLETED, EXECUTING, QUEUED, Job
-from reapi.digests import DigestFunction
-from reapi.errors import InvalidArgument
-from reapi.operation_filter import matches, parse_filter
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import InvalidArgument
+from reapi.frontend.operation_filter import matches, parse_filter
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 DIGEST = DigestFunction.SHA256.digest_of(b"action")

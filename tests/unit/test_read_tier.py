@@ -10,7 +10,7 @@ from cas.disk import DiskStore
 from cas.memory import MemoryStore
 from cas.read_tier import ReadTier
 from cas.store import get_blob, put_blob
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 
 SHA256 = DigestFunction.SHA256
 

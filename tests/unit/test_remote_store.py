@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from cas.remote import RemoteStore
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
 
 
 async def test_the_empty_blob_is_never_asked_for_sent_or_fetched() -> None:

@@ -16,8 +16,8 @@ from executor.scheduler import (
     Job,
     Scheduler,
 )
-from reapi.digests import DigestFunction
-from reapi.errors import FailedPrecondition, NotFound
+from reapi.core.digests import DigestFunction
+from reapi.core.errors import FailedPrecondition, NotFound
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 NONE: frozenset[tuple[str, str]] = frozenset()

@@ -1,4 +1,4 @@
-"""A worker's check of a compile's manifest of system files (reapi/conventions.py
+"""A worker's check of a compile's manifest of system files (reapi/core/conventions.py
 SystemFiles), with a real inotify watcher on the test's temporary directory
 standing in for /usr."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from reapi.conventions import ABSENT, SystemFiles, file_identity
-from reapi.errors import FailedPrecondition, InvalidArgument
-from reapi.watch import StatKey, Watcher
+from reapi.core.conventions import ABSENT, SystemFiles, file_identity
+from reapi.core.errors import FailedPrecondition, InvalidArgument
+from reapi.core.watch import StatKey, Watcher
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ from cas.store import put_blob
 from cas.tree import read_tree
 from executor.outputs import OutputCollector
 from executor.scheduler import Scheduler
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import ReapiError, ResourceExhausted
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import ReapiError, ResourceExhausted
+from reapi.frontend.services.workers import WorkersService
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
-from reapi.services.workers import WorkersService
 
 SHA256 = DigestFunction.SHA256
 

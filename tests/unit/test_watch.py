@@ -1,4 +1,4 @@
-"""The watcher (reapi/watch.py): what it remembers, and every change
+"""The watcher (reapi/core/watch.py): what it remembers, and every change
 that must make it ask again. Real inotify on the test's temporary directory."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from inotify_simple import Event, flags
 
-from reapi.watch import Watcher, stat_key
+from reapi.core.watch import Watcher, stat_key
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def lstats(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
         asked.append(path)
         return real(path)
 
-    monkeypatch.setattr(os, "lstat", counted)  # what reapi.watch calls
+    monkeypatch.setattr(os, "lstat", counted)  # what reapi.core.watch calls
     yield asked
 
 

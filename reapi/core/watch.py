@@ -3,7 +3,7 @@
 The shim's scanner asks for the status of every file a compile may read (about
 400 for a C file of git, most of them system headers) and for the listings of
 the directories its lookups searched; a worker checks the system files each
-compile's manifest lists (reapi/conventions.py). Asked again for each compile,
+compile's manifest lists (reapi/core/conventions.py). Asked again for each compile,
 that is a system call per file. The agent and the worker live across compiles,
 so they watch those directories with inotify instead: a status or a listing
 taken after its directory was watched stays true until the kernel reports a

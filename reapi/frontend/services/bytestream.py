@@ -18,11 +18,11 @@ import grpc
 import zstandard
 
 from cas.store import BlobStore, BlobWriter
-from reapi.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
+from reapi.core.errors import DeadlineExceeded, InvalidArgument, OutOfRange, Unavailable
+from reapi.core.resources import BlobResource, parse_read_name, parse_write_name
+from reapi.frontend.services.status import grpc_errors
 from reapi.protos import bytestream_pb2 as bs_pb2
 from reapi.protos import bytestream_pb2_grpc as bs_grpc
-from reapi.resources import BlobResource, parse_read_name, parse_write_name
-from reapi.services.status import grpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -31,19 +31,19 @@ from cas.store import BlobStore
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.redis_scheduler import RedisScheduler
 from executor.scheduler import Job, OnComplete, Scheduler, Scheduling
-from reapi.access import WORKER, AccessInterceptor, Caller, load_grants
-from reapi.errors import ReapiError
+from reapi.core.errors import ReapiError
+from reapi.frontend.access import WORKER, AccessInterceptor, Caller, load_grants
+from reapi.frontend.security import ConfigError, TlsFiles, check_exposure, split_address
+from reapi.frontend.services.action_cache import ActionCacheService
+from reapi.frontend.services.bytestream import ByteStreamService, add_bytestream_to_server
+from reapi.frontend.services.capabilities import CapabilitiesService
+from reapi.frontend.services.cas import CasService
+from reapi.frontend.services.execution import ExecutionService, OperationsService
+from reapi.frontend.services.workers import HEARTBEAT_TIMEOUT, WorkersService
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import worker_pb2_grpc as worker_grpc
-from reapi.security import ConfigError, TlsFiles, check_exposure, split_address
-from reapi.services.action_cache import ActionCacheService
-from reapi.services.bytestream import ByteStreamService, add_bytestream_to_server
-from reapi.services.capabilities import CapabilitiesService
-from reapi.services.cas import CasService
-from reapi.services.execution import ExecutionService, OperationsService
-from reapi.services.workers import HEARTBEAT_TIMEOUT, WorkersService
 
-log = logging.getLogger("reapi.server")
+log = logging.getLogger("reapi.frontend.server")
 
 MAX_BATCH_TOTAL_SIZE = 4 * 1024 * 1024
 # Room for a full batch plus its digests and framing.

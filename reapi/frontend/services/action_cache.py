@@ -7,11 +7,11 @@ from typing import Any
 import grpc
 
 from cas.action_cache import ActionCache
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import InvalidArgument
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import InvalidArgument
+from reapi.frontend.services.status import grpc_errors
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from reapi.services.status import grpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -23,13 +23,13 @@ from cas.action_cache import ActionCache
 from cas.store import BlobStore
 from cas.tree import TreeRead, read_tree
 from executor.scheduler import COMPLETED, Job, Properties, Scheduling
-from reapi.access import current_caller
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import FailedPrecondition, InvalidArgument, NotFound
-from reapi.operation_filter import matches, parse_filter
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from reapi.frontend.access import current_caller
+from reapi.frontend.operation_filter import matches, parse_filter
+from reapi.frontend.services.status import grpc_errors
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from reapi.services.status import grpc_errors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -37,7 +37,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # (executor/runner.py) when an action has none.
 MAX_TIMEOUT = 3600.0
 # The Action and Command travel whole in one lease message (with some of the
-# inputs, reapi/services/workers.py): far more than a process can be given to
+# inputs, reapi/frontend/services/workers.py): far more than a process can be given to
 # run (ARG_MAX), and well within the server's message limit.
 MAX_ACTION_BYTES = 4 * 1024 * 1024
 # Execute's stream says nothing until the action has been queued or running this
@@ -269,7 +269,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
         """The operations of instance `request.name` (as `bgd operation list`
         sends it; empty for the default) the server still knows, the caller's
         own (an admin's: everyone's), that pass the filter
-        (reapi/operation_filter.py), oldest first, a page at a time: the page
+        (reapi/frontend/operation_filter.py), oldest first, a page at a time: the page
         token names the last one listed (its time and name)."""
         clauses = parse_filter(request.filter)
         if request.page_size < 0:

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, status_pb2
 
-from reapi.errors import Internal, ReapiError
+from reapi.core.errors import Internal, ReapiError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Errors that carry a gRPC status code.
 
 Domain code (`cas/`, `executor/`) raises these without importing grpc; the one
-decorator in `reapi/services/status.py` turns them into gRPC statuses. Codes are
+decorator in `reapi/frontend/services/status.py` turns them into gRPC statuses. Codes are
 `google.rpc.Code` values, the same numbers gRPC uses.
 """
 

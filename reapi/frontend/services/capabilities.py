@@ -6,11 +6,11 @@ from typing import Any
 
 import grpc
 
-from reapi.digests import DigestFunction
+from reapi.core.digests import DigestFunction
+from reapi.frontend.services.status import grpc_errors
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from reapi.protos import semver_pb2
-from reapi.services.status import grpc_errors
 
 LOW_API = semver_pb2.SemVer(major=2, minor=0)
 HIGH_API = semver_pb2.SemVer(major=2, minor=3)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from executor.scheduler import Job
-from reapi.errors import InvalidArgument
+from reapi.core.errors import InvalidArgument
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 _CLAUSE = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|!=|=|<|>)\s*(\S+)\s*")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from reapi.digests import WIRE_FUNCTION_NAMES, Digest, DigestFunction
-from reapi.errors import InvalidArgument
+from reapi.core.digests import WIRE_FUNCTION_NAMES, Digest, DigestFunction
+from reapi.core.errors import InvalidArgument
 
 RESERVED_SEGMENTS = frozenset(
     {

@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.longrunning import operations_pb2
 
-from reapi.errors import InvalidArgument, PermissionDenied
-from reapi.resources import parse_read_name, parse_write_name
-from reapi.security import ConfigError
+from reapi.core.errors import InvalidArgument, PermissionDenied
+from reapi.core.resources import parse_read_name, parse_write_name
+from reapi.frontend.security import ConfigError
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]

@@ -8,7 +8,7 @@
                  [--provide DIR ...] [--env KEY=VALUE ...] [--sandbox bwrap|none] [LIMITS]
                  [--name NAME] [--workdir DIR]
                  [--tls-ca PEM] [--auth-token-file FILE]
-    reapi cas gc | stats | verify ...      (see reapi/cas_commands.py)
+    reapi cas gc | stats | verify ...      (see reapi/frontend/cas_commands.py)
 
 LIMITS, per action (executor/limits.py): [--max-processes N] [--max-memory SIZE]
 [--max-tmp SIZE] [--max-tree SIZE]; `serve` passes them to its local workers.
@@ -38,11 +38,11 @@ from cas.remote import split_target
 from executor.limits import DEFAULT_LIMITS, Limits
 from executor.runner import DEFAULT_ENV
 from executor.worker import Worker, WorkerConfig
-from reapi import cas_commands
-from reapi.conventions import provided_directory
-from reapi.credentials import read_token
-from reapi.security import ConfigError, TlsFiles
-from reapi.server import ServerConfig, default_storage, reapi_home, serve
+from reapi.core.conventions import provided_directory
+from reapi.core.credentials import read_token
+from reapi.frontend import cas_commands
+from reapi.frontend.security import ConfigError, TlsFiles
+from reapi.frontend.server import ServerConfig, default_storage, reapi_home, serve
 
 SERVE_OPTIONS = (
     "listen",

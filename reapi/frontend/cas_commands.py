@@ -30,9 +30,9 @@ from cas.inventory import Storage, StorageError, stats
 from cas.redis_conn import RedisConfigError, RedisTarget, connect
 from cas.redis_lifecycle import GcRunning, collect_redis, stats_redis, verify_redis
 from cas.verify import VerifyReport, verify
-from reapi.errors import ReapiError
-from reapi.security import ConfigError
-from reapi.server import default_storage
+from reapi.core.errors import ReapiError
+from reapi.frontend.security import ConfigError
+from reapi.frontend.server import default_storage
 
 # Progress lines start after this many seconds, then come this often.
 PROGRESS_AFTER = 2.0

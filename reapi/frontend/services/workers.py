@@ -12,13 +12,13 @@ from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from executor.scheduler import Job, Scheduling, WorkerHandle
-from reapi.access import current_caller
-from reapi.conventions import PROVIDED_DIRS, provided_directory
-from reapi.errors import InvalidArgument, ReapiError
+from reapi.core.conventions import PROVIDED_DIRS, provided_directory
+from reapi.core.errors import InvalidArgument, ReapiError
+from reapi.frontend.access import current_caller
+from reapi.frontend.services.status import grpc_errors
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import worker_pb2
 from reapi.protos import worker_pb2_grpc as worker_grpc
-from reapi.services.status import grpc_errors
 
 log = logging.getLogger(__name__)
 

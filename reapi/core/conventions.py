@@ -32,8 +32,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from reapi.errors import FailedPrecondition, InvalidArgument
-from reapi.watch import Watcher
+from reapi.core.errors import FailedPrecondition, InvalidArgument
+from reapi.core.watch import Watcher
 
 SANDBOX_ROOT = "/build"
 # The system's own directories, which every worker mounts read-only.
@@ -112,7 +112,7 @@ def file_identity(path: str, status: tuple[int, int, int] | None = None) -> tupl
 
 class SystemFiles:
     """A worker's check of manifests against its own files. A status comes from
-    the watcher (reapi/watch.py) while inotify reports no change in its
+    the watcher (reapi/core/watch.py) while inotify reports no change in its
     directory, and a manifest found true is taken as true again, without a look
     at its files, until the watcher takes in a change: most compiles of a
     project list the same system files, which rarely change during a build."""

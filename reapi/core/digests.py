@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 
 import blake3
 
-from reapi.errors import InvalidArgument
+from reapi.core.errors import InvalidArgument
 from reapi.protos import remote_execution_pb2 as re_pb2
 
 # Files are hashed in chunks of this size.

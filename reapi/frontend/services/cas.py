@@ -11,11 +11,11 @@ from google.rpc import code_pb2, status_pb2
 
 from cas.store import BlobStore
 from cas.tree import read_tree
-from reapi.digests import Digest, DigestFunction
-from reapi.errors import InvalidArgument, NotFound, ReapiError
+from reapi.core.digests import Digest, DigestFunction
+from reapi.core.errors import InvalidArgument, NotFound, ReapiError
+from reapi.frontend.services.status import grpc_errors, status_of
 from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
-from reapi.services.status import grpc_errors, status_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

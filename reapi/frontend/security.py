@@ -2,7 +2,7 @@
 
 Listening on a non-loopback address without TLS and a token file is refused
 unless the user says `--insecure`; the check is `check_exposure`. What each
-token may do once it is in is reapi/access.py's.
+token may do once it is in is reapi/frontend/access.py's.
 """
 
 from __future__ import annotations
