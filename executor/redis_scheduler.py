@@ -120,7 +120,7 @@ def digest_text(digest: Digest) -> str:
 
 # KEYS: inflight key (NO_INFLIGHT when not cacheable), job, owners, queue, ops, seq.
 # ARGV: name, owner, priority, now, then the job's fields as name, value pairs.
-# Returns the name of the job that will run the action: an existing one, or this new one.
+# Returns {the name of the job that will run the action, 1 if it is this new one}.
 _SUBMIT = """
 local name, owner, priority, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if KEYS[1] ~= '${no_inflight}' then
@@ -128,7 +128,7 @@ if KEYS[1] ~= '${no_inflight}' then
   local stage = existing and redis.call('HGET', '${job}' .. existing, 'stage')
   if stage and stage ~= '${completed}' then
     redis.call('SADD', '${owners}' .. existing, owner)
-    return existing
+    return {existing, 0}
   end
   redis.call('SET', KEYS[1], name)
 end
@@ -142,11 +142,12 @@ redis.call('ZADD', KEYS[4], score, name)
 redis.call('ZADD', KEYS[5], now, name)
 redis.call('PUBLISH', '${queued_channel}', name)
 redis.call('PUBLISH', '${changed}', name)
-return name
+return {name, 1}
 """
 
 # ARGV: worker, lease id, lease expiry (ms), instances (JSON list, '' for any),
-# properties (JSON [[name, value], ...]). Returns {name, assign} or false.
+# properties (JSON [[name, value], ...]). Returns {name, the job's fields as
+# HGETALL gives them} or false.
 _TAKE = """
 local have = {}
 for _, p in ipairs(cjson.decode(ARGV[5])) do have[p[1] .. '\\0' .. p[2]] = true end
@@ -173,7 +174,7 @@ for _, name in ipairs(redis.call('ZRANGE', '${queue}', 0, ${scan})) do
       redis.call('HSET', key, 'stage', '${executing}', 'worker', ARGV[1], 'lease', ARGV[2])
       redis.call('ZADD', '${running}', ARGV[3], name)
       redis.call('PUBLISH', '${changed}', name)
-      return {name, redis.call('HGET', key, 'assign')}
+      return {name, redis.call('HGETALL', key)}
     end
   end
 end
@@ -361,10 +362,24 @@ class RedisScheduler:
         ]  # fmt: skip
         keys = [inflight, job_key(name), owners_key(name), QUEUE, OPS, SEQ]
         clamped = max(-PRIORITY_LIMIT, min(PRIORITY_LIMIT, priority))
-        args: list[Arg] = [name, owner, clamped, repr(time.time()), *fields]
+        now = repr(time.time())
+        args: list[Arg] = [name, owner, clamped, now, *fields]
         with redis_errors("queueing an action"):
-            chosen = await self._client.eval(SUBMIT, len(keys), *keys, *args)
-        return await self.job(_text(chosen))
+            chosen, created = await self._client.eval(SUBMIT, len(keys), *keys, *args)
+        if not created:  # an identical action in flight: its job, as it is now
+            return await self.job(_text(chosen))
+        return Job(
+            name=name,
+            action_digest=action_digest,
+            action=action,
+            command=command,
+            instance_name=instance_name,
+            requirements=requirements,
+            priority=priority,
+            cacheable=cacheable,
+            queued_at=float(now),
+            owners={owner},
+        )
 
     async def job(self, name: str) -> Job:
         with redis_errors("reading an operation"):
@@ -395,7 +410,7 @@ class RedisScheduler:
         event = asyncio.Event()
         self._watchers.setdefault(job.name, set()).add(event)
         try:
-            current = await self.job(job.name)
+            current = job
             if quiet > 0:
                 deadline = time.monotonic() + quiet
                 while not current.done and (left := deadline - time.monotonic()) > 0:
@@ -468,10 +483,10 @@ class RedisScheduler:
                     log.warning("scheduler: %s", error.message)
                     taken = None
                 if taken:
-                    name, assign_bytes = _text(taken[0]), taken[1]
-                    job = await self.job(name)
-                    _fill_from_assign(job, assign_bytes)
-                    job.lease_id = lease
+                    name, flat = _text(taken[0]), taken[1]
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                    job = _job_of(name, fields, set())
+                    _fill_from_assign(job, fields[b"assign"])
                     worker.leases[lease] = job
                     return job
             await _wait(self._work, POLL_SECONDS)
@@ -496,15 +511,11 @@ class RedisScheduler:
                 await asyncio.sleep(pause)
 
     async def _finish(self, job: Job, lease_id: str, response: re_pb2.ExecuteResponse) -> None:
-        try:
-            current = await self.job(job.name)
-        except NotFound:
-            return
-        if current.done or current.lease_id != lease_id:
-            return  # cancelled or reclaimed meanwhile
+        """Store the result (a true result of the action, whoever leases it now),
+        then complete the job if the lease still holds it: one script."""
         if response.HasField("result"):
             metadata = response.result.execution_metadata
-            metadata.queued_timestamp.FromNanoseconds(int(current.queued_at * 1e9))
+            metadata.queued_timestamp.FromNanoseconds(int(job.queued_at * 1e9))
         if self._on_complete is not None and response.status.code == code_pb2.OK:
             job.response = response
             try:
@@ -624,10 +635,8 @@ class RedisScheduler:
         if _text(message.get("channel")) == QUEUED_CHANNEL:
             self._wake_work()
             return
-        name = _text(message.get("data"))
-        for event in self._watchers.get(name, ()):
+        for event in self._watchers.get(_text(message.get("data")), ()):
             event.set()
-        self._wake_work()  # a completion frees a slot somewhere; a reclaim queues
 
     def _wake_work(self) -> None:
         self._work.set()
