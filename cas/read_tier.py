@@ -73,10 +73,9 @@ class ReadTier:
             await writer.abort()  # after a commit: nothing left to discard
 
     async def put_many(self, blobs: Sequence[tuple[Digest, bytes]]) -> list[ReapiError | None]:
-        errors = await self._shared.put_many(blobs)
-        stored = [blob for blob, error in zip(blobs, errors, strict=True) if error is None]
-        await self._copy(stored)  # uploads are read soon after: a worker's inputs
-        return errors
+        # Not copied: an upload is read (by a worker) through any frontend, maybe
+        # not this one, and copying would cost every upload a local write.
+        return await self._shared.put_many(blobs)
 
     def begin_write(self, digest: Digest) -> BlobWriter:
         return self._shared.begin_write(digest)

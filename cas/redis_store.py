@@ -54,53 +54,67 @@ UPLOAD_TTL = 3600
 # lookups then write nothing (the same rule as the disk store's).
 TOUCH_AFTER = 3600.0
 TAGS = [f"{n:02x}" for n in range(256)]
-# Scripts take a blob's atime member from its key: what follows "cas:{ab}:",
-# from the 10th character on.
-assert len("cas:{ab}:") + 1 == 10
-
-# KEYS: pairs (blob, its tag's atime); ARGV: now, refresh-if-older-than.
-# Returns 1/0 per blob. allow-oom: lookups go on while Redis is full.
-_TOUCH = """#!lua flags=allow-oom
-local now, stale = ARGV[1], tonumber(ARGV[2])
-local found = {}
-for i = 1, #KEYS, 2 do
-  local present = redis.call('EXISTS', KEYS[i])
-  found[#found + 1] = present
-  if present == 1 then
-    local member = string.sub(KEYS[i], 10)
-    local last = redis.call('ZSCORE', KEYS[i + 1], member)
-    if not last or tonumber(last) < stale then redis.call('ZADD', KEYS[i + 1], now, member) end
-  end
+# Scripts take a blob's atime member from its key (what follows "cas:{ab}:",
+# from the 10th character on) and find its tag's bookkeeping keys from the tag
+# in it (characters 5 to 8): only the blobs' keys are sent. Those keys share the
+# blob's slot, which is what a Cluster requires of the keys a script touches.
+assert len("cas:{ab}:") + 1 == 10 and "cas:{ab}:"[4:8] == "{ab}"
+_BOOKKEEPING = """
+local function atime(key) return 'cas:' .. string.sub(key, 5, 8) .. ':atime' end
+local function total(key) return 'cas:' .. string.sub(key, 5, 8) .. ':bytes' end
+local function used(key, now, stale)
+  local member = string.sub(key, 10)
+  local last = redis.call('ZSCORE', atime(key), member)
+  if not last or tonumber(last) < stale then redis.call('ZADD', atime(key), now, member) end
 end
-return found
 """
 
+# KEYS: blobs; ARGV: now, refresh-if-older-than. Returns a string with a '1'
+# (present) or '0' per blob: one reply to parse, not one per blob.
+# allow-oom: lookups go on while Redis is full.
+_TOUCH = (
+    "#!lua flags=allow-oom"
+    + _BOOKKEEPING
+    + """
+local now, stale = ARGV[1], tonumber(ARGV[2])
+local found = {}
+for i, key in ipairs(KEYS) do
+  found[i] = redis.call('EXISTS', key)
+  if found[i] == 1 then used(key, now, stale) end
+end
+return table.concat(found)
+"""
+)
+
 # The same, answering each blob's first value (false when absent).
-_GET = """#!lua flags=allow-oom
+_GET = (
+    "#!lua flags=allow-oom"
+    + _BOOKKEEPING
+    + """
 local now, stale = ARGV[1], tonumber(ARGV[2])
 local values = {}
-for i = 1, #KEYS, 2 do
-  local value = redis.call('GET', KEYS[i])
-  values[#values + 1] = value
-  if value then
-    local member = string.sub(KEYS[i], 10)
-    local last = redis.call('ZSCORE', KEYS[i + 1], member)
-    if not last or tonumber(last) < stale then redis.call('ZADD', KEYS[i + 1], now, member) end
-  end
+for i, key in ipairs(KEYS) do
+  values[i] = redis.call('GET', key)
+  if values[i] then used(key, now, stale) end
 end
 return values
 """
+)
 
-# KEYS: triples (blob, atime, bytes); ARGV: now, then each blob's data.
-_PUT = """#!lua
+# KEYS: blobs; ARGV: now, then each blob's data.
+_PUT = (
+    "#!lua"
+    + _BOOKKEEPING
+    + """
 local now = ARGV[1]
-for i = 1, #KEYS, 3 do
-  local data = ARGV[1 + (i + 2) / 3]
-  if redis.call('SET', KEYS[i], data, 'NX') then redis.call('INCRBY', KEYS[i + 2], #data) end
-  redis.call('ZADD', KEYS[i + 1], now, string.sub(KEYS[i], 10))
+for i, key in ipairs(KEYS) do
+  local data = ARGV[i + 1]
+  if redis.call('SET', key, data, 'NX') then redis.call('INCRBY', total(key), #data) end
+  redis.call('ZADD', atime(key), now, string.sub(key, 10))
 end
 return 1
 """
+)
 
 # KEYS: blob, atime, bytes, upload chunks 0..n-1, final chunks 1..n-1; ARGV: now, size, n.
 # Returns 0 when an upload chunk has expired.
@@ -187,30 +201,28 @@ class RedisStore:
             by_tag.setdefault(digest.hash[:2], []).append(digest)
         return list(by_tag.values())
 
-    async def _lookup(self, script: str, digests: Sequence[Digest]) -> dict[Digest, object]:
-        """Run the touch or get script over `digests`: {digest: its answer}."""
+    async def _lookup(self, script: str, digests: Sequence[Digest]) -> list[tuple[Digest, object]]:
+        """Run the touch or get script over `digests` (the empty ones left out):
+        (digest, its answer) for each, in order."""
         stored = list(dict.fromkeys(d for d in digests if not d.is_empty))
         groups = self._groups(stored)
         now = time.time()
-        calls = []
-        for group in groups:
-            keys = [k for d in group for k in (blob_key(d), atime_key(d.hash[:2]))]
-            calls.append((keys, [repr(now), repr(now - TOUCH_AFTER)]))
+        args: list[Arg] = [repr(now), repr(now - TOUCH_AFTER)]
+        calls = [([blob_key(d) for d in group], args) for group in groups]
         with redis_errors("a lookup in the CAS"):
             results = await run_script(self._client, script, calls)
-        answers: dict[Digest, object] = {}
+        answers: list[tuple[Digest, object]] = []
         for group, result in zip(groups, results, strict=True):
-            answers.update(zip(group, result, strict=True))  # type: ignore[call-overload]
+            answers.extend(zip(group, result, strict=True))  # type: ignore[call-overload]
         return answers
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        found = await self._lookup(_TOUCH, digests)
-        return [d for d in digests if not d.is_empty and not found.get(d)]
+        present = {d for d, flag in await self._lookup(_TOUCH, digests) if flag == ord("1")}
+        return [d for d in digests if not d.is_empty and d not in present]
 
     async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
-        values = await self._lookup(_GET, digests)
         found: dict[Digest, bytes] = {d: b"" for d in digests if d.is_empty}
-        for digest, value in values.items():
+        for digest, value in await self._lookup(_GET, digests):
             if not isinstance(value, bytes):
                 continue
             if len(value) == digest.size:
@@ -224,7 +236,7 @@ class RedisStore:
         return found
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
-        if not digest.is_empty and not (await self._lookup(_TOUCH, [digest])).get(digest):
+        if not digest.is_empty and await self.find_missing([digest]):
             raise NotFound(f"blob {digest} not found")
         check_offset(digest, offset, limit)
         end = digest.size if limit == 0 else min(digest.size, offset + limit)
@@ -267,14 +279,10 @@ class RedisStore:
 
     async def _put_small(self, blobs: dict[Digest, bytes]) -> None:
         now = repr(time.time())
-        calls: list[tuple[list[str], list[Arg]]] = []
-        for group in self._groups(list(blobs)):
-            keys = [
-                key
-                for d in group
-                for key in (blob_key(d), atime_key(d.hash[:2]), bytes_key(d.hash[:2]))
-            ]
-            calls.append((keys, [now, *(blobs[d] for d in group)]))
+        calls: list[tuple[list[str], list[Arg]]] = [
+            ([blob_key(d) for d in group], [now, *(blobs[d] for d in group)])
+            for group in self._groups(list(blobs))
+        ]
         if calls:
             with redis_errors(f"storing {len(blobs)} blob(s)"):
                 await run_script(self._client, _PUT, calls)

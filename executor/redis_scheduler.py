@@ -94,8 +94,10 @@ TAKE_SCAN = 200
 KEPT_INPUT_BYTES = 256 << 10
 # Seconds between attempts to store a result while Redis is unavailable.
 FINISH_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
-# Operations are listed (ListOperations) for at most this long after being queued.
+# Operations are listed (ListOperations) for at most this long after being
+# queued (completed ones only while kept), read this many at a time.
 LISTED_SECONDS = 86400.0
+LIST_BATCH = 500
 # Priorities are clamped to this range in the queue's score (arrival fills the rest).
 PRIORITY_LIMIT = 8000
 ARRIVAL_SPAN = 10**12
@@ -392,16 +394,27 @@ class RedisScheduler:
         return _job_of(name, fields, owners)
 
     async def jobs(self) -> list[Job]:
-        """Every operation still kept, from every frontend."""
+        """Every operation still kept, from every frontend (read LIST_BATCH at a
+        time, pipelined; names whose job has expired are dropped from the list)."""
         with redis_errors("listing operations"):
             names = [_text(n) for n in await self._client.zrange(OPS, 0, -1)]
-        found = []
-        for name in names:
-            try:
-                found.append(await self.job(name))
-            except NotFound:
-                with redis_errors("listing operations"):
-                    await self._client.zrem(OPS, name)
+        found, gone = [], []
+        for start in range(0, len(names), LIST_BATCH):
+            batch = names[start : start + LIST_BATCH]
+            with redis_errors("listing operations"):
+                pipe = self._client.pipeline(transaction=False)
+                for name in batch:
+                    pipe.hgetall(job_key(name))
+                    pipe.smembers(owners_key(name))
+                answers = await pipe.execute()
+            for name, fields, owners in zip(batch, answers[::2], answers[1::2], strict=True):
+                if fields:
+                    found.append(_job_of(name, fields, owners))
+                else:
+                    gone.append(name)
+        if gone:
+            with redis_errors("listing operations"):
+                await self._client.zrem(OPS, *gone)
         return found
 
     async def watch(self, job: Job, quiet: float = 0.0) -> AsyncIterator[Job]:

@@ -114,11 +114,12 @@ async def test_redis_lost_while_serving_then_back(tmp_path: Path) -> None:
                 cas = re_grpc.ContentAddressableStorageStub(channel)
                 await RemoteStore(channel).put_many([(digest, b"blob")])
                 assert not (await cas.FindMissingBlobs(request)).missing_blob_digests
+                assert await RemoteStore(channel).get_many([digest]) == {digest: b"blob"}
                 node.kill()
                 await expect_status(
                     cas.FindMissingBlobs(request), grpc.StatusCode.UNAVAILABLE, "Redis unreachable"
                 )
-                # What this frontend stored or read is in its read tier: still served.
+                # What this frontend read is in its read tier: still served.
                 assert await RemoteStore(channel).get_many([digest]) == {digest: b"blob"}
                 redis.restart(node)
                 deadline = time.monotonic() + 30

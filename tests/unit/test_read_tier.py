@@ -35,12 +35,15 @@ async def test_a_read_is_copied_and_later_served_locally(tmp_path: Path) -> None
     local.close()
 
 
-async def test_uploads_are_copied_too(tmp_path: Path) -> None:
+async def test_uploads_go_to_the_shared_store_only(tmp_path: Path) -> None:
     shared, local = MemoryStore(), DiskStore(tmp_path / "tier")
     tier = ReadTier(shared, local)
     digest = SHA256.digest_of(b"header")
     await put_blob(tier, digest, b"header")
-    assert await shared.find_missing([digest]) == [] and await local.find_missing([digest]) == []
+    assert await shared.find_missing([digest]) == []
+    assert await local.find_missing([digest]) == [digest]
+    assert await get_blob(tier, digest) == b"header"
+    assert await local.find_missing([digest]) == [], "copied once read"
     local.close()
 
 
