@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -97,6 +97,10 @@ class Result:
     cpu: dict[str, float]  # component -> CPU seconds per action
     redis_commands: float | None  # per action
     find_missing: tuple[int, int] | None = None  # commands: all absent, all present
+    # What the frontends send Redis (a script counts once; MONITOR's view): per
+    # Execute, and per FindMissingBlobs of 1,000 digests.
+    sent_per_action: float | None = None
+    sent_per_find_missing: int | None = None
 
 
 def progress(message: str) -> None:
@@ -133,6 +137,7 @@ class Measured:
 
     pids: dict[str, list[int]]  # frontends, redis, workers
     redis_client: redis.Redis | None
+    url: str = ""
 
     def snapshot(self) -> tuple[float, dict[str, float], int]:
         cpu = {
@@ -192,8 +197,63 @@ async def find_missing_commands(
     return found[0], found[1]
 
 
+MONITORED_ACTIONS = 50
+
+
+@contextlib.contextmanager
+def monitored(url: str, log: Path) -> Iterator[Callable[[], int]]:
+    """`redis-cli monitor` for the block; yields a function counting the
+    commands clients sent so far (not those a script ran: MONITOR marks them
+    "[0 lua]"), the monitor's own connection aside."""
+    port = url.rsplit(":", 1)[1]
+    with open(log, "wb") as out:
+        monitor = subprocess.Popen(
+            ["redis-cli", "-h", "127.0.0.1", "-p", port, "monitor"], stdout=out
+        )
+    try:
+        time.sleep(0.3)  # its "OK", before anything is counted
+
+        def sent() -> int:
+            lines = log.read_text(errors="replace").splitlines()
+            return sum(1 for line in lines if '"' in line and " lua]" not in line)
+
+        yield sent
+    finally:
+        monitor.terminate()
+        monitor.wait()
+
+
+async def count_sent(
+    channels: Sequence[grpc.aio.Channel], url: str, workdir: Path, salt: str
+) -> tuple[float, int]:
+    """Commands sent to Redis per Execute (MONITORED_ACTIONS of them, one at a
+    time, so background work is a small share) and per FindMissingBlobs of
+    FIND_MISSING_DIGESTS present digests. MONITOR slows Redis: only here."""
+    salts = [f"{salt}-monitored-{n}".encode() for n in range(MONITORED_ACTIONS)]
+    actions = await upload_all(channels, salts, 1)
+    store = RemoteStore(channels[0])
+    blobs = [f"{salt}-monitored-{n}".encode() for n in range(FIND_MISSING_DIGESTS)]
+    digests = [DigestFunction.SHA256.digest_of(blob) for blob in blobs]
+    await store.put_many(list(zip(digests, blobs, strict=True)))
+    with monitored(url, workdir / "monitor.log") as sent:
+        before = sent()
+        await execute_all(channels[:1], actions, 1)
+        await asyncio.sleep(0.3)
+        per_action = (sent() - before) / MONITORED_ACTIONS
+        before = sent()
+        await store.find_missing(digests)
+        await asyncio.sleep(0.3)
+        per_find_missing = sent() - before
+    return per_action, per_find_missing
+
+
 async def drive(
-    config: Config, args: argparse.Namespace, addresses: list[str], measured: Measured, salt: str
+    config: Config,
+    args: argparse.Namespace,
+    addresses: list[str],
+    measured: Measured,
+    salt: str,
+    workdir: Path,
 ) -> Result:
     channels = [
         grpc.aio.insecure_channel(addresses[n % len(addresses)]) for n in range(args.channels)
@@ -215,6 +275,9 @@ async def drive(
         if config is ONE and measured.redis_client is not None:
             result.find_missing = await find_missing_commands(
                 channels[0], measured.redis_client, salt
+            )
+            result.sent_per_action, result.sent_per_find_missing = await count_sent(
+                channels, measured.url, workdir, salt
             )
         return result
     finally:
@@ -265,9 +328,12 @@ def run(
             "redis": [redis_used.pid] if redis_used else [],
             "workers": [worker.process.pid for worker in workers],
         }
-        measured = Measured(pids, redis_used.client if redis_used else None)
+        measured = Measured(
+            pids, redis_used.client if redis_used else None, redis_used.url if redis_used else ""
+        )
         addresses = [frontend.address for frontend in frontends]
-        return asyncio.run(drive(config, args, addresses, measured, f"{os.getpid()}-{workdir}"))
+        salt = f"{os.getpid()}-{workdir}"
+        return asyncio.run(drive(config, args, addresses, measured, salt, workdir))
 
 
 def median(values: Iterable[float | None]) -> float | None:
@@ -346,6 +412,15 @@ def main() -> int:
         f"One FindMissingBlobs of {FIND_MISSING_DIGESTS:,} digests: {absent:.0f} Redis "
         f"commands when all are absent, {present:.0f} when all are present."
     )
+    per_action = median(r.sent_per_action for r in results[ONE])
+    per_find = median(r.sent_per_find_missing for r in results[ONE])
+    if per_action is not None and per_find is not None:
+        print()
+        print(
+            f"Sent to Redis (MONITOR, a script counted once; {MONITORED_ACTIONS} Executes "
+            f"one at a time, one frontend): {per_action:.1f} commands per Execute, "
+            f"{per_find:.0f} per FindMissingBlobs of {FIND_MISSING_DIGESTS:,} digests."
+        )
     return 0
 
 

@@ -2,8 +2,10 @@
 for reads, so the headers every compile reads are not fetched from Redis each
 time (the fast/slow pair of Buildbarn and NativeLink).
 
-The shared store stays the authority: FindMissingBlobs, lifetimes, gc and the
-action cache's completeness check all ask it. The local copy only saves
+A blob is copied on its second read through this frontend: headers are read
+by every compile, most outputs once. The shared store stays the authority:
+FindMissingBlobs, lifetimes, gc and the action cache's completeness check all
+ask it. The local copy only saves
 transfers: it holds verified bytes (every store does), so whatever it serves is
 right, and it may lose anything at any time (its size is kept by the same gc
 as a storage directory's, without a grace period). A failing local disk
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 
+from cas.existence import ExistenceCache
 from cas.store import BlobInfo, BlobStore, BlobWriter
 from reapi.core.digests import Digest
 from reapi.core.errors import NotFound, ReapiError
@@ -24,12 +27,24 @@ log = logging.getLogger(__name__)
 
 # Blobs up to this size read whole from the shared store are copied locally.
 COPY_LIMIT = 64 << 20
+# A blob is copied on its second read from the shared store (one read once, as
+# most outputs are, costs no local write); this many first reads are remembered.
+SEEN_ONCE = 200_000
 
 
 class ReadTier:
     def __init__(self, shared: BlobStore, local: BlobStore) -> None:
         self._shared = shared
         self._local = local
+        self._seen = ExistenceCache(SEEN_ONCE)
+
+    def _worth_copying(self, digest: Digest) -> bool:
+        """True on a blob's second read from the shared store (within SEEN_ONCE)."""
+        if digest in self._seen:
+            self._seen.discard(digest)
+            return True
+        self._seen.add([digest])
+        return False
 
     async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         return await self._shared.find_missing(digests)
@@ -44,7 +59,7 @@ class ReadTier:
         if wanted:
             fetched = await self._shared.get_many(wanted)
             found.update(fetched)
-            await self._copy(list(fetched.items()))
+            await self._copy([(d, data) for d, data in fetched.items() if self._worth_copying(d)])
         return found
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
@@ -56,7 +71,7 @@ class ReadTier:
             pass
         except Exception as error:
             log.warning("local read tier: %s", error)
-        if offset or limit or digest.size > COPY_LIMIT:
+        if offset or limit or digest.size > COPY_LIMIT or not self._worth_copying(digest):
             async for chunk in self._shared.read(digest, offset, limit):
                 yield chunk
             return
