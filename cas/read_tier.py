@@ -30,6 +30,9 @@ COPY_LIMIT = 64 << 20
 # A blob is copied on its second read from the shared store (one read once, as
 # most outputs are, costs no local write); this many first reads are remembered.
 SEEN_ONCE = 200_000
+# The local copy is asked only for blobs copied there (the disk is not searched
+# for what was never put on it); this many are remembered.
+COPIED = 1_000_000
 
 
 class ReadTier:
@@ -37,6 +40,7 @@ class ReadTier:
         self._shared = shared
         self._local = local
         self._seen = ExistenceCache(SEEN_ONCE)
+        self._copied = ExistenceCache(COPIED)  # may name some the local gc removed
 
     def _worth_copying(self, digest: Digest) -> bool:
         """True on a blob's second read from the shared store (within SEEN_ONCE)."""
@@ -51,8 +55,10 @@ class ReadTier:
 
     async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
         found: dict[Digest, bytes] = {}
+        copied = [d for d in digests if d in self._copied]
         try:
-            found = await self._local.get_many(digests)
+            if copied:
+                found = await self._local.get_many(copied)
         except Exception as error:
             log.warning("local read tier: %s", error)
         wanted = [d for d in digests if d not in found]
@@ -64,11 +70,12 @@ class ReadTier:
 
     async def read(self, digest: Digest, offset: int = 0, limit: int = 0) -> AsyncIterator[bytes]:
         try:
-            async for chunk in self._local.read(digest, offset, limit):
-                yield chunk
-            return
+            if digest in self._copied:
+                async for chunk in self._local.read(digest, offset, limit):
+                    yield chunk
+                return
         except NotFound:
-            pass
+            self._copied.discard(digest)  # the local gc removed it
         except Exception as error:
             log.warning("local read tier: %s", error)
         if offset or limit or digest.size > COPY_LIMIT or not self._worth_copying(digest):
@@ -82,8 +89,8 @@ class ReadTier:
             async for chunk in self._shared.read(digest):
                 copying = copying and await _local(writer.write(chunk))
                 yield chunk
-            if copying:
-                await _local(writer.commit())
+            if copying and await _local(writer.commit()):
+                self._copied.add([digest])
         finally:
             await writer.abort()  # after a commit: nothing left to discard
 
@@ -96,6 +103,7 @@ class ReadTier:
         return self._shared.begin_write(digest)
 
     async def delete(self, digest: Digest) -> bool:
+        self._copied.discard(digest)
         try:
             await self._local.delete(digest)
         except Exception as error:
@@ -109,9 +117,11 @@ class ReadTier:
         if not blobs:
             return
         try:
-            await self._local.put_many(blobs)
+            errors = await self._local.put_many(blobs)
         except Exception as error:
             log.warning("local read tier: %s", error)
+            return
+        self._copied.add(d for (d, _), error in zip(blobs, errors, strict=True) if error is None)
 
 
 async def _local(step: Awaitable[None]) -> bool:

@@ -17,7 +17,9 @@ store over the masters.
     up:{ab}:UPLOAD:N                  chunk N of an upload not yet committed (expires)
 
 The size is part of the name, so a digest with the right hash and a wrong size
-names nothing. A blob becomes readable in one step (a script renames its
+names nothing. A blob is stored exactly when its member is in its tag's atime
+set: every script that stores or deletes one changes both, atomically (and a
+failover replicates a script's effects whole), so a lookup asks the set alone. A blob becomes readable in one step (a script renames its
 verified chunks into place), and leaves in one step (a script deletes them all).
 
 Lifetimes follow `cas/gc.py`: a use refreshes the blob's time in `atime` when
@@ -62,10 +64,14 @@ assert len("cas:{ab}:") + 1 == 10 and "cas:{ab}:"[4:8] == "{ab}"
 _BOOKKEEPING = """
 local function atime(key) return 'cas:' .. string.sub(key, 5, 8) .. ':atime' end
 local function total(key) return 'cas:' .. string.sub(key, 5, 8) .. ':bytes' end
+-- 1 if the blob is stored (its member is in its tag's set), its last use
+-- refreshed when older than `stale`; else 0.
 local function used(key, now, stale)
   local member = string.sub(key, 10)
   local last = redis.call('ZSCORE', atime(key), member)
-  if not last or tonumber(last) < stale then redis.call('ZADD', atime(key), now, member) end
+  if not last then return 0 end
+  if tonumber(last) < stale then redis.call('ZADD', atime(key), now, member) end
+  return 1
 end
 """
 
@@ -78,26 +84,8 @@ _TOUCH = (
     + """
 local now, stale = ARGV[1], tonumber(ARGV[2])
 local found = {}
-for i, key in ipairs(KEYS) do
-  found[i] = redis.call('EXISTS', key)
-  if found[i] == 1 then used(key, now, stale) end
-end
+for i, key in ipairs(KEYS) do found[i] = used(key, now, stale) end
 return table.concat(found)
-"""
-)
-
-# The same, answering each blob's first value (false when absent).
-_GET = (
-    "#!lua flags=allow-oom"
-    + _BOOKKEEPING
-    + """
-local now, stale = ARGV[1], tonumber(ARGV[2])
-local values = {}
-for i, key in ipairs(KEYS) do
-  values[i] = redis.call('GET', key)
-  if values[i] then used(key, now, stale) end
-end
-return values
 """
 )
 
@@ -221,8 +209,29 @@ class RedisStore:
         return [d for d in digests if not d.is_empty and d not in present]
 
     async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
+        """The values come by MGET (GETs on a Cluster, whose pipelines refuse
+        MGET; a script would copy each value into Lua and back, twice MGET's
+        time), pipelined with the touch script that records the use."""
+        stored = list(dict.fromkeys(d for d in digests if not d.is_empty))
+        groups = self._groups(stored)
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        for group in groups:
+            keys = [blob_key(d) for d in group]
+            if self._cluster:
+                for key in keys:
+                    pipe.get(key)
+            else:
+                pipe.mget(keys)
+            pipe.eval(_TOUCH, len(keys), *keys, repr(now), repr(now - TOUCH_AFTER))
+        with redis_errors("reading from the CAS"):
+            replies = iter(await pipe.execute() if groups else [])
+        values: list[object] = []
+        for group in groups:
+            values += [next(replies) for _ in group] if self._cluster else next(replies)
+            next(replies)  # the touch script's answer
         found: dict[Digest, bytes] = {d: b"" for d in digests if d.is_empty}
-        for digest, value in await self._lookup(_GET, digests):
+        for digest, value in zip((d for group in groups for d in group), values, strict=True):
             if not isinstance(value, bytes):
                 continue
             if len(value) == digest.size:
