@@ -19,8 +19,12 @@ store over the masters.
 The size is part of the name, so a digest with the right hash and a wrong size
 names nothing. A blob is stored exactly when its member is in its tag's atime
 set: every script that stores or deletes one changes both, atomically (and a
-failover replicates a script's effects whole), so a lookup asks the set alone. A blob becomes readable in one step (a script renames its
-verified chunks into place), and leaves in one step (a script deletes them all).
+failover replicates a script's effects whole), so a lookup asks the set alone.
+A small blob's verified bytes are written first, then recorded by a script
+that checks they are there; a large blob's verified chunks are renamed into
+place by one script; a blob leaves in one step (a script deletes it all). A
+frontend killed between a small blob's two steps leaves its bytes unrecorded:
+never reported present nor counted, and recorded when the blob comes again.
 
 Lifetimes follow `cas/gc.py`: a use refreshes the blob's time in `atime` when
 it is older than TOUCH_AFTER, and `collect` deletes only blobs unused for the
@@ -56,53 +60,56 @@ UPLOAD_TTL = 3600
 # lookups then write nothing (the same rule as the disk store's).
 TOUCH_AFTER = 3600.0
 TAGS = [f"{n:02x}" for n in range(256)]
-# Scripts take a blob's atime member from its key (what follows "cas:{ab}:",
-# from the 10th character on) and find its tag's bookkeeping keys from the tag
-# in it (characters 5 to 8): only the blobs' keys are sent. Those keys share the
-# blob's slot, which is what a Cluster requires of the keys a script touches.
-assert len("cas:{ab}:") + 1 == 10 and "cas:{ab}:"[4:8] == "{ab}"
-_BOOKKEEPING = """
-local function atime(key) return 'cas:' .. string.sub(key, 5, 8) .. ':atime' end
-local function total(key) return 'cas:' .. string.sub(key, 5, 8) .. ':bytes' end
--- 1 if the blob is stored (its member is in its tag's set), its last use
--- refreshed when older than `stale`; else 0.
-local function used(key, now, stale)
-  local member = string.sub(key, 10)
-  local last = redis.call('ZSCORE', atime(key), member)
-  if not last then return 0 end
-  if tonumber(last) < stale then redis.call('ZADD', atime(key), now, member) end
-  return 1
-end
-"""
+# Scripts given a blob's key take its member from the 10th character on (after
+# "cas:{ab}:"). Scripts given members (many blobs in one argument) build the
+# keys from the tag in them, characters 8-9 (after "sha256:" or "blake3:"): on
+# a Cluster all of one call share a tag, so a slot, whose key routes the call.
+assert len("cas:{ab}:") + 1 == 10
 
-# KEYS: blobs; ARGV: now, refresh-if-older-than. Returns a string with a '1'
-# (present) or '0' per blob: one reply to parse, not one per blob.
+# KEYS: none, or on a Cluster one key of the group's tag (it routes the call to
+# that slot); ARGV: now, refresh-if-older-than, the blobs' members joined by
+# newlines (one argument: packing a thousand costs the client next to nothing).
+# Returns a string with a '1' (present) or '0' per blob: one reply to parse.
 # allow-oom: lookups go on while Redis is full.
-_TOUCH = (
-    "#!lua flags=allow-oom"
-    + _BOOKKEEPING
-    + """
+_TOUCH = """#!lua flags=allow-oom
 local now, stale = ARGV[1], tonumber(ARGV[2])
 local found = {}
-for i, key in ipairs(KEYS) do found[i] = used(key, now, stale) end
+for member in string.gmatch(ARGV[3], '[^\\n]+') do
+  local atime = 'cas:{' .. string.sub(member, 8, 9) .. '}:atime'
+  local last = redis.call('ZSCORE', atime, member)
+  if not last then
+    found[#found + 1] = 0
+  else
+    if tonumber(last) < stale then redis.call('ZADD', atime, now, member) end
+    found[#found + 1] = 1
+  end
+end
 return table.concat(found)
 """
-)
 
-# KEYS: blobs; ARGV: now, then each blob's data.
-_PUT = (
-    "#!lua"
-    + _BOOKKEEPING
-    + """
+# Small blobs are stored in two steps of one pipeline: their verified bytes by
+# MSET (SETs on a Cluster; a script would copy every value into Lua and out
+# again), then this script records them. KEYS: as _TOUCH's; ARGV: now, the
+# members joined by newlines. A blob whose bytes are there gets its member (and
+# its size counted, if new); one whose bytes a gc deleted in between is
+# answered back, to be stored again. Returns those members, newline-joined.
+_RECORD = """#!lua
 local now = ARGV[1]
-for i, key in ipairs(KEYS) do
-  local data = ARGV[i + 1]
-  if redis.call('SET', key, data, 'NX') then redis.call('INCRBY', total(key), #data) end
-  redis.call('ZADD', atime(key), now, string.sub(key, 10))
+local lost = {}
+for member in string.gmatch(ARGV[2], '[^\\n]+') do
+  local tag = string.sub(member, 8, 9)
+  local atime = 'cas:{' .. tag .. '}:atime'
+  if redis.call('EXISTS', 'cas:{' .. tag .. '}:' .. member) == 0 then
+    lost[#lost + 1] = member
+  elseif redis.call('ZADD', atime, now, member) == 1 then
+    local size = tonumber(string.match(member, ':(%d+)$'))
+    redis.call('INCRBY', 'cas:{' .. tag .. '}:bytes', size)
+  end
 end
-return 1
+return table.concat(lost, '\\n')
 """
-)
+# Storing a batch gives up after this many rounds of blobs deleted under it.
+RECORD_ROUNDS = 3
 
 # KEYS: blob, atime, bytes, upload chunks 0..n-1, final chunks 1..n-1; ARGV: now, size, n.
 # Returns 0 when an upload chunk has expired.
@@ -132,11 +139,11 @@ _DELETE = """#!lua flags=allow-oom
 local member = string.sub(KEYS[1], 10)
 local last = redis.call('ZSCORE', KEYS[2], member)
 if last and tonumber(last) >= tonumber(ARGV[2]) then return 0 end
-local existed = redis.call('DEL', KEYS[1])
 for i = 4, #KEYS do redis.call('DEL', KEYS[i]) end
-redis.call('ZREM', KEYS[2], member)
-if existed == 1 then redis.call('DECRBY', KEYS[3], ARGV[1]) end
-return existed
+redis.call('DEL', KEYS[1])
+local counted = redis.call('ZREM', KEYS[2], member)
+if counted == 1 then redis.call('DECRBY', KEYS[3], ARGV[1]) end
+return counted
 """
 
 
@@ -146,6 +153,18 @@ def _tag(digest: Digest) -> str:
 
 def blob_key(digest: Digest) -> str:
     return f"cas:{_tag(digest)}:{digest.function.path_name}:{digest.hash}:{digest.size}"
+
+
+def member(digest: Digest) -> str:
+    """The blob in its tag's atime set: FUNCTION:HASH:SIZE."""
+    return f"{digest.function.path_name}:{digest.hash}:{digest.size}"
+
+
+assert all(len(function.path_name) == 6 for function in DigestFunction)
+
+
+def _lines(reply: object) -> list[bytes]:
+    return reply.split(b"\n") if isinstance(reply, bytes) and reply else []
 
 
 def chunk_count(size: int) -> int:
@@ -189,23 +208,22 @@ class RedisStore:
             by_tag.setdefault(digest.hash[:2], []).append(digest)
         return list(by_tag.values())
 
-    async def _lookup(self, script: str, digests: Sequence[Digest]) -> list[tuple[Digest, object]]:
-        """Run the touch or get script over `digests` (the empty ones left out):
-        (digest, its answer) for each, in order."""
+    def _touch_call(self, group: Sequence[Digest], now: float) -> tuple[list[str], list[Arg]]:
+        """The keys and arguments of the touch script for one group."""
+        keys = [atime_key(group[0].hash[:2])] if self._cluster else []
+        return keys, [repr(now), repr(now - TOUCH_AFTER), "\n".join(map(member, group))]
+
+    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
         stored = list(dict.fromkeys(d for d in digests if not d.is_empty))
         groups = self._groups(stored)
         now = time.time()
-        args: list[Arg] = [repr(now), repr(now - TOUCH_AFTER)]
-        calls = [([blob_key(d) for d in group], args) for group in groups]
+        calls = [self._touch_call(group, now) for group in groups]
         with redis_errors("a lookup in the CAS"):
-            results = await run_script(self._client, script, calls)
-        answers: list[tuple[Digest, object]] = []
-        for group, result in zip(groups, results, strict=True):
-            answers.extend(zip(group, result, strict=True))  # type: ignore[call-overload]
-        return answers
-
-    async def find_missing(self, digests: Sequence[Digest]) -> list[Digest]:
-        present = {d for d, flag in await self._lookup(_TOUCH, digests) if flag == ord("1")}
+            answers = await run_script(self._client, _TOUCH, calls)
+        present: set[Digest] = set()
+        for group, flags in zip(groups, answers, strict=True):
+            assert isinstance(flags, bytes)  # one '0' or '1' a blob
+            present.update(d for d, flag in zip(group, flags, strict=True) if flag == ord("1"))
         return [d for d in digests if not d.is_empty and d not in present]
 
     async def get_many(self, digests: Sequence[Digest]) -> dict[Digest, bytes]:
@@ -223,7 +241,8 @@ class RedisStore:
                     pipe.get(key)
             else:
                 pipe.mget(keys)
-            pipe.eval(_TOUCH, len(keys), *keys, repr(now), repr(now - TOUCH_AFTER))
+            touch_keys, touch_args = self._touch_call(group, now)
+            pipe.eval(_TOUCH, len(touch_keys), *touch_keys, *touch_args)
         with redis_errors("reading from the CAS"):
             replies = iter(await pipe.execute() if groups else [])
         values: list[object] = []
@@ -287,14 +306,33 @@ class RedisStore:
         return errors
 
     async def _put_small(self, blobs: dict[Digest, bytes]) -> None:
-        now = repr(time.time())
-        calls: list[tuple[list[str], list[Arg]]] = [
-            ([blob_key(d) for d in group], [now, *(blobs[d] for d in group)])
-            for group in self._groups(list(blobs))
-        ]
-        if calls:
-            with redis_errors(f"storing {len(blobs)} blob(s)"):
-                await run_script(self._client, _PUT, calls)
+        """Store verified small blobs: their bytes, then their records (see
+        _RECORD); again for any a gc deleted in between."""
+        pending = list(blobs)
+        for _ in range(RECORD_ROUNDS):
+            if not pending:
+                return
+            groups = self._groups(pending)
+            pipe = self._client.pipeline(transaction=False)
+            for group in groups:
+                values = {blob_key(d): blobs[d] for d in group}
+                if self._cluster:
+                    for key, value in values.items():
+                        pipe.set(key, value)
+                else:
+                    pipe.mset(values)
+                keys = [atime_key(group[0].hash[:2])] if self._cluster else []
+                members = "\n".join(map(member, group))
+                pipe.eval(_RECORD, len(keys), *keys, repr(time.time()), members)
+            with redis_errors(f"storing {len(pending)} blob(s)"):
+                replies = iter(await pipe.execute())
+            lost: set[str] = set()
+            for group in groups:
+                for _ in range(len(group) if self._cluster else 1):
+                    next(replies)  # the bytes' OK
+                lost.update(m.decode() for m in _lines(next(replies)))
+            pending = [d for d in pending if member(d) in lost]
+        raise Unavailable(f"blobs were deleted as fast as they were stored, e.g. {pending[0]}")
 
     def begin_write(self, digest: Digest) -> RedisWriter:
         return RedisWriter(self, digest)

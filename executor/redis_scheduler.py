@@ -301,7 +301,10 @@ class RedisScheduler:
 
     async def start(self) -> None:
         """Start listening for changes and keeping leases: call once, on the serving loop."""
-        await self._keep()
+        try:
+            await self._keep()  # the workers other frontends have, before the first call
+        except ReapiError as error:
+            log.warning("scheduler: %s", error.message)
         self._tasks = [
             asyncio.create_task(self._listen(), name="scheduler-listen"),
             asyncio.create_task(self._keep_forever(), name="scheduler-keep"),

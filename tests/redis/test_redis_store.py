@@ -15,7 +15,7 @@ import redis
 import redis.crc
 
 from cas.redis_conn import RedisConfigError, RedisTarget, connect, redacted
-from cas.redis_store import CHUNK, RedisStore, blob_key, chunk_keys
+from cas.redis_store import _RECORD, CHUNK, RedisStore, atime_key, blob_key, chunk_keys, member
 from cas.store import get_blob, put_blob
 from reapi.core.digests import DigestFunction
 from reapi.core.errors import ResourceExhausted, Unavailable
@@ -196,3 +196,23 @@ async def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait()
+
+
+async def test_a_blob_recorded_only_if_its_bytes_are_there(
+    store: RedisStore, redis_flushed: RedisDeployment
+) -> None:
+    """Small blobs are stored as bytes, then recorded (cas/redis_store.py
+    _RECORD): a blob whose bytes a gc deleted in between is answered back, not
+    recorded (a member always has its bytes); a second record counts no size."""
+    digest = SHA256.digest_of(b"raced")
+    name = member(digest)
+    routing = [atime_key(digest.hash[:2])] if redis_flushed.cluster else []
+    client = store._client
+    lost = await client.eval(_RECORD, len(routing), *routing, "1.0", name)
+    assert lost == name.encode(), "no bytes: not recorded"
+    assert await store.find_missing([digest]) == [digest]
+    await client.set(blob_key(digest), b"raced")
+    for _ in range(2):
+        assert await client.eval(_RECORD, len(routing), *routing, "2.0", name) == b""
+    assert await store.find_missing([digest]) == []
+    assert await store.total_size() == len(b"raced")
