@@ -95,19 +95,22 @@ return table.concat(found)
 # answered back, to be stored again. Returns those members, newline-joined.
 _RECORD = """#!lua
 local now = ARGV[1]
-local lost = {}
+local lost, added = {}, {}
 for member in string.gmatch(ARGV[2], '[^\\n]+') do
   local tag = string.sub(member, 8, 9)
-  local atime = 'cas:{' .. tag .. '}:atime'
-  if redis.call('EXISTS', 'cas:{' .. tag .. '}:' .. member) == 0 then
+  local prefix = 'cas:{' .. tag .. '}:'
+  if redis.call('EXISTS', prefix .. member) == 0 then
     lost[#lost + 1] = member
-  elseif redis.call('ZADD', atime, now, member) == 1 then
-    local size = tonumber(string.match(member, ':(%d+)$'))
-    redis.call('INCRBY', 'cas:{' .. tag .. '}:bytes', size)
+  elseif redis.call('ZADD', prefix .. 'atime', now, member) == 1 then
+    added[tag] = (added[tag] or 0) + tonumber(string.sub(member, 73))
   end
 end
+for tag, size in pairs(added) do redis.call('INCRBY', 'cas:{' .. tag .. '}:bytes', size) end
 return table.concat(lost, '\\n')
 """
+# A member's size starts at its 73rd character: FUNCTION (6) : HASH (64) :
+assert all(len(f"{function.path_name}:{'0' * 64}:") == 72 for function in DigestFunction)
+assert all(len(function.hex_of(b"")) == 64 for function in DigestFunction)
 # Storing a batch gives up after this many rounds of blobs deleted under it.
 RECORD_ROUNDS = 3
 
