@@ -149,12 +149,34 @@ async def open_backends(config: ServerConfig) -> Backends:
     store: BlobStore = RedisStore(client)
     read_tier = None
     if config.read_tier > 0:
-        home = reapi_home()
-        home.mkdir(parents=True, exist_ok=True)
-        read_tier = Path(tempfile.mkdtemp(prefix="read-tier-", dir=home))
+        read_tier = _fresh_read_tier(reapi_home())
         store = ReadTier(store, DiskStore(read_tier))
     results = RedisActionResultStore(client)
     return Backends(store, results, scheduler, client, read_tier)
+
+
+def _fresh_read_tier(home: Path) -> Path:
+    """A read tier directory of this process's own, HOME/read-tier-PID; those of
+    frontends that died without removing theirs (kill -9) are removed first."""
+    home.mkdir(parents=True, exist_ok=True)
+    for old in home.glob("read-tier-*"):
+        pid = old.name.removeprefix("read-tier-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    directory = home / f"read-tier-{os.getpid()}"
+    shutil.rmtree(directory, ignore_errors=True)  # a dead process's, with our pid
+    directory.mkdir()
+    return directory
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class Server:

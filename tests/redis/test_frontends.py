@@ -208,7 +208,7 @@ async def test_one_queue_and_operations_seen_from_every_frontend(
 
 
 async def test_a_frontend_killed_mid_action_costs_only_a_retry(
-    tmp_path: Path, two_frontends: list[ServerProcess]
+    tmp_path: Path, two_frontends: list[ServerProcess], redis_flushed: RedisDeployment
 ) -> None:
     """The worker is on a, the client's Execute stream on a. kill -9 a: the
     worker moves to b, the lease expires and b queues the action again; the
@@ -240,6 +240,14 @@ async def test_a_frontend_killed_mid_action_costs_only_a_retry(
         waited[-1].response.Unpack(response)
         assert response.status.code == 0 and response.result.exit_code == 0
         assert worker.log().count("running ") == 2, "ran again after the lease expired"
+        # The killed frontend's read tier is left behind; the next frontend to
+        # start with that REAPI_HOME removes it.
+        left = tmp_path / "home" / f"read-tier-{a.process.pid}"
+        assert left.is_dir()
+        c = ServerProcess(tmp_path / "c", redis=redis_flushed.urls)
+        assert not left.exists() and (tmp_path / "home" / f"read-tier-{c.process.pid}").is_dir()
+        assert c.stop() == 0
+        assert not (tmp_path / "home" / f"read-tier-{c.process.pid}").exists()
     finally:
         worker.stop()
 
