@@ -19,9 +19,10 @@ import pytest
 from cas.gc import GRACE
 from cas.redis_conn import RedisTarget, connect
 from cas.redis_lifecycle import GC_LOCK, GcRunning, collect_redis
-from cas.redis_store import CHUNK, RedisStore, atime_key, blob_key
+from cas.redis_store import CHUNK, RedisActionResultStore, RedisStore, atime_key, blob_key
 from cas.store import put_blob
 from reapi.core.digests import Digest, DigestFunction
+from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.helpers import ServerProcess
 from tests.integration.test_cas_lifecycle import upload
 from tests.integration.test_server_process import one_line_error, run_reapi
@@ -115,19 +116,42 @@ async def test_stats_and_verify_find_and_repair(redis_flushed: RedisDeployment) 
     good, bad = os.urandom(3000), os.urandom(2 * 1024 * 1024 + 1)
     digests = [SHA256.digest_of(good), SHA256.digest_of(bad)]
     await store.put_many([(digests[0], good), (digests[1], bad)])
+    results = RedisActionResultStore(client)
+    # Two action results: one names only the good blob, one names the bad one too;
+    # and one that is not a protobuf at all.
+    actions = [SHA256.digest_of(name) for name in (b"good", b"bad", b"garbage")]
+    for action, outputs in zip(actions[:2], ([digests[0]], digests), strict=True):
+        result = re_pb2.ActionResult(
+            output_files=[
+                re_pb2.OutputFile(path=f"out{n}", digest=d.to_proto())
+                for n, d in enumerate(outputs)
+            ]
+        )
+        await results.put(action, result.SerializeToString(), "team-a")
+    await results.put(actions[2], b"\xff not a protobuf")
     found = cas_json(redis_flushed)
     assert (found["blobs"], found["bytes"]) == (2, len(good) + len(bad))
-    assert run_reapi("cas", "verify", *redis_args(redis_flushed)).returncode == 0
+    assert found["action_results_by_instance"] == {"team-a": 2, "": 1}
+    assert run_reapi("cas", "verify", *redis_args(redis_flushed)).returncode == 1
     with redis_flushed.client() as sync:  # a flipped byte in the second chunk of `bad`
         flipped = bytes([bad[CHUNK + 5] ^ 0xFF])
         sync.setrange(blob_key(digests[1]) + ":1", 5, flipped)
     await client.aclose()
     checked = run_reapi("cas", "verify", *redis_args(redis_flushed))
-    assert checked.returncode == 1 and "1 corrupt" in checked.stdout, checked.stdout
+    assert checked.returncode == 1 and "1 corrupt, 1 unreadable and 1 incomplete" in (
+        checked.stdout
+    ), checked.stdout
     assert digests[1].hash in checked.stdout
     repaired = run_reapi("cas", "verify", *redis_args(redis_flushed), "--repair")
-    assert repaired.returncode == 0 and "removed 1 blobs" in repaired.stdout, repaired.stdout
+    assert repaired.returncode == 0, repaired.stdout
+    assert "removed 1 blobs and 2 action results" in repaired.stdout, repaired.stdout
     assert cas_json(redis_flushed)["blobs"] == 1
+    client = await connect(RedisTarget(tuple(redis_flushed.urls)))
+    results = RedisActionResultStore(client)
+    assert await results.get(actions[0], "team-a") is not None, "the good one stays"
+    assert await results.get(actions[1], "team-a") is None
+    assert await results.get(actions[2]) is None
+    await client.aclose()
 
 
 @pytest.mark.slow
