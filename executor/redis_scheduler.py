@@ -98,6 +98,13 @@ FINISH_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
 # queued (completed ones only while kept), read this many at a time.
 LISTED_SECONDS = 86400.0
 LIST_BATCH = 500
+# ListOperations sees at most this many operations, the newest, and not the
+# payload their leases carry (a job's action, command and input directories).
+LISTED = 10_000
+LISTED_FIELDS = [
+    "action", "instance", "req", "cacheable", "priority", "stage", "attempts",
+    "queued_at", "completed_at", "worker", "lease", "response",
+]  # fmt: skip
 # Priorities are clamped to this range in the queue's score (arrival fills the rest).
 PRIORITY_LIMIT = 8000
 ARRIVAL_SPAN = 10**12
@@ -397,20 +404,27 @@ class RedisScheduler:
         return _job_of(name, fields, owners)
 
     async def jobs(self) -> list[Job]:
-        """Every operation still kept, from every frontend (read LIST_BATCH at a
-        time, pipelined; names whose job has expired are dropped from the list)."""
+        """The LISTED newest operations still kept, from every frontend (read
+        LIST_BATCH at a time, pipelined, without their leases' payload; names
+        whose job has expired are dropped from the list): memory stays bounded
+        however busy the service is."""
         with redis_errors("listing operations"):
-            names = [_text(n) for n in await self._client.zrange(OPS, 0, -1)]
+            names = [_text(n) for n in await self._client.zrevrange(OPS, 0, LISTED - 1)]
         found, gone = [], []
         for start in range(0, len(names), LIST_BATCH):
             batch = names[start : start + LIST_BATCH]
             with redis_errors("listing operations"):
                 pipe = self._client.pipeline(transaction=False)
                 for name in batch:
-                    pipe.hgetall(job_key(name))
+                    pipe.hmget(job_key(name), LISTED_FIELDS)
                     pipe.smembers(owners_key(name))
                 answers = await pipe.execute()
-            for name, fields, owners in zip(batch, answers[::2], answers[1::2], strict=True):
+            for name, values, owners in zip(batch, answers[::2], answers[1::2], strict=True):
+                fields = {
+                    f.encode(): v
+                    for f, v in zip(LISTED_FIELDS, values, strict=True)
+                    if v is not None
+                }
                 if fields:
                     found.append(_job_of(name, fields, owners))
                 else:

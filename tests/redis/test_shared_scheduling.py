@@ -128,3 +128,14 @@ async def test_what_workers_anywhere_offer_is_known_everywhere(
     command = re_pb2.Command(arguments=["x"])
     await a.submit(digest, re_pb2.Action(), command, "", frozenset({("gpu", "yes")}))
     assert a.provided() == ("/opt/cuda", "/usr")
+
+
+async def test_listing_is_bounded_to_the_newest(
+    frontends: list[RedisScheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = frontends
+    monkeypatch.setattr(redis_scheduler, "LISTED", 2)
+    names = [(await submit(s, f"job {n}")).name for n, s in enumerate((a, b, a))]
+    listed = await b.jobs()
+    assert {job.name for job in listed} == set(names[1:])
+    assert all(job.action.ByteSize() == 0 for job in listed), "no lease payload read"
