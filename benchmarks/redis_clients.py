@@ -46,7 +46,6 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.processes import log_tail, supervised
+from tests.redis_servers import RedisStartError, free_ports, wait_until
 
 HOST = "127.0.0.1"
 KIB = 1024
@@ -96,27 +96,6 @@ def load(module: str) -> Any:
 # --------------------------------------------------------------------------- servers
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_ports(count: int) -> list[int]:
-    """Free loopback ports whose cluster bus ports (port + 10000) are free too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind((HOST, 0))
-            port: int = sock.getsockname()[1]
-        if port < 55000 and port not in ports and port_is_free(port + 10000):
-            ports.append(port)
-    return ports
-
-
 def server_argv(port: int, directory: Path, cluster: bool) -> list[str]:
     argv = ["redis-server", "--port", str(port), "--bind", HOST, "--dir", str(directory)]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
@@ -152,19 +131,6 @@ class Admin:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
-
-
-def wait_until(what: str, ready: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if ready():
-                return
-        except OSError:
-            pass  # redis-py's ConnectionError is an OSError: not listening yet
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not ready within {timeout:.0f}s")
-        time.sleep(0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -883,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             topologies, results, errors, moved = asyncio.run(main_task())
-        except BenchError as e:
+        except (BenchError, RedisStartError) as e:
             log(f"error: {e}")
             return 1
         except (KeyboardInterrupt, asyncio.CancelledError):

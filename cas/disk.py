@@ -93,7 +93,7 @@ class DiskStore:
         """Remove uploads left by processes that no longer run."""
         for entry in os.scandir(self._tmp):
             pid_text = entry.name.split("-", 1)[0]
-            if pid_text.isdigit() and _alive(int(pid_text)):
+            if pid_text.isdigit() and process_alive(int(pid_text)):
                 continue
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -380,7 +380,8 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -70,6 +70,5 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisDep
 def redis_flushed(request: pytest.FixtureRequest) -> RedisDeployment:
     """Each shared Redis deployment in turn, emptied."""
     deployment: RedisDeployment = request.getfixturevalue(f"redis_{request.param}")
-    deployment.wait_healthy()
-    deployment.flush()
+    deployment.emptied()
     return deployment

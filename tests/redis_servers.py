@@ -17,11 +17,18 @@ from pathlib import Path
 
 import redis
 
+from cas.redis_conn import Client, RedisTarget, connect
+
 HOST = "127.0.0.1"
 
 
 class RedisStartError(Exception):
     """Redis could not be started."""
+
+
+async def client_of(deployment: RedisDeployment) -> Client:
+    """Our own client (cas/redis_conn.py) of the deployment's live nodes."""
+    return await connect(RedisTarget(tuple(deployment.urls)))
 
 
 def _port_is_free(port: int) -> bool:
@@ -176,6 +183,12 @@ class RedisDeployment:
         self.nodes[self.nodes.index(node)] = start_node(
             self.workdir, node.port, self.cluster, self.extra
         )
+
+    def emptied(self) -> RedisDeployment:
+        """This deployment, once healthy, with every key removed."""
+        self.wait_healthy()
+        self.flush()
+        return self
 
     def wait_healthy(self, timeout: float = 60) -> None:
         if self.cluster:

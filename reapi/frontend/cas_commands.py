@@ -122,15 +122,10 @@ def run(args: argparse.Namespace) -> int:
                 if_above=gc.if_above,
                 progress=_progress(_gc_progress),
             )
-            print(_gc_outcome(report, gc))
-            return 0
+            return _shown(args, gc, report)
         if args.cas_command == "stats":
-            found = stats(storage)
-            print(json.dumps(found, indent=1) if args.json else _stats_text(found))
-            return 0
-        checked = verify(storage, args.repair, _progress(_verify_progress))
-        print(_verify_summary(checked, args.repair))
-        return 1 if checked.problems and not args.repair else 0
+            return _shown(args, gc, stats(storage))
+        return _shown(args, gc, verify(storage, args.repair, _progress(_verify_progress)))
     except sqlite3.Error as error:
         raise StorageError(f"storage {root}: {error}") from None
     finally:
@@ -153,21 +148,34 @@ async def _run_on_redis(args: argparse.Namespace, target: RedisTarget, gc: GcOpt
                 if_above=gc.if_above,
                 progress=_progress(_gc_progress),
             )
-            print(_gc_outcome(report, gc))
-            return 0
+            return _shown(args, gc, report)
         if args.cas_command == "stats":
-            found = await stats_redis(client, f"Redis {target}")
-            print(json.dumps(found, indent=1) if args.json else _stats_text(found))
-            return 0
+            return _shown(args, gc, await stats_redis(client, f"Redis {target}"))
         checked = await verify_redis(client, args.repair, _progress(_verify_progress))
-        print(_verify_summary(checked, args.repair))
-        return 1 if checked.problems and not args.repair else 0
+        return _shown(args, gc, checked)
     except GcRunning as error:
         raise StorageError(str(error)) from None
     except ReapiError as error:  # Redis lost or full meanwhile
         raise StorageError(f"Redis {target}: {error.message}") from None
     finally:
         await client.aclose()
+
+
+def _shown(
+    args: argparse.Namespace,
+    gc: GcOptions | None,
+    outcome: GcReport | VerifyReport | dict[str, Any],
+) -> int:
+    """Print what a command found, whichever store it ran on; its exit status."""
+    if isinstance(outcome, GcReport):
+        assert gc is not None
+        print(_gc_outcome(outcome, gc))
+        return 0
+    if isinstance(outcome, VerifyReport):
+        print(_verify_summary(outcome, args.repair))
+        return 1 if outcome.problems and not args.repair else 0
+    print(json.dumps(outcome, indent=1) if args.json else _stats_text(outcome))
+    return 0
 
 
 def _gc_outcome(report: GcReport, gc: GcOptions) -> str:

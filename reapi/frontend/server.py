@@ -21,7 +21,7 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cas.action_cache import ActionCache, ActionResultStore, DiskActionResultStore
-from cas.disk import DiskStore
+from cas.disk import DiskStore, process_alive
 from cas.gc import GRACE, HIGH_WATERMARK, LOW_WATERMARK, human
 from cas.read_tier import ReadTier
 from cas.redis_conn import Client, RedisConfigError, RedisTarget, check_no_eviction, connect
@@ -161,22 +161,12 @@ def _fresh_read_tier(home: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     for old in home.glob("read-tier-*"):
         pid = old.name.removeprefix("read-tier-")
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     directory = home / f"read-tier-{os.getpid()}"
     shutil.rmtree(directory, ignore_errors=True)  # a dead process's, with our pid
     directory.mkdir()
     return directory
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 class Server:

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 from cas.action_cache import ActionResultStore, DiskActionResultStore, MemoryActionResultStore
-from cas.redis_conn import RedisTarget, connect
 from cas.redis_store import RedisActionResultStore
 from reapi.core.digests import Digest, DigestFunction
-from tests.redis_servers import RedisDeployment
+from tests.redis_servers import RedisDeployment, client_of
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 
@@ -28,9 +27,8 @@ async def results(
         yield DiskActionResultStore(tmp_path)
     else:
         deployment: RedisDeployment = request.getfixturevalue(request.param.replace("-", "_"))
-        deployment.wait_healthy()
-        deployment.flush()
-        client = await connect(RedisTarget(tuple(deployment.urls)))
+        deployment.emptied()
+        client = await client_of(deployment)
         yield RedisActionResultStore(client)
         await client.aclose()
 

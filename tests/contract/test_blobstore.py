@@ -13,13 +13,12 @@ from cas.disk import DiskStore
 from cas.existence import ExistenceCache, ExistenceCachingStore
 from cas.memory import MemoryStore
 from cas.read_tier import ReadTier
-from cas.redis_conn import RedisTarget, connect
 from cas.redis_store import RedisStore
 from cas.small_blobs import SMALL_BLOB
 from cas.store import BlobStore, get_blob, put_blob
 from reapi.core.digests import Digest, DigestFunction
 from reapi.core.errors import InvalidArgument, NotFound, OutOfRange
-from tests.redis_servers import RedisDeployment
+from tests.redis_servers import RedisDeployment, client_of
 
 SHA256, BLAKE3 = DigestFunction.SHA256, DigestFunction.BLAKE3
 
@@ -41,9 +40,8 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield STORES[request.param](tmp_path)
         return
     deployment: RedisDeployment = request.getfixturevalue(request.param.replace("-", "_"))
-    deployment.wait_healthy()
-    deployment.flush()
-    client = await connect(RedisTarget(tuple(deployment.urls)))
+    deployment.emptied()
+    client = await client_of(deployment)
     yield RedisStore(client)
     await client.aclose()
 

@@ -38,8 +38,7 @@ async def scheduler(request: pytest.FixtureRequest) -> AsyncIterator[Scheduling]
         await memory.shutdown()
         return
     deployment: RedisDeployment = request.getfixturevalue(request.param.replace("-", "_"))
-    deployment.wait_healthy()
-    deployment.flush()
+    deployment.emptied()
     target = RedisTarget(tuple(deployment.urls))
     client = await connect(target)
     shared = RedisScheduler(client, target)

@@ -28,7 +28,14 @@ from reapi.protos import remote_execution_pb2 as re_pb2
 from reapi.protos import remote_execution_pb2_grpc as re_grpc
 from tests.helpers import REPO, ServerProcess
 from tests.integration.test_server_process import one_line_error, run_reapi
-from tests.shim.test_real_projects import debian_source, objects, run, stats
+from tests.shim.test_real_projects import (
+    debian_source,
+    objects,
+    run,
+    shim_env_for,
+    stats,
+    stop_agents,
+)
 
 OLD = 2 * GRACE
 
@@ -223,11 +230,9 @@ def test_a_make_build_through_the_shim_while_gc_runs(tmp_path: Path) -> None:
 
     store = tmp_path / "store"
     server = ServerProcess(store, workers=2)
-    shim = f"{shutil.which('reapi-cc')} gcc"
 
     def shim_env(home: str) -> dict[str, str]:
-        return dict(os.environ, REAPI_SERVER=f"grpc://{server.address}",
-                    REAPI_HOME=str(tmp_path / home), CC=shim)  # fmt: skip
+        return shim_env_for(server.address, tmp_path / home)
 
     yesterday = shutil.copytree(source, tmp_path / "yesterday")
     try:
@@ -268,7 +273,4 @@ def test_a_make_build_through_the_shim_while_gc_runs(tmp_path: Path) -> None:
         assert found["remote_executions"] >= 1 and found["cache_hits"] >= len(expected) - 1, found
     finally:
         server.stop()
-        for home in ("home1", "home2"):
-            pid_file = tmp_path / home / "shim" / "agent.pid"
-            if pid_file.exists():
-                subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+        stop_agents(tmp_path / "home1", tmp_path / "home2")

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from cas.gc import GRACE
-from cas.redis_conn import RedisTarget, connect
 from cas.redis_lifecycle import GC_LOCK, GcRunning, collect_redis
 from cas.redis_store import CHUNK, RedisActionResultStore, RedisStore, atime_key, blob_key
 from cas.store import put_blob
@@ -26,8 +25,15 @@ from reapi.protos import remote_execution_pb2 as re_pb2
 from tests.helpers import ServerProcess
 from tests.integration.test_cas_lifecycle import upload
 from tests.integration.test_server_process import one_line_error, run_reapi
-from tests.redis_servers import RedisDeployment
-from tests.shim.test_real_projects import debian_source, objects, run, stats
+from tests.redis_servers import RedisDeployment, client_of
+from tests.shim.test_real_projects import (
+    debian_source,
+    objects,
+    run,
+    shim_env_for,
+    stats,
+    stop_agents,
+)
 
 SHA256 = DigestFunction.SHA256
 KIB = 1024
@@ -68,7 +74,7 @@ def redis_args(deployment: RedisDeployment) -> list[str]:
 async def test_gc_evicts_least_recently_used_outside_the_grace_period(
     redis_flushed: RedisDeployment,
 ) -> None:
-    client = await connect(RedisTarget(tuple(redis_flushed.urls)))
+    client = await client_of(redis_flushed)
     store = RedisStore(client)
     blobs = [os.urandom(10 * KIB) for _ in range(30)]
     digests = [SHA256.digest_of(b) for b in blobs]
@@ -96,7 +102,7 @@ async def test_gc_evicts_least_recently_used_outside_the_grace_period(
 
 
 async def test_one_gc_at_a_time(redis_flushed: RedisDeployment) -> None:
-    client = await connect(RedisTarget(tuple(redis_flushed.urls)))
+    client = await client_of(redis_flushed)
     await put_blob(RedisStore(client), SHA256.digest_of(b"x"), b"x")
     await client.set(GC_LOCK, "someone else", ex=60)
     with pytest.raises(GcRunning):
@@ -111,7 +117,7 @@ async def test_one_gc_at_a_time(redis_flushed: RedisDeployment) -> None:
 
 
 async def test_stats_and_verify_find_and_repair(redis_flushed: RedisDeployment) -> None:
-    client = await connect(RedisTarget(tuple(redis_flushed.urls)))
+    client = await client_of(redis_flushed)
     store = RedisStore(client)
     good, bad = os.urandom(3000), os.urandom(2 * 1024 * 1024 + 1)
     digests = [SHA256.digest_of(good), SHA256.digest_of(bad)]
@@ -146,7 +152,7 @@ async def test_stats_and_verify_find_and_repair(redis_flushed: RedisDeployment) 
     assert repaired.returncode == 0, repaired.stdout
     assert "removed 1 blobs and 2 action results" in repaired.stdout, repaired.stdout
     assert cas_json(redis_flushed)["blobs"] == 1
-    client = await connect(RedisTarget(tuple(redis_flushed.urls)))
+    client = await client_of(redis_flushed)
     results = RedisActionResultStore(client)
     assert await results.get(actions[0], "team-a") is not None, "the good one stays"
     assert await results.get(actions[1], "team-a") is None
@@ -162,19 +168,16 @@ def test_a_make_build_through_the_shim_while_gc_runs(
     `reapi cas gc --redis ... --max-size 0` runs in a loop. Yesterday's build
     and old junk are aged past the grace period: gc evicts, and the build sees
     no missing blob, no failed action, and gives the objects plain gcc gives."""
-    redis_cluster.wait_healthy()
-    redis_cluster.flush()
+    redis_cluster.emptied()
     source = debian_source("zlib")
     plain = shutil.copytree(source, tmp_path / "plain")
     run(["./configure"], plain)
     run(["make", "-j2", "libz.a"], plain)
     expected = objects(plain)
     server = ServerProcess(tmp_path / "frontend", workers=2, redis=redis_cluster.urls)
-    shim = f"{shutil.which('reapi-cc')} gcc"
 
     def shim_env(home: str) -> dict[str, str]:
-        return dict(os.environ, REAPI_SERVER=f"grpc://{server.address}",
-                    REAPI_HOME=str(tmp_path / home), CC=shim)  # fmt: skip
+        return shim_env_for(server.address, tmp_path / home)
 
     try:
         yesterday = shutil.copytree(source, tmp_path / "yesterday")
@@ -212,7 +215,4 @@ def test_a_make_build_through_the_shim_while_gc_runs(
         assert found["remote_executions"] >= 1 and found["cache_hits"] >= len(expected) - 1, found
     finally:
         assert server.stop() == 0, server.log()
-        for home in ("home1", "home2"):
-            pid_file = tmp_path / home / "shim" / "agent.pid"
-            if pid_file.exists():
-                subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+        stop_agents(tmp_path / "home1", tmp_path / "home2")

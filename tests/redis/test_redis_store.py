@@ -21,14 +21,14 @@ from reapi.core.digests import DigestFunction
 from reapi.core.errors import ResourceExhausted, Unavailable
 from tests import redis_servers
 from tests.pki import make_pki
-from tests.redis_servers import RedisDeployment
+from tests.redis_servers import RedisDeployment, client_of
 
 SHA256 = DigestFunction.SHA256
 
 
 @pytest.fixture
 async def store(redis_flushed: RedisDeployment) -> AsyncIterator[RedisStore]:
-    client = await connect(RedisTarget(tuple(redis_flushed.urls)))
+    client = await client_of(redis_flushed)
     yield RedisStore(client)
     await client.aclose()
 
@@ -102,7 +102,7 @@ async def test_full_redis_refuses_writes_and_still_answers(tmp_path: Path) -> No
     with redis_servers.standalone(
         tmp_path, ("--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
     ) as deployment:
-        client = await connect(RedisTarget(tuple(deployment.urls)))
+        client = await client_of(deployment)
         store = RedisStore(client)
         kept = []
         with pytest.raises(ResourceExhausted, match="maxmemory"):
@@ -121,7 +121,7 @@ async def test_full_redis_refuses_writes_and_still_answers(tmp_path: Path) -> No
 
 async def test_lost_redis_is_unavailable_and_service_resumes(tmp_path: Path) -> None:
     with redis_servers.standalone(tmp_path) as deployment:
-        client = await connect(RedisTarget(tuple(deployment.urls)))
+        client = await client_of(deployment)
         store = RedisStore(client)
         digest = SHA256.digest_of(b"kept")
         await put_blob(store, digest, b"kept")

@@ -5,24 +5,28 @@ bytes plain gcc gives."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import ServerProcess
 from tests.redis_servers import RedisDeployment
-from tests.shim.test_real_projects import debian_source, objects, run, stats
+from tests.shim.test_real_projects import (
+    debian_source,
+    objects,
+    run,
+    shim_env_for,
+    stats,
+    stop_agents,
+)
 
 
 @pytest.mark.slow
 def test_a_make_build_on_one_frontend_is_cached_for_the_other(
     tmp_path: Path, redis_cluster: RedisDeployment
 ) -> None:
-    redis_cluster.wait_healthy()
-    redis_cluster.flush()
+    redis_cluster.emptied()
     source = debian_source("zlib")
     plain = shutil.copytree(source, tmp_path / "plain")
     run(["./configure"], plain)
@@ -30,11 +34,9 @@ def test_a_make_build_on_one_frontend_is_cached_for_the_other(
     expected = objects(plain)
     a = ServerProcess(tmp_path / "a", workers=2, redis=redis_cluster.urls)
     b = ServerProcess(tmp_path / "b", workers=0, redis=redis_cluster.urls)
-    shim = f"{shutil.which('reapi-cc')} gcc"
 
     def shim_env(server: ServerProcess, home: str) -> dict[str, str]:
-        return dict(os.environ, REAPI_SERVER=f"grpc://{server.address}",
-                    REAPI_HOME=str(tmp_path / home), CC=shim)  # fmt: skip
+        return shim_env_for(server.address, tmp_path / home)
 
     tree = shutil.copytree(source, tmp_path / "tree")
     try:
@@ -53,7 +55,4 @@ def test_a_make_build_on_one_frontend_is_cached_for_the_other(
     finally:
         for server in (a, b):
             assert server.stop() == 0, server.log()
-        for home in ("home-a", "home-b"):
-            pid_file = tmp_path / home / "shim" / "agent.pid"
-            if pid_file.exists():
-                subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+        stop_agents(tmp_path / "home-a", tmp_path / "home-b")

@@ -40,6 +40,21 @@ def build_cjson(tree: Path, cc: str, env: dict[str, str] | None = None) -> None:
     run(["make", cc, "all"], tree, env)
 
 
+def shim_env_for(address: str, home: Path) -> dict[str, str]:
+    """make's environment for builds through reapi-cc against the server at
+    `address`, with the agent's state in `home`."""
+    shim = f"{shutil.which('reapi-cc')} gcc"
+    return dict(os.environ, REAPI_SERVER=f"grpc://{address}", REAPI_HOME=str(home), CC=shim)
+
+
+def stop_agents(*homes: Path) -> None:
+    """Stop the reapi-cc agents kept in `homes`, if they are running."""
+    for home in homes:
+        pid_file = home / "shim" / "agent.pid"
+        if pid_file.exists():
+            subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+
+
 def stats(env: dict[str, str]) -> dict[str, Any]:
     out = subprocess.run(
         ["reapi-cc", "--stats", "--json"], env=env, capture_output=True, text=True, check=True
