@@ -195,9 +195,12 @@ async def stats_redis(client: Client, where: str) -> dict[str, Any]:
             first = await client.zrange(atime_key(tag), 0, 0, withscores=True)
             last = await client.zrange(atime_key(tag), -1, -1, withscores=True)
         blobs += count
+        # Three separate reads: a gc running meanwhile may empty the set between them.
         if first:
-            first_use, last_use = float(first[0][1]), float(last[0][1])
+            first_use = float(first[0][1])
             oldest = first_use if oldest is None else min(oldest, first_use)
+        if last:
+            last_use = float(last[0][1])
             newest = last_use if newest is None else max(newest, last_use)
     by_instance: Counter[str] = Counter()
     async for _, instance, _ in _action_results(client):

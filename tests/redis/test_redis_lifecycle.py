@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cas.gc import GRACE
-from cas.redis_lifecycle import GC_LOCK, GcRunning, collect_redis
+from cas.redis_lifecycle import GC_LOCK, GcRunning, collect_redis, stats_redis
 from cas.redis_store import CHUNK, RedisActionResultStore, RedisStore, atime_key, blob_key
 from cas.store import put_blob
 from reapi.core.digests import Digest, DigestFunction
@@ -113,6 +113,35 @@ async def test_one_gc_at_a_time(redis_flushed: RedisDeployment) -> None:
     report = await collect_redis(client, 0, grace=0, now=time.time() + 1)
     assert report.evicted_blobs == 1
     assert not await client.exists(GC_LOCK), "freed at the end"
+    await client.aclose()
+
+
+async def test_stats_while_a_gc_empties_a_set(
+    redis_flushed: RedisDeployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stats reads each tag's set in several steps; a gc emptying the set in
+    between (seen in CI) must not break it."""
+    client = await client_of(redis_flushed)
+    store = RedisStore(client)
+    digest = SHA256.digest_of(b"soon gone")
+    await put_blob(store, digest, b"soon gone")
+    tag = atime_key(digest.hash[:2])
+    reads = 0
+    zrange = client.zrange
+
+    async def gc_between_reads(key: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        found = await zrange(key, *args, **kwargs)
+        if key == tag:
+            reads += 1
+            await collect_redis(client, 0, grace=0, now=time.time() + 1)
+        return found
+
+    monkeypatch.setattr(client, "zrange", gc_between_reads)
+    shown = await stats_redis(client, "here")
+    assert reads == 2 and shown["oldest_access"] is not None
+    assert shown["newest_access"] is None, "gone before the second read"
+    assert await store.total_size() == 0
     await client.aclose()
 
 
